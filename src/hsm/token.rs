@@ -1,0 +1,716 @@
+//! The token: one PKCS#11 context per process, the login, the session pool, the
+//! key cache, and the keyed primitives the domain uses.
+//!
+//! A long-lived "anchor" session keeps the user logged in (closing the last
+//! session of a process logs every session out) and owns the working copies of
+//! the keys: session objects made with `C_CopyObject`, still sensitive and
+//! non-extractable, because SoftHSM re-reads token objects from its file store on
+//! every use (issue 2: about twice the throughput). Per-card keys are derived
+//! into the session of the call and destroyed before it returns, on every path.
+//!
+//! Nothing here knows about cards: callers pass labels, blocks and derivation data.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::mechanism::misc::KeyDerivationStringData;
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, SessionState, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::AuthPin;
+use zeroize::Zeroizing;
+
+use super::error::{HsmError, HsmResult};
+use super::{BlockCipher, CardCrypto};
+use super::mechanism::{
+    allowed_mechanisms, allowed_mechanisms_type, des3_ecb_encrypt_data, parse_allowed_mechanisms,
+};
+use super::policy::{KeyAttributes, KeyKind, KeyLabel, Kcv, Usage};
+use super::pool::{PooledSession, SessionPool};
+
+/// Where the user PIN comes from (DESIGN 3: never from a committed file).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PinSource {
+    /// Name of an environment variable holding the PIN.
+    Env(String),
+    /// Path of a file holding the PIN (trailing newline ignored).
+    File(PathBuf),
+}
+
+impl PinSource {
+    fn read(&self) -> HsmResult<AuthPin> {
+        let raw = Zeroizing::new(match self {
+            PinSource::Env(name) => std::env::var(name).map_err(|_| {
+                HsmError::PinUnavailable(format!("environment variable {name} is not set"))
+            })?,
+            PinSource::File(path) => std::fs::read_to_string(path).map_err(|e| {
+                HsmError::PinUnavailable(format!("{}: {}", path.display(), e.kind()))
+            })?,
+        });
+        let pin = raw.trim_end_matches(['\r', '\n']);
+        if pin.is_empty() {
+            return Err(HsmError::PinUnavailable("the PIN is empty".into()));
+        }
+        Ok(AuthPin::from(pin.to_owned()))
+    }
+}
+
+/// The HSM layer's own settings (assembled by `config`).
+#[derive(Clone, Debug)]
+pub struct HsmSettings {
+    /// Path of the PKCS#11 library.
+    pub module: PathBuf,
+    /// Label of the token to use (never a slot number).
+    pub token_label: String,
+    /// Where the user PIN comes from.
+    pub pin: PinSource,
+    /// Most sessions open at once; size it near the token's useful parallelism.
+    pub max_sessions: usize,
+    /// How long a call waits for a free session before failing with `Busy`.
+    pub checkout_timeout: Duration,
+}
+
+/// Counts of token operations, for the benchmark and metrics.
+#[derive(Debug, Default)]
+pub struct OpCounters {
+    derive: AtomicU64,
+    encrypt: AtomicU64,
+    destroy: AtomicU64,
+    sign: AtomicU64,
+}
+
+/// A snapshot of [`OpCounters`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct OpCounts {
+    /// `C_DeriveKey` calls.
+    pub derive: u64,
+    /// Encryptions (`C_EncryptInit` + `C_Encrypt`).
+    pub encrypt: u64,
+    /// `C_DestroyObject` calls.
+    pub destroy: u64,
+    /// Signatures (`C_SignInit` + `C_Sign`).
+    pub sign: u64,
+}
+
+impl OpCounts {
+    /// Token operations in all.
+    pub fn operations(&self) -> u64 {
+        self.derive + self.encrypt + self.destroy + self.sign
+    }
+
+    /// PKCS#11 function calls behind them: cryptoki's `encrypt` and `sign` are an
+    /// init call plus two calls (the first asks for the output length).
+    pub fn pkcs11_calls(&self) -> u64 {
+        self.derive + self.destroy + 3 * (self.encrypt + self.sign)
+    }
+
+    /// Difference since an earlier snapshot.
+    pub fn since(&self, earlier: &OpCounts) -> OpCounts {
+        OpCounts {
+            derive: self.derive - earlier.derive,
+            encrypt: self.encrypt - earlier.encrypt,
+            destroy: self.destroy - earlier.destroy,
+            sign: self.sign - earlier.sign,
+        }
+    }
+}
+
+impl OpCounters {
+    fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Current counts.
+    pub fn snapshot(&self) -> OpCounts {
+        OpCounts {
+            derive: self.derive.load(Ordering::Relaxed),
+            encrypt: self.encrypt.load(Ordering::Relaxed),
+            destroy: self.destroy.load(Ordering::Relaxed),
+            sign: self.sign.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A key resolved, checked against its policy, and copied into a working session object.
+#[derive(Debug)]
+struct LoadedKey {
+    kind: KeyKind,
+    kcv: Kcv,
+    /// Working copy of the key (KA‖KB for a CVK).
+    main: ObjectHandle,
+    /// Working copy of a CVK's KA‖KA twin.
+    twin: Option<ObjectHandle>,
+}
+
+/// Where the two keys of the CVV construction (DESIGN 2.1) come from.
+#[derive(Clone, Copy, Debug)]
+pub enum CvvKeySource<'a> {
+    /// A CVK: KA‖KA and KA‖KB token objects.
+    Cvk(&'a KeyLabel),
+    /// A per-card master key derived in the token from an IMK with
+    /// `CKM_DES3_ECB_ENCRYPT_DATA`: `mk_data` gives MK, `twin_data` its MKA‖MKA.
+    CardKey {
+        /// The issuer master key.
+        imk: &'a KeyLabel,
+        /// Its kind (`ImkDcvv` or `ImkTdcvv2`): a key is only used as its kind.
+        kind: KeyKind,
+        /// Derivation data of the card key (16 bytes).
+        mk_data: &'a [u8; 16],
+        /// Derivation data of the card key's single-DES twin (16 bytes).
+        twin_data: &'a [u8; 16],
+    },
+}
+
+/// The two keys of one CVV computation, usable for the duration of a call.
+#[derive(Debug)]
+pub struct CvvCipher<'s> {
+    session: &'s Session,
+    single: ObjectHandle,
+    double: ObjectHandle,
+    counters: &'s OpCounters,
+}
+
+impl BlockCipher for CvvCipher<'_> {
+    fn encrypt_single(&self, blocks: &[u8]) -> HsmResult<Zeroizing<Vec<u8>>> {
+        encrypt(self.session, self.single, blocks, self.counters)
+    }
+
+    fn encrypt_double(&self, blocks: &[u8]) -> HsmResult<Zeroizing<Vec<u8>>> {
+        encrypt(self.session, self.double, blocks, self.counters)
+    }
+
+    fn kcv(&self) -> HsmResult<Kcv> {
+        kcv_by_encryption(self.session, self.double, self.counters)
+    }
+}
+
+fn encrypt(
+    session: &Session,
+    key: ObjectHandle,
+    blocks: &[u8],
+    counters: &OpCounters,
+) -> HsmResult<Zeroizing<Vec<u8>>> {
+    OpCounters::bump(&counters.encrypt);
+    Ok(Zeroizing::new(session.encrypt(&Mechanism::Des3Ecb, key, blocks)?))
+}
+
+fn kcv_by_encryption(session: &Session, key: ObjectHandle, counters: &OpCounters) -> HsmResult<Kcv> {
+    let out = encrypt(session, key, &[0u8; 8], counters)?;
+    Kcv::from_prefix(&out).ok_or_else(|| HsmError::Wrapper("short DES3 output".into()))
+}
+
+/// HMAC-SHA256 of `data` under `key`.
+pub(crate) fn hmac(
+    session: &Session,
+    key: ObjectHandle,
+    data: &[u8],
+    counters: &OpCounters,
+) -> HsmResult<Zeroizing<Vec<u8>>> {
+    OpCounters::bump(&counters.sign);
+    Ok(Zeroizing::new(session.sign(&Mechanism::Sha256Hmac, key, data)?))
+}
+
+/// A key object that is destroyed when dropped: per-card keys and temporary
+/// component keys never outlive the call that made them.
+#[derive(Debug)]
+pub(crate) struct EphemeralKey<'s> {
+    session: &'s Session,
+    pub(crate) handle: ObjectHandle,
+    counters: &'s OpCounters,
+}
+
+impl<'s> EphemeralKey<'s> {
+    pub(crate) fn new(session: &'s Session, handle: ObjectHandle, counters: &'s OpCounters) -> Self {
+        EphemeralKey {
+            session,
+            handle,
+            counters,
+        }
+    }
+}
+
+impl Drop for EphemeralKey<'_> {
+    fn drop(&mut self) {
+        OpCounters::bump(&self.counters.destroy);
+        if let Err(e) = self.session.destroy_object(self.handle) {
+            // The object is a session object: it dies with the session at the latest.
+            tracing::warn!(error = %HsmError::from(e), "could not destroy a session key");
+        }
+    }
+}
+
+/// Template of a session key that can only encrypt with `CKM_DES3_ECB`.
+pub(crate) fn session_des_encrypt_template() -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::DES2),
+        Attribute::Token(false),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Encrypt(true),
+        Attribute::Decrypt(false),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Derive(false),
+        allowed_mechanisms(KeyKind::Cvk.mechanisms()),
+    ]
+}
+
+/// An open, logged-in token.
+pub struct Token {
+    ctx: Pkcs11,
+    slot: Slot,
+    label: String,
+    pin: AuthPin,
+    anchor: Mutex<Session>,
+    pool: SessionPool,
+    keys: RwLock<HashMap<KeyLabel, Arc<LoadedKey>>>,
+    counters: OpCounters,
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Token")
+            .field("label", &self.label)
+            .field("slot", &self.slot)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Token {
+    /// Loads the module, finds the token by label and logs in.
+    ///
+    /// # Errors
+    /// `ModuleNotFound`, `TokenNotFound`, `PinUnavailable`, `WrongPin`, `PinLocked`,
+    /// or the token's error.
+    pub fn open(settings: &HsmSettings) -> HsmResult<Token> {
+        let ctx = load_module(&settings.module)?;
+        let slot = find_token(&ctx, &settings.token_label)?;
+        let pin = settings.pin.read()?;
+        let anchor = ctx.open_ro_session(slot)?;
+        login(&anchor, &pin)?;
+        tracing::info!(token = %settings.token_label, "logged in to the token");
+        Ok(Token {
+            ctx,
+            slot,
+            label: settings.token_label.clone(),
+            pin,
+            anchor: Mutex::new(anchor),
+            pool: SessionPool::new(settings.max_sessions, settings.checkout_timeout),
+            keys: RwLock::new(HashMap::new()),
+            counters: OpCounters::default(),
+        })
+    }
+
+    /// Token operation counts so far.
+    pub fn counters(&self) -> OpCounts {
+        self.counters.snapshot()
+    }
+
+    pub(crate) fn op_counters(&self) -> &OpCounters {
+        &self.counters
+    }
+
+    fn anchor(&self) -> MutexGuard<'_, Session> {
+        self.anchor.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on a pooled session; on a stale session or handle, recovers once
+    /// (re-open, re-login, re-resolve keys) and runs `f` again.
+    pub(crate) fn with_session<R>(
+        &self,
+        mut f: impl FnMut(&Session) -> HsmResult<R>,
+    ) -> HsmResult<R> {
+        match self.attempt(&mut f) {
+            Err(e) if e.is_stale_handle() => {
+                tracing::warn!(error = %e, "token session or handle went stale; recovering once");
+                self.recover()?;
+                self.attempt(&mut f)
+            }
+            other => other,
+        }
+    }
+
+    fn attempt<R>(&self, f: &mut impl FnMut(&Session) -> HsmResult<R>) -> HsmResult<R> {
+        let session = self.pool.checkout(&self.ctx, self.slot)?;
+        let result = f(&session);
+        if matches!(&result, Err(e) if e.is_stale_handle()) {
+            PooledSession::discard(session);
+        }
+        result
+    }
+
+    /// Forgets every session and cached key, re-opens the anchor and logs in again.
+    fn recover(&self) -> HsmResult<()> {
+        self.keys.write().unwrap_or_else(|p| p.into_inner()).clear();
+        self.pool.clear();
+        let mut anchor = self.anchor();
+        let fresh = self.ctx.open_ro_session(self.slot)?;
+        login(&fresh, &self.pin)?;
+        *anchor = fresh;
+        Ok(())
+    }
+
+    fn cvv_keys<R>(
+        &self,
+        source: CvvKeySource<'_>,
+        mut f: impl FnMut(&dyn BlockCipher) -> HsmResult<R>,
+    ) -> HsmResult<R> {
+        self.with_session(|session| match source {
+            CvvKeySource::Cvk(label) => {
+                let key = self.key(label, KeyKind::Cvk)?;
+                let twin = key.twin.ok_or_else(|| HsmError::KeyNotFound {
+                    label: label.single_des_twin(),
+                })?;
+                f(&CvvCipher {
+                    session,
+                    single: twin,
+                    double: key.main,
+                    counters: &self.counters,
+                })
+            }
+            CvvKeySource::CardKey {
+                imk,
+                kind,
+                mk_data,
+                twin_data,
+            } => {
+                let key = self.key(imk, kind)?;
+                let double = self.derive_session_key(session, key.main, mk_data)?;
+                let single = self.derive_session_key(session, key.main, twin_data)?;
+                f(&CvvCipher {
+                    session,
+                    single: single.handle,
+                    double: double.handle,
+                    counters: &self.counters,
+                })
+            }
+        })
+    }
+
+    fn derive_session_key<'s>(
+        &'s self,
+        session: &'s Session,
+        base: ObjectHandle,
+        data: &[u8; 16],
+    ) -> HsmResult<EphemeralKey<'s>> {
+        let params = KeyDerivationStringData::new(data);
+        OpCounters::bump(&self.counters.derive);
+        let handle = session.derive_key(
+            &des3_ecb_encrypt_data(&params),
+            base,
+            &session_des_encrypt_template(),
+        )?;
+        Ok(EphemeralKey::new(session, handle, &self.counters))
+    }
+
+    /// HMAC-SHA256 under a PAN-index or audit-seal key.
+    ///
+    /// # Errors
+    /// `KeyNotFound`, `WrongKeyKind`, `KeyPolicy`, `Busy`, or the token's error.
+    pub fn hmac(&self, label: &KeyLabel, kind: KeyKind, data: &[u8]) -> HsmResult<Zeroizing<Vec<u8>>> {
+        self.with_session(|session| {
+            let key = self.key(label, kind)?;
+            hmac(session, key.main, data, &self.counters)
+        })
+    }
+
+    /// Resolves, checks against its policy, copies and caches a key; returns its
+    /// KCV (DESIGN 2.5). The check runs once per process and again after a recovery.
+    ///
+    /// # Errors
+    /// `KeyNotFound`, `DuplicateLabel`, `WrongKeyKind`, `KeyPolicy`, or the token's error.
+    pub fn load_key(&self, label: &KeyLabel, kind: KeyKind) -> HsmResult<Kcv> {
+        self.with_session(|_| Ok(self.key(label, kind)?.kcv))
+    }
+
+    fn key(&self, label: &KeyLabel, kind: KeyKind) -> HsmResult<Arc<LoadedKey>> {
+        let cached = self
+            .keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(label)
+            .cloned();
+        let key = match cached {
+            Some(k) => k,
+            None => {
+                let loaded = Arc::new(self.resolve(label)?);
+                self.keys
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(label.clone(), Arc::clone(&loaded));
+                tracing::info!(key = %label, kind = %loaded.kind, kcv = %loaded.kcv, "key loaded");
+                loaded
+            }
+        };
+        if key.kind != kind {
+            return Err(HsmError::WrongKeyKind {
+                label: label.to_string(),
+                found: key.kind.as_str(),
+                wanted: kind.as_str(),
+            });
+        }
+        Ok(key)
+    }
+
+    fn resolve(&self, label: &KeyLabel) -> HsmResult<LoadedKey> {
+        let anchor = self.anchor();
+        let (handle, kind, info) = inspect_checked(&anchor, label.as_str())?;
+        let twin = if kind == KeyKind::Cvk {
+            let (twin, twin_kind, _) = inspect_checked(&anchor, &label.single_des_twin())?;
+            if twin_kind != KeyKind::Cvk {
+                return Err(HsmError::KeyPolicy {
+                    label: label.single_des_twin(),
+                    violations: vec!["CKA_ID does not mark it as a CVK's KA||KA object".into()],
+                });
+            }
+            Some(working_copy(&anchor, twin)?)
+        } else {
+            None
+        };
+        let main = working_copy(&anchor, handle)?;
+        let kcv = match kind {
+            KeyKind::Cvk => kcv_by_encryption(&anchor, main, &self.counters)?,
+            KeyKind::ImkDcvv | KeyKind::ImkTdcvv2 => info.check_value.ok_or_else(|| {
+                HsmError::KeyPolicy {
+                    label: label.to_string(),
+                    violations: vec!["the token gives no CKA_CHECK_VALUE for this derive-only key".into()],
+                }
+            })?,
+            KeyKind::PanIndex | KeyKind::AuditSeal => hmac_kcv(&anchor, main, &self.counters)?,
+        };
+        Ok(LoadedKey {
+            kind,
+            kcv,
+            main,
+            twin,
+        })
+    }
+
+    /// Opens a read-write session for key management (same login).
+    pub(crate) fn admin_session(&self) -> HsmResult<Session> {
+        Ok(self.ctx.open_rw_session(self.slot)?)
+    }
+
+    /// Whether the token still answers and the user is logged in.
+    ///
+    /// # Errors
+    /// The token's error when it does not.
+    pub fn probe(&self) -> HsmResult<()> {
+        self.with_session(|session| {
+            let info = session.get_session_info()?;
+            if matches!(info.session_state(), SessionState::RoUser | SessionState::RwUser) {
+                Ok(())
+            } else {
+                Err(HsmError::Unavailable {
+                    function: cryptoki::context::Function::GetSessionInfo,
+                    rv: RvError::UserNotLoggedIn,
+                })
+            }
+        })
+    }
+}
+
+impl CardCrypto for Token {
+    /// For a card key, both keys are derived in the token as session objects of the
+    /// call's session and destroyed before this returns, also on error.
+    fn with_cvv_keys<R>(
+        &self,
+        source: CvvKeySource<'_>,
+        f: impl FnMut(&dyn BlockCipher) -> HsmResult<R>,
+    ) -> HsmResult<R> {
+        self.cvv_keys(source, f)
+    }
+
+    fn key_check_value(&self, label: &KeyLabel, kind: KeyKind) -> HsmResult<Kcv> {
+        self.load_key(label, kind)
+    }
+}
+
+/// KCV convention for HMAC keys: the first 3 bytes of HMAC-SHA256(K, 00×8).
+pub(crate) fn hmac_kcv(session: &Session, key: ObjectHandle, counters: &OpCounters) -> HsmResult<Kcv> {
+    let mac = hmac(session, key, &[0u8; 8], counters)?;
+    Kcv::from_prefix(&mac).ok_or_else(|| HsmError::Wrapper("short HMAC output".into()))
+}
+
+pub(crate) fn kcv_des(session: &Session, key: ObjectHandle, counters: &OpCounters) -> HsmResult<Kcv> {
+    kcv_by_encryption(session, key, counters)
+}
+
+fn working_copy(session: &Session, handle: ObjectHandle) -> HsmResult<ObjectHandle> {
+    Ok(session.copy_object(handle, &[Attribute::Token(false)])?)
+}
+
+fn load_module(path: &Path) -> HsmResult<Pkcs11> {
+    let not_found = || HsmError::ModuleNotFound {
+        path: path.to_owned(),
+    };
+    if !path.is_file() {
+        return Err(not_found());
+    }
+    let ctx = Pkcs11::new(path).map_err(|_| not_found())?;
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        // Another `Token` of this process initialized the library already; the
+        // library state is per process (issue 2), so that is success.
+        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(ctx),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn find_token(ctx: &Pkcs11, label: &str) -> HsmResult<Slot> {
+    let mut found = Vec::new();
+    for slot in ctx.get_slots_with_initialized_token()? {
+        if ctx.get_token_info(slot)?.label().trim_end() == label {
+            found.push(slot);
+        }
+    }
+    match found.as_slice() {
+        [slot] => Ok(*slot),
+        [] => Err(HsmError::TokenNotFound {
+            label: label.to_owned(),
+        }),
+        _ => Err(HsmError::DuplicateLabel {
+            label: format!("token {label}"),
+        }),
+    }
+}
+
+fn login(session: &Session, pin: &AuthPin) -> HsmResult<()> {
+    match session.login(UserType::User, Some(pin)) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// What the token says about one key object.
+#[derive(Debug)]
+pub(crate) struct Inspected {
+    pub(crate) label: String,
+    pub(crate) kind: Option<(KeyKind, bool)>,
+    pub(crate) attrs: KeyAttributes,
+    pub(crate) check_value: Option<Kcv>,
+}
+
+/// Finds the one token secret key with `label`.
+pub(crate) fn find_key(session: &Session, label: &str) -> HsmResult<Option<ObjectHandle>> {
+    let found = session.find_objects(&[
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::Token(true),
+        Attribute::Label(label.as_bytes().to_vec()),
+    ])?;
+    match found.as_slice() {
+        [] => Ok(None),
+        [one] => Ok(Some(*one)),
+        _ => Err(HsmError::DuplicateLabel {
+            label: label.to_owned(),
+        }),
+    }
+}
+
+fn inspect_checked(session: &Session, label: &str) -> HsmResult<(ObjectHandle, KeyKind, Inspected)> {
+    let handle = find_key(session, label)?.ok_or_else(|| HsmError::KeyNotFound {
+        label: label.to_owned(),
+    })?;
+    let info = inspect(session, handle)?;
+    let Some((kind, _)) = info.kind else {
+        return Err(HsmError::KeyPolicy {
+            label: label.to_owned(),
+            violations: vec!["CKA_ID does not name a gateway key kind".into()],
+        });
+    };
+    let violations = info.attrs.violations(kind);
+    if !violations.is_empty() {
+        return Err(HsmError::KeyPolicy {
+            label: label.to_owned(),
+            violations,
+        });
+    }
+    Ok((handle, kind, info))
+}
+
+/// Reads the attributes the policy needs.
+pub(crate) fn inspect(session: &Session, handle: ObjectHandle) -> HsmResult<Inspected> {
+    let wanted = [
+        AttributeType::Label,
+        AttributeType::Id,
+        AttributeType::KeyType,
+        AttributeType::Token,
+        AttributeType::Private,
+        AttributeType::Sensitive,
+        AttributeType::Extractable,
+        AttributeType::Modifiable,
+        AttributeType::Encrypt,
+        AttributeType::Decrypt,
+        AttributeType::Sign,
+        AttributeType::Verify,
+        AttributeType::Wrap,
+        AttributeType::Unwrap,
+        AttributeType::Derive,
+        AttributeType::CheckValue,
+        allowed_mechanisms_type(),
+    ];
+    let mut label = String::new();
+    let mut kind = None;
+    let mut check_value = None;
+    // Unknown or absent attributes stay at their widest reading, so a token that
+    // hides one cannot make a key look narrower than it is.
+    let mut attrs = KeyAttributes {
+        key_type: KeyType::GENERIC_SECRET,
+        token: false,
+        private: false,
+        sensitive: false,
+        extractable: true,
+        modifiable: true,
+        usage: Usage {
+            encrypt: true,
+            decrypt: true,
+            sign: true,
+            verify: true,
+            wrap: true,
+            unwrap: true,
+            derive: true,
+        },
+        allowed_mechanisms: Vec::new(),
+    };
+    for attribute in session.get_attributes(handle, &wanted)? {
+        match attribute {
+            Attribute::Label(v) => label = String::from_utf8_lossy(&v).into_owned(),
+            Attribute::Id(v) => kind = KeyKind::from_object_id(&v),
+            Attribute::KeyType(t) => attrs.key_type = t,
+            Attribute::Token(b) => attrs.token = b,
+            Attribute::Private(b) => attrs.private = b,
+            Attribute::Sensitive(b) => attrs.sensitive = b,
+            Attribute::Extractable(b) => attrs.extractable = b,
+            Attribute::Modifiable(b) => attrs.modifiable = b,
+            Attribute::Encrypt(b) => attrs.usage.encrypt = b,
+            Attribute::Decrypt(b) => attrs.usage.decrypt = b,
+            Attribute::Sign(b) => attrs.usage.sign = b,
+            Attribute::Verify(b) => attrs.usage.verify = b,
+            Attribute::Wrap(b) => attrs.usage.wrap = b,
+            Attribute::Unwrap(b) => attrs.usage.unwrap = b,
+            Attribute::Derive(b) => attrs.usage.derive = b,
+            Attribute::CheckValue(v) => check_value = Kcv::from_prefix(&v),
+            Attribute::VendorDefined((_, v)) => {
+                attrs.allowed_mechanisms = parse_allowed_mechanisms(&v).ok_or_else(|| {
+                    HsmError::Wrapper("malformed CKA_ALLOWED_MECHANISMS".into())
+                })?;
+            }
+            _ => {}
+        }
+    }
+    Ok(Inspected {
+        label,
+        kind,
+        attrs,
+        check_value,
+    })
+}
