@@ -1,0 +1,354 @@
+//! The command line: the key ceremony (`keys ...`), the policy check
+//! (`hsm check`), the engine benchmark (`bench engine`) and `serve`.
+//!
+//! Output on stdout is the commands' contract (tooling parses `keys list --json`);
+//! logs go to stderr. Every error is one line and a non-zero exit; no command
+//! prints a PIN, a component or any key value.
+
+// The CLI's output on stdout is its contract with people and scripts.
+#![allow(clippy::print_stdout)]
+
+mod bench;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Settings;
+use crate::hsm::{Component, CreatedKey, HsmError, KeyKind, KeyLabel, KeyListing, Token};
+
+/// dcvv-gateway: card security codes computed inside a PKCS#11 HSM.
+#[derive(Debug, Parser)]
+#[command(name = "dcvv-gateway", version, about)]
+pub struct Cli {
+    /// Gateway configuration file (TOML).
+    #[arg(long, value_name = "FILE", default_value = "hsm-config/gateway.toml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Key management in the token.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Token checks.
+    #[command(subcommand)]
+    Hsm(HsmCommand),
+    /// Benchmarks against the configured token.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+    /// Run the HTTP service.
+    Serve,
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Generate a key inside the token.
+    Generate {
+        /// cvk, imk-dcvv, imk-tdcvv2, pan-index or audit-seal.
+        #[arg(long)]
+        kind: String,
+        /// Label of the new key (e.g. cvk-visa-v1).
+        #[arg(long)]
+        label: String,
+    },
+    /// Import a key from 2 or 3 clear components (dual control).
+    Import {
+        /// cvk, imk-dcvv, imk-tdcvv2, pan-index or audit-seal.
+        #[arg(long)]
+        kind: String,
+        /// Label of the new key.
+        #[arg(long)]
+        label: String,
+        /// File holding one component in hex; repeat per component. Without it,
+        /// components are typed without echo.
+        #[arg(long = "component-file", value_name = "PATH")]
+        component_files: Vec<PathBuf>,
+    },
+    /// List every gateway key with its KCV and security attributes.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum HsmCommand {
+    /// Check every gateway key against its kind's policy; non-zero exit if any is too wide.
+    Check,
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Token and engine throughput for 1 and 2 worker threads, with calls per operation.
+    Engine {
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        /// Emit JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// A command failure: one line for stderr.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The token said no.
+    #[error(transparent)]
+    Hsm(#[from] HsmError),
+    /// Keys too wide for their policy.
+    #[error("{0} key(s) refused by policy")]
+    PolicyViolations(usize),
+    /// I/O on the terminal, a component file or the listener.
+    #[error("{0}")]
+    Io(String),
+}
+
+/// Parses arguments, runs the command, and turns the outcome into an exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(matches!(cli.command, Command::Serve));
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(serving: bool) {
+    let default = if serving { "info" } else { "warn" };
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // cryptoki logs an error each time it cannot parse CKA_ALLOWED_MECHANISMS of a
+    // derive-only key, which is expected (see hsm::mechanism::read_allowed_mechanisms).
+    if let Ok(quiet) = "cryptoki::mechanism=off".parse() {
+        filter = filter.add_directive(quiet);
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn run(cli: Cli) -> Result<(), CliError> {
+    let settings = Settings::load(&cli.config)?;
+    match cli.command {
+        Command::Serve => {
+            crate::http::serve_blocking(settings).map_err(|e| CliError::Io(e.to_string()))
+        }
+        Command::Keys(cmd) => {
+            let token = Token::open(&settings.hsm)?;
+            keys(&token, cmd)
+        }
+        Command::Hsm(HsmCommand::Check) => check(&Token::open(&settings.hsm)?),
+        Command::Bench(BenchCommand::Engine { seconds, json }) => {
+            let token = Token::open(&settings.hsm)?;
+            bench::engine(&token, seconds, json)
+        }
+    }
+}
+
+fn keys(token: &Token, cmd: KeysCommand) -> Result<(), CliError> {
+    match cmd {
+        KeysCommand::Generate { kind, label } => {
+            let (kind, label) = parse_kind_label(&kind, &label)?;
+            print_created(&token.generate_key(kind, &label)?);
+            Ok(())
+        }
+        KeysCommand::Import {
+            kind,
+            label,
+            component_files,
+        } => {
+            let (kind, label) = parse_kind_label(&kind, &label)?;
+            token.ensure_label_free(&label)?;
+            let components = if component_files.is_empty() {
+                prompt_components(kind)?
+            } else {
+                read_components(kind, &component_files)?
+            };
+            print_created(&token.import_key(kind, &label, &components)?);
+            Ok(())
+        }
+        KeysCommand::List { json } => {
+            let keys = token.list_keys()?;
+            if json {
+                let text = serde_json::to_string(&keys).map_err(|e| CliError::Io(e.to_string()))?;
+                println!("{text}");
+            } else {
+                print_table(&keys);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn parse_kind_label(kind: &str, label: &str) -> Result<(KeyKind, KeyLabel), CliError> {
+    Ok((kind.parse()?, label.parse()?))
+}
+
+fn read_components(kind: KeyKind, files: &[PathBuf]) -> Result<Vec<Component>, CliError> {
+    files
+        .iter()
+        .enumerate()
+        .map(|(i, path)| {
+            let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
+                CliError::Io(format!("component file {}: {}", path.display(), e.kind()))
+            })?);
+            Ok(Component::parse(&text, kind, i + 1)?)
+        })
+        .collect()
+}
+
+fn prompt_components(kind: KeyKind) -> Result<Vec<Component>, CliError> {
+    let digits = kind.key_len() * 2;
+    let mut components = Vec::new();
+    for position in 1..=3 {
+        let optional = if position == 3 {
+            ", empty to finish with two"
+        } else {
+            ""
+        };
+        let text = zeroize::Zeroizing::new(
+            rpassword::prompt_password(format!(
+                "Component {position} ({digits} hex digits, not echoed{optional}): "
+            ))
+            .map_err(|e| {
+                CliError::Io(format!(
+                    "cannot read a component from the terminal: {}",
+                    e.kind()
+                ))
+            })?,
+        );
+        if position == 3 && text.trim().is_empty() {
+            break;
+        }
+        components.push(Component::parse(&text, kind, position)?);
+    }
+    Ok(components)
+}
+
+fn print_created(created: &CreatedKey) {
+    for (i, kcv) in created.component_kcvs.iter().enumerate() {
+        println!("component {} KCV: {kcv}", i + 1);
+    }
+    println!(
+        "{} key {} (version {}) created, KCV {} (computed in the token)",
+        created.kind,
+        created.label,
+        created.label.version(),
+        created.kcv
+    );
+}
+
+fn attribute_summary(key: &KeyListing) -> String {
+    let a = &key.attributes;
+    let flag = |on: bool, name: &str| {
+        if on {
+            name.to_owned()
+        } else {
+            format!("!{name}")
+        }
+    };
+    let usage = [
+        (a.usage.encrypt, "encrypt"),
+        (a.usage.decrypt, "decrypt"),
+        (a.usage.sign, "sign"),
+        (a.usage.verify, "verify"),
+        (a.usage.wrap, "wrap"),
+        (a.usage.unwrap, "unwrap"),
+        (a.usage.derive, "derive"),
+    ]
+    .iter()
+    .filter(|(on, _)| *on)
+    .map(|(_, n)| *n)
+    .collect::<Vec<_>>()
+    .join("+");
+    format!(
+        "{} {} {} {} {} usage={}",
+        flag(a.token, "token"),
+        flag(a.private, "private"),
+        flag(a.sensitive, "sensitive"),
+        flag(a.extractable, "extractable"),
+        flag(a.modifiable, "modifiable"),
+        if usage.is_empty() { "none" } else { &usage }
+    )
+}
+
+fn print_table(keys: &[KeyListing]) {
+    let mut out = std::io::stdout().lock();
+    // A closed stdout (e.g. `| head`) is not an error worth reporting.
+    let _ = writeln!(
+        out,
+        "{:<28} {:<11} {:<10} {:>3} {:<6} {:<8} ATTRIBUTES",
+        "LABEL", "KIND", "ROLE", "VER", "KCV", "POLICY"
+    );
+    for k in keys {
+        let kcv = k.kcv.map_or_else(|| "-".to_owned(), |c| c.to_string());
+        let policy = if k.violations.is_empty() {
+            "ok"
+        } else {
+            "TOO-WIDE"
+        };
+        let _ = writeln!(
+            out,
+            "{:<28} {:<11} {:<10} {:>3} {:<6} {:<8} {}",
+            k.label,
+            k.kind.as_str(),
+            k.role,
+            k.version,
+            kcv,
+            policy,
+            attribute_summary(k)
+        );
+    }
+}
+
+fn check(token: &Token) -> Result<(), CliError> {
+    let keys = token.list_keys()?;
+    let mut refused = 0;
+    for key in &keys {
+        if key.violations.is_empty() {
+            println!("ok        {} ({} {})", key.label, key.kind, key.role);
+        } else {
+            refused += 1;
+            println!(
+                "TOO WIDE  {} ({} {}): {}",
+                key.label,
+                key.kind,
+                key.role,
+                key.violations.join(", ")
+            );
+        }
+    }
+    // Load every main key the way the engine does: resolution, policy and KCV.
+    for key in keys
+        .iter()
+        .filter(|k| k.role == "main" && k.violations.is_empty())
+    {
+        let label: KeyLabel = key.label.parse()?;
+        if let Err(e) = token.load_key(&label, key.kind) {
+            refused += 1;
+            println!("REFUSED   {}: {e}", key.label);
+        }
+    }
+    if keys.is_empty() {
+        println!("no gateway keys in the token");
+    }
+    if refused > 0 {
+        return Err(CliError::PolicyViolations(refused));
+    }
+    println!("{} key object(s) checked, all within policy", keys.len());
+    Ok(())
+}

@@ -38,7 +38,11 @@ fn block_of(bytes: &[u8]) -> Block {
 /// digits, split into B1 and B2. `pan` may carry hex digits (the dCVV PAN').
 pub fn cvv_blocks(pan: &[u8], expiry: Expiry, service_code: ServiceCode) -> (Block, Block) {
     let mut d = Zeroizing::new([b'0'; 32]);
-    let fields = [pan, expiry.as_str().as_bytes(), service_code.as_str().as_bytes()];
+    let fields = [
+        pan,
+        expiry.as_str().as_bytes(),
+        service_code.as_str().as_bytes(),
+    ];
     let mut at = 0;
     for field in fields {
         let end = (at + field.len()).min(32);
@@ -52,9 +56,14 @@ pub fn cvv_blocks(pan: &[u8], expiry: Expiry, service_code: ServiceCode) -> (Blo
 /// Visa decimalization (DESIGN 2.1 step 4): the decimal digits of the hex string
 /// left to right, then its digits A–F minus 10, left to right; the first `n`.
 fn decimalize_digits(bytes: &[u8], n: usize) -> Zeroizing<String> {
-    let nibbles = Zeroizing::new(bytes.iter().flat_map(|b| [b >> 4, b & 0x0F]).collect::<Vec<u8>>());
+    let nibbles = Zeroizing::new(
+        bytes
+            .iter()
+            .flat_map(|b| [b >> 4, b & 0x0F])
+            .collect::<Vec<u8>>(),
+    );
     let mut out = Zeroizing::new(String::with_capacity(nibbles.len()));
-    let first = nibbles.iter().filter(|d| **d < 10).map(|d| *d);
+    let first = nibbles.iter().filter(|d| **d < 10).copied();
     let second = nibbles.iter().filter(|d| **d >= 10).map(|d| *d - 10);
     for d in first.chain(second).take(n) {
         out.push(char::from(b'0' + d));
@@ -132,7 +141,12 @@ pub fn dcvv_pan(atc_field: &[u8; 4], pan: &Pan) -> Zeroizing<Vec<u8>> {
 }
 
 /// The dCVV inputs for an ATC: PAN' and the card's own service code.
-pub fn dcvv_blocks(pan: &Pan, expiry: Expiry, service_code: ServiceCode, atc: Atc) -> (Block, Block) {
+pub fn dcvv_blocks(
+    pan: &Pan,
+    expiry: Expiry,
+    service_code: ServiceCode,
+    atc: Atc,
+) -> (Block, Block) {
     let atc_field: [u8; 4] = atc.as_str().as_bytes().try_into().unwrap_or(*b"0000");
     cvv_blocks(&dcvv_pan(&atc_field, pan), expiry, service_code)
 }
@@ -166,7 +180,11 @@ mod tests {
 
     #[test]
     fn blocks_of_the_classic_example() {
-        let (b1, b2) = cvv_blocks(b"4123456789012345", "8701".parse().unwrap(), "101".parse().unwrap());
+        let (b1, b2) = cvv_blocks(
+            b"4123456789012345",
+            "8701".parse().unwrap(),
+            "101".parse().unwrap(),
+        );
         assert_eq!(hex::encode_upper(*b1), "4123456789012345");
         assert_eq!(hex::encode_upper(*b2), "8701101000000000");
         let (b1, b2) = cvv_blocks(b"123456789012", "1108".parse().unwrap(), ServiceCode::CVV2);
@@ -176,7 +194,11 @@ mod tests {
 
     #[test]
     fn nineteen_digit_pan_fills_the_second_block() {
-        let (b1, b2) = cvv_blocks(b"1234567890123456789", "2812".parse().unwrap(), "201".parse().unwrap());
+        let (b1, b2) = cvv_blocks(
+            b"1234567890123456789",
+            "2812".parse().unwrap(),
+            "201".parse().unwrap(),
+        );
         assert_eq!(hex::encode_upper(*b1), "1234567890123456");
         assert_eq!(hex::encode_upper(*b2), "7892812201000000");
     }
@@ -184,19 +206,38 @@ mod tests {
     #[test]
     fn decimalization_uses_the_second_pass() {
         let three = CodeLength::THREE;
-        assert_eq!(decimalize(&hex::decode("5B614982E03C97DD").unwrap(), three).expose(), "561");
-        assert_eq!(decimalize(&hex::decode("2CDE044EEF0FA748").unwrap(), three).expose(), "204");
+        assert_eq!(
+            decimalize(&hex::decode("5B614982E03C97DD").unwrap(), three).expose(),
+            "561"
+        );
+        assert_eq!(
+            decimalize(&hex::decode("2CDE044EEF0FA748").unwrap(), three).expose(),
+            "204"
+        );
         // Only two decimal digits: the third comes from A-F minus 10.
-        assert_eq!(decimalize(&hex::decode("ABCDEF1FABCDEF2F").unwrap(), three).expose(), "120");
+        assert_eq!(
+            decimalize(&hex::decode("ABCDEF1FABCDEF2F").unwrap(), three).expose(),
+            "120"
+        );
         // No decimal digit at all.
-        assert_eq!(decimalize(&hex::decode("FEDCBAFEDCBAFEDC").unwrap(), three).expose(), "543");
+        assert_eq!(
+            decimalize(&hex::decode("FEDCBAFEDCBAFEDC").unwrap(), three).expose(),
+            "543"
+        );
         let five = CodeLength::try_from(5).unwrap();
-        assert_eq!(decimalize(&hex::decode("5B614982E03C97DD").unwrap(), five).expose(), "56149");
+        assert_eq!(
+            decimalize(&hex::decode("5B614982E03C97DD").unwrap(), five).expose(),
+            "56149"
+        );
     }
 
     #[test]
     fn option_a_takes_the_rightmost_sixteen_digits() {
-        let y = card_key_y(&pan("99012345678901234"), "45".parse().unwrap(), CardKeyMethod::OptionA);
+        let y = card_key_y(
+            &pan("99012345678901234"),
+            "45".parse().unwrap(),
+            CardKeyMethod::OptionA,
+        );
         assert_eq!(hex::encode_upper(*y), "1234567890123445");
     }
 
@@ -231,7 +272,11 @@ mod tests {
         assert_eq!(window_of(1_767_225_899, 300), t);
         assert_eq!(window_of(1_767_225_900, 300), t + 1);
         // Counters of 8 digits keep their last 7.
-        let (_, b2) = tdcvv2_blocks(&pan("4123456789012345"), "2812".parse().unwrap(), 14_726_880);
+        let (_, b2) = tdcvv2_blocks(
+            &pan("4123456789012345"),
+            "2812".parse().unwrap(),
+            14_726_880,
+        );
         assert_eq!(hex::encode_upper(*b2), "2812472000000000");
     }
 

@@ -244,7 +244,11 @@ impl Tdcvv2Profile {
     ///
     /// # Errors
     /// `Invalid` when a parameter is out of range.
-    pub fn new(window_seconds: u32, past_windows: u32, future_windows: u32) -> Result<Self, DomainError> {
+    pub fn new(
+        window_seconds: u32,
+        past_windows: u32,
+        future_windows: u32,
+    ) -> Result<Self, DomainError> {
         if !(60..=64_800).contains(&window_seconds) {
             return Err(invalid("windowSeconds", "must be 60 to 64800"));
         }
@@ -290,7 +294,12 @@ mod tests {
 
     #[test]
     fn pan_rejects_bad_input() {
-        for bad in ["12345678901", "12345678901234567890", "41234567890123a5", ""] {
+        for bad in [
+            "12345678901",
+            "12345678901234567890",
+            "41234567890123a5",
+            "",
+        ] {
             assert!(bad.parse::<Pan>().is_err(), "{bad}");
         }
     }

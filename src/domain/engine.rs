@@ -7,12 +7,12 @@
 
 use zeroize::Zeroizing;
 
-use crate::hsm::{BlockCipher, CardCrypto, CvvKeySource, HsmError, KeyKind, KeyLabel, Kcv};
+use crate::hsm::{BlockCipher, CardCrypto, CvvKeySource, HsmError, Kcv, KeyKind, KeyLabel};
 
 use super::DomainError;
 use super::blocks::{
-    Block, CardKeyMethod, card_key_derivation_data, card_key_y, cvv_blocks, dcvv_blocks, decimalize,
-    tdcvv2_blocks, window_of,
+    Block, CardKeyMethod, card_key_derivation_data, card_key_y, cvv_blocks, dcvv_blocks,
+    decimalize, tdcvv2_blocks, window_of,
 };
 use super::card::{Atc, CodeLength, Expiry, Pan, Psn, SecurityCode, ServiceCode, Tdcvv2Profile};
 
@@ -93,10 +93,15 @@ impl<H: CardCrypto> Engine<H> {
         self.hsm.with_cvv_keys(source, |keys: &dyn BlockCipher| {
             let mut x = keys.encrypt_single(&b1)?;
             if x.len() != b1.len() {
-                return Err(HsmError::Wrapper("DES3-ECB output length differs from input".into()));
+                return Err(HsmError::Wrapper(
+                    "DES3-ECB output length differs from input".into(),
+                ));
             }
             for (chunk, (_, second)) in x.chunks_exact_mut(8).zip(inputs) {
-                chunk.iter_mut().zip(second.iter()).for_each(|(r, b)| *r ^= b);
+                chunk
+                    .iter_mut()
+                    .zip(second.iter())
+                    .for_each(|(r, b)| *r ^= b);
             }
             keys.encrypt_double(&x)
         })
@@ -128,7 +133,11 @@ impl<H: CardCrypto> Engine<H> {
         length: CodeLength,
     ) -> Result<IssuedCode, DomainError> {
         let kcv = self.hsm.key_check_value(cvk, KeyKind::Cvk)?;
-        let inputs = [cvv_blocks(pan.digits().as_bytes(), expiry, kind.service_code())];
+        let inputs = [cvv_blocks(
+            pan.digits().as_bytes(),
+            expiry,
+            kind.service_code(),
+        )];
         let r3 = self.cvv_transform(CvvKeySource::Cvk(cvk), &inputs)?;
         Ok(IssuedCode {
             code: decimalize(&r3, length),
@@ -150,9 +159,10 @@ impl<H: CardCrypto> Engine<H> {
         method: CardKeyMethod,
     ) -> Result<Kcv, DomainError> {
         let data = card_key_derivation_data(&card_key_y(pan, psn, method));
-        Ok(self
-            .hsm
-            .with_cvv_keys(Self::card_key_source(imk, kind, &data), |keys: &dyn BlockCipher| keys.kcv())?)
+        Ok(self.hsm.with_cvv_keys(
+            Self::card_key_source(imk, kind, &data),
+            |keys: &dyn BlockCipher| keys.kcv(),
+        )?)
     }
 
     /// Contactless dCVV for an ATC (DESIGN 2.3): card key from the IMK-dCVV by
@@ -171,7 +181,8 @@ impl<H: CardCrypto> Engine<H> {
         let kcv = self.hsm.key_check_value(imk, KeyKind::ImkDcvv)?;
         let data = card_key_derivation_data(&card_key_y(pan, Psn::NONE, CardKeyMethod::OptionA));
         let inputs = [dcvv_blocks(pan, expiry, service_code, atc)];
-        let r3 = self.cvv_transform(Self::card_key_source(imk, KeyKind::ImkDcvv, &data), &inputs)?;
+        let r3 =
+            self.cvv_transform(Self::card_key_source(imk, KeyKind::ImkDcvv, &data), &inputs)?;
         Ok(IssuedCode {
             code: decimalize(&r3, CodeLength::THREE),
             kcv,
@@ -188,8 +199,14 @@ impl<H: CardCrypto> Engine<H> {
     ) -> Result<Vec<SecurityCode>, DomainError> {
         let y = card_key_y(pan, Psn::NONE, CardKeyMethod::for_pan(pan));
         let data = card_key_derivation_data(&y);
-        let inputs: Vec<(Block, Block)> = windows.iter().map(|t| tdcvv2_blocks(pan, expiry, *t)).collect();
-        let r3 = self.cvv_transform(Self::card_key_source(imk, KeyKind::ImkTdcvv2, &data), &inputs)?;
+        let inputs: Vec<(Block, Block)> = windows
+            .iter()
+            .map(|t| tdcvv2_blocks(pan, expiry, *t))
+            .collect();
+        let r3 = self.cvv_transform(
+            Self::card_key_source(imk, KeyKind::ImkTdcvv2, &data),
+            &inputs,
+        )?;
         Ok(r3
             .chunks_exact(8)
             .map(|block| decimalize(block, CodeLength::THREE))
@@ -314,9 +331,14 @@ mod tests {
             let k = hex::decode(K).unwrap();
             let (pair, twin) = match source {
                 CvvKeySource::Cvk(_) => (k.clone(), [&k[..8], &k[..8]].concat()),
-                CvvKeySource::CardKey { mk_data, twin_data, .. } => {
+                CvvKeySource::CardKey {
+                    mk_data, twin_data, ..
+                } => {
                     let imk = TdesEde2::new_from_slice(&k).unwrap();
-                    (ecb(&imk, &mk_data[..]).to_vec(), ecb(&imk, &twin_data[..]).to_vec())
+                    (
+                        ecb(&imk, &mk_data[..]).to_vec(),
+                        ecb(&imk, &twin_data[..]).to_vec(),
+                    )
                 }
             };
             f(&SoftKeys {
@@ -331,7 +353,9 @@ mod tests {
     }
 
     fn engine() -> Engine<SoftHsm> {
-        Engine::new(SoftHsm { scopes: Cell::new(0) })
+        Engine::new(SoftHsm {
+            scopes: Cell::new(0),
+        })
     }
 
     fn label() -> KeyLabel {
@@ -349,7 +373,9 @@ mod tests {
             (StaticCodeKind::Icvv, "651"),
         ];
         for (kind, want) in cases {
-            let got = e.static_code(&label(), &pan, exp, kind, CodeLength::THREE).unwrap();
+            let got = e
+                .static_code(&label(), &pan, exp, kind, CodeLength::THREE)
+                .unwrap();
             assert_eq!(got.code.expose(), want, "{kind:?}");
         }
     }
@@ -360,14 +386,21 @@ mod tests {
         let pan: Pan = "4123456789012345".parse().unwrap();
         let exp: Expiry = "2812".parse().unwrap();
         let profile = Tdcvv2Profile::new(300, 1, 0).unwrap();
-        let (values, _) = e.tdcvv2_generate(&label(), &pan, exp, profile, 1_767_225_600, 24).unwrap();
+        let (values, _) = e
+            .tdcvv2_generate(&label(), &pan, exp, profile, 1_767_225_600, 24)
+            .unwrap();
         assert_eq!(e.hsm().scopes.get(), 1);
         assert_eq!(values.len(), 24);
         assert_eq!(values[0].code.expose(), "209");
         assert_eq!(values[1].code.expose(), "137");
-        assert_eq!((values[0].valid_from, values[0].valid_until), (1_767_225_600, 1_767_225_900));
+        assert_eq!(
+            (values[0].valid_from, values[0].valid_until),
+            (1_767_225_600, 1_767_225_900)
+        );
         for v in &values {
-            let found = e.tdcvv2_verify(&label(), &pan, exp, profile, v.valid_from, &v.code).unwrap();
+            let found = e
+                .tdcvv2_verify(&label(), &pan, exp, profile, v.valid_from, &v.code)
+                .unwrap();
             assert_eq!(found, Some(v.window));
         }
     }
@@ -382,12 +415,36 @@ mod tests {
         let strict = Tdcvv2Profile::new(300, 0, 0).unwrap();
         let lenient = Tdcvv2Profile::new(300, 1, 0).unwrap();
         let ahead = Tdcvv2Profile::new(300, 0, 1).unwrap();
-        assert_eq!(e.tdcvv2_verify(&label(), &pan, exp, strict, t0, &code).unwrap(), Some(5_890_752));
-        assert_eq!(e.tdcvv2_verify(&label(), &pan, exp, strict, t0 + 300, &code).unwrap(), None);
-        assert_eq!(e.tdcvv2_verify(&label(), &pan, exp, lenient, t0 + 300, &code).unwrap(), Some(5_890_752));
-        assert_eq!(e.tdcvv2_verify(&label(), &pan, exp, lenient, t0 + 600, &code).unwrap(), None);
-        assert_eq!(e.tdcvv2_verify(&label(), &pan, exp, strict, t0 - 1, &code).unwrap(), None);
-        assert_eq!(e.tdcvv2_verify(&label(), &pan, exp, ahead, t0 - 1, &code).unwrap(), Some(5_890_752));
+        assert_eq!(
+            e.tdcvv2_verify(&label(), &pan, exp, strict, t0, &code)
+                .unwrap(),
+            Some(5_890_752)
+        );
+        assert_eq!(
+            e.tdcvv2_verify(&label(), &pan, exp, strict, t0 + 300, &code)
+                .unwrap(),
+            None
+        );
+        assert_eq!(
+            e.tdcvv2_verify(&label(), &pan, exp, lenient, t0 + 300, &code)
+                .unwrap(),
+            Some(5_890_752)
+        );
+        assert_eq!(
+            e.tdcvv2_verify(&label(), &pan, exp, lenient, t0 + 600, &code)
+                .unwrap(),
+            None
+        );
+        assert_eq!(
+            e.tdcvv2_verify(&label(), &pan, exp, strict, t0 - 1, &code)
+                .unwrap(),
+            None
+        );
+        assert_eq!(
+            e.tdcvv2_verify(&label(), &pan, exp, ahead, t0 - 1, &code)
+                .unwrap(),
+            Some(5_890_752)
+        );
     }
 
     #[test]
@@ -396,8 +453,16 @@ mod tests {
         let pan: Pan = "4123456789012345".parse().unwrap();
         let profile = Tdcvv2Profile::new(300, 1, 0).unwrap();
         for n in [0, 25] {
-            let err = e.tdcvv2_generate(&label(), &pan, "2812".parse().unwrap(), profile, 0, n).unwrap_err();
-            assert!(matches!(err, DomainError::Invalid { field: "numberOfValues", .. }));
+            let err = e
+                .tdcvv2_generate(&label(), &pan, "2812".parse().unwrap(), profile, 0, n)
+                .unwrap_err();
+            assert!(matches!(
+                err,
+                DomainError::Invalid {
+                    field: "numberOfValues",
+                    ..
+                }
+            ));
         }
         assert_eq!(e.hsm().scopes.get(), 0);
     }

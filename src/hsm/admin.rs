@@ -15,7 +15,7 @@ use zeroize::Zeroizing;
 
 use super::error::{HsmError, HsmResult};
 use super::mechanism::{allowed_mechanisms, des3_ecb_encrypt_data};
-use super::policy::{KeyAttributes, KeyKind, KeyLabel, Kcv};
+use super::policy::{Kcv, KeyAttributes, KeyKind, KeyLabel};
 use super::token::{
     EphemeralKey, Token, find_key, hmac_kcv, inspect, kcv_des, session_des_encrypt_template,
 };
@@ -141,6 +141,39 @@ impl Drop for Created<'_> {
 }
 
 impl Token {
+    /// Refuses a label that a key (or a CVK's twin) already has, before a ceremony starts.
+    ///
+    /// # Errors
+    /// `LabelExists`, or the token's error.
+    pub fn ensure_label_free(&self, label: &KeyLabel) -> HsmResult<()> {
+        let session = self.admin_session()?;
+        self.refuse_taken_label(&session, label)
+    }
+
+    /// Destroys a gateway key (both objects of a CVK). Used by the benchmark for
+    /// its temporary keys; key retirement in production goes through the HSM's own tools.
+    ///
+    /// # Errors
+    /// `KeyNotFound`, or the token's error.
+    pub(crate) fn destroy_key(&self, label: &KeyLabel) -> HsmResult<()> {
+        let session = self.admin_session()?;
+        let mut found = false;
+        for l in [label.to_string(), label.single_des_twin()] {
+            if let Some(handle) = find_key(&session, &l)? {
+                session.destroy_object(handle)?;
+                found = true;
+            }
+        }
+        self.forget_key(label);
+        if found {
+            Ok(())
+        } else {
+            Err(HsmError::KeyNotFound {
+                label: label.to_string(),
+            })
+        }
+    }
+
     fn refuse_taken_label(&self, session: &Session, label: &KeyLabel) -> HsmResult<()> {
         for l in [label.to_string(), label.single_des_twin()] {
             if find_key(session, &l)?.is_some() {
@@ -207,7 +240,9 @@ impl Token {
             value.iter_mut().zip(c.0.iter()).for_each(|(v, b)| *v ^= b);
         }
         if value.iter().all(|b| *b == 0) {
-            return Err(HsmError::InvalidInput("the components cancel out to a zero key".into()));
+            return Err(HsmError::InvalidInput(
+                "the components cancel out to a zero key".into(),
+            ));
         }
         if kind.is_des() {
             set_odd_parity(&mut value);
@@ -218,7 +253,11 @@ impl Token {
             session: &session,
             handles: Vec::new(),
         };
-        let mut template = labelled(secret_key_template(kind, true), label.as_str(), kind.object_id());
+        let mut template = labelled(
+            secret_key_template(kind, true),
+            label.as_str(),
+            kind.object_id(),
+        );
         template.push(Attribute::Value(value.to_vec()));
         created.handles.push(session.create_object(&template)?);
         if kind == KeyKind::Cvk {
@@ -266,7 +305,12 @@ impl Token {
             })
     }
 
-    fn object_kcv(&self, session: &Session, kind: KeyKind, handle: ObjectHandle) -> HsmResult<Option<Kcv>> {
+    fn object_kcv(
+        &self,
+        session: &Session,
+        kind: KeyKind,
+        handle: ObjectHandle,
+    ) -> HsmResult<Option<Kcv>> {
         let counters = self.op_counters();
         Ok(match kind {
             KeyKind::Cvk => Some(kcv_des(session, handle, counters)?),
@@ -290,45 +334,71 @@ impl Token {
             session: &session,
             handles: Vec::new(),
         };
-        let template = labelled(secret_key_template(kind, true), label.as_str(), kind.object_id());
+        let template = labelled(
+            secret_key_template(kind, true),
+            label.as_str(),
+            kind.object_id(),
+        );
         match kind {
             KeyKind::Cvk => {
                 let seed = EphemeralKey::new(
                     &session,
-                    session.generate_key(&Mechanism::Des2KeyGen, &secret_key_template(KeyKind::ImkDcvv, false))?,
+                    session.generate_key(
+                        &Mechanism::Des2KeyGen,
+                        &secret_key_template(KeyKind::ImkDcvv, false),
+                    )?,
                     self.op_counters(),
                 );
                 let mut x = Zeroizing::new(vec![0u8; 16]);
                 session.generate_random_slice(&mut x)?;
                 let pair_data = Zeroizing::new(x.to_vec());
                 let twin_data = Zeroizing::new(x[..8].repeat(2));
-                for (data, template) in [
-                    (&pair_data, template),
+                // SoftHSM refuses CKA_MODIFIABLE=false in a derive template (it sets
+                // attributes after the template), so derive session objects and copy
+                // them into non-modifiable token objects.
+                for (data, label, id) in [
+                    (&pair_data, label.to_string(), kind.object_id()),
                     (
                         &twin_data,
-                        labelled(
-                            secret_key_template(kind, true),
-                            &label.single_des_twin(),
-                            KeyKind::single_des_object_id(),
-                        ),
+                        label.single_des_twin(),
+                        KeyKind::single_des_object_id(),
                     ),
                 ] {
                     let params = KeyDerivationStringData::new(data);
-                    created.handles.push(session.derive_key(
-                        &des3_ecb_encrypt_data(&params),
-                        seed.handle,
-                        &template,
+                    let derived = EphemeralKey::new(
+                        &session,
+                        session.derive_key(
+                            &des3_ecb_encrypt_data(&params),
+                            seed.handle,
+                            &session_des_encrypt_template(),
+                        )?,
+                        self.op_counters(),
+                    );
+                    created.handles.push(session.copy_object(
+                        derived.handle,
+                        // SoftHSM applies a copy template in order and refuses any
+                        // attribute after CKA_MODIFIABLE=false: keep it last.
+                        &[
+                            Attribute::Token(true),
+                            Attribute::Label(label.into_bytes()),
+                            Attribute::Id(id),
+                            Attribute::Modifiable(false),
+                        ],
                     )?);
                 }
                 // KA = KB would make the CVK single DES; 2^-64, but cheap to rule out.
                 let pair = self.object_kcv(&session, kind, created.handles[0])?;
                 let twin = self.object_kcv(&session, kind, created.handles[1])?;
                 if pair == twin {
-                    return Err(HsmError::InvalidInput("generated halves are equal; run again".into()));
+                    return Err(HsmError::InvalidInput(
+                        "generated halves are equal; run again".into(),
+                    ));
                 }
             }
             KeyKind::ImkDcvv | KeyKind::ImkTdcvv2 => {
-                created.handles.push(session.generate_key(&Mechanism::Des2KeyGen, &template)?);
+                created
+                    .handles
+                    .push(session.generate_key(&Mechanism::Des2KeyGen, &template)?);
             }
             KeyKind::PanIndex | KeyKind::AuditSeal => {
                 let mut template = template;
@@ -393,8 +463,15 @@ impl Token {
             .filter(|k| k.role == "single-des")
             .map(|k| k.label.clone())
             .collect();
-        for key in listing.iter_mut().filter(|k| k.kind == KeyKind::Cvk && k.role == "main") {
-            if !twins.contains(&format!("{}{}", key.label, super::policy::SINGLE_DES_SUFFIX)) {
+        for key in listing
+            .iter_mut()
+            .filter(|k| k.kind == KeyKind::Cvk && k.role == "main")
+        {
+            if !twins.contains(&format!(
+                "{}{}",
+                key.label,
+                super::policy::SINGLE_DES_SUFFIX
+            )) {
                 key.violations.push("its KA||KA object is missing".into());
             }
         }
@@ -409,11 +486,14 @@ mod tests {
 
     #[test]
     fn components_are_parsed_strictly_and_never_echoed() {
-        let ok = Component::parse("0123 4567 89AB CDEF FEDC BA98 7654 3210", KeyKind::Cvk, 1).unwrap();
+        let ok =
+            Component::parse("0123 4567 89AB CDEF FEDC BA98 7654 3210", KeyKind::Cvk, 1).unwrap();
         assert_eq!(ok.0.len(), 16);
         assert_eq!(format!("{ok:?}"), "Component(***)");
         for bad in ["0123", "0123456789ABCDEFFEDCBA987654321G", &"00".repeat(17)] {
-            let err = Component::parse(bad, KeyKind::Cvk, 2).unwrap_err().to_string();
+            let err = Component::parse(bad, KeyKind::Cvk, 2)
+                .unwrap_err()
+                .to_string();
             assert_eq!(err, "component 2 is not 32 hex digits");
         }
         assert!(Component::parse(&"AB".repeat(32), KeyKind::PanIndex, 1).is_ok());

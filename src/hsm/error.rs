@@ -80,7 +80,7 @@ pub enum HsmError {
         millis: u64,
     },
     /// The token or its sessions went away; retrying later may succeed.
-    #[error("token unavailable: {function}: {rv}")]
+    #[error("token unavailable: {function}: {rv:?}")]
     Unavailable {
         /// PKCS#11 function that failed.
         function: Function,
@@ -88,7 +88,7 @@ pub enum HsmError {
         rv: RvError,
     },
     /// Any other PKCS#11 failure.
-    #[error("PKCS#11 {function} failed: {rv}")]
+    #[error("PKCS#11 {function} failed: {rv:?}")]
     Pkcs11 {
         /// PKCS#11 function that failed.
         function: Function,
@@ -176,10 +176,16 @@ mod tests {
         ));
         assert!(e.is_stale_handle());
         assert!(e.is_unavailable());
-        let e = HsmError::from(CkError::Pkcs11(RvError::ObjectHandleInvalid, Function::Encrypt));
+        let e = HsmError::from(CkError::Pkcs11(
+            RvError::ObjectHandleInvalid,
+            Function::Encrypt,
+        ));
         assert!(e.is_stale_handle());
         assert!(!e.is_unavailable());
-        let e = HsmError::from(CkError::Pkcs11(RvError::MechanismInvalid, Function::Encrypt));
+        let e = HsmError::from(CkError::Pkcs11(
+            RvError::MechanismInvalid,
+            Function::Encrypt,
+        ));
         assert!(!e.is_stale_handle());
     }
 }

@@ -3,19 +3,18 @@
 //! `CKM_DES3_ECB_ENCRYPT_DATA` (the EMV card-key derivation, DESIGN 2.2) has no
 //! `Mechanism` variant and `MechanismType::try_from` rejects it, so the one audited
 //! `unsafe` of this crate builds its `MechanismType` (issue 2). `CKA_ALLOWED_MECHANISMS`
-//! holding that value cannot be parsed by cryptoki either, so it is read and written
-//! as raw bytes through `AttributeType::VendorDefined`, which carries any attribute
-//! number: no `unsafe` needed there.
+//! holding that value cannot be parsed by cryptoki either: see
+//! [`read_allowed_mechanisms`].
 
-use cryptoki::mechanism::vendor_defined::VendorDefinedMechanism;
+use cryptoki::error::Error as CkError;
 use cryptoki::mechanism::misc::KeyDerivationStringData;
+use cryptoki::mechanism::vendor_defined::VendorDefinedMechanism;
 use cryptoki::mechanism::{Mechanism, MechanismType};
-use cryptoki::object::{Attribute, AttributeType};
-use cryptoki_sys::{CK_MECHANISM_TYPE, CK_ULONG, CKA_ALLOWED_MECHANISMS};
+use cryptoki::object::{Attribute, AttributeInfo, AttributeType, ObjectHandle};
+use cryptoki::session::Session;
+use cryptoki_sys::{CK_MECHANISM_TYPE, CK_ULONG};
 
-pub use cryptoki_sys::{
-    CKM_DES3_ECB, CKM_DES3_ECB_ENCRYPT_DATA, CKM_SHA256_HMAC,
-};
+pub use cryptoki_sys::{CKM_DES3_ECB, CKM_DES3_ECB_ENCRYPT_DATA, CKM_SHA256_HMAC};
 
 /// The `MechanismType` of `CKM_DES3_ECB_ENCRYPT_DATA`.
 #[allow(unsafe_code)] // The one audited exception of STYLE 12; see SAFETY below.
@@ -37,32 +36,66 @@ pub fn des3_ecb_encrypt_data<'a>(params: &'a KeyDerivationStringData<'a>) -> Mec
     ))
 }
 
-/// `CKA_ALLOWED_MECHANISMS` as a raw attribute: an array of `CK_MECHANISM_TYPE`
-/// in native byte order.
+/// `CKA_ALLOWED_MECHANISMS` for a template.
 pub fn allowed_mechanisms(mechanisms: &[CK_MECHANISM_TYPE]) -> Attribute {
-    let bytes = mechanisms
-        .iter()
-        .flat_map(|m| m.to_ne_bytes())
-        .collect::<Vec<u8>>();
-    Attribute::VendorDefined((allowed_mechanisms_type(), bytes))
+    Attribute::AllowedMechanisms(mechanisms.iter().map(|m| mechanism_type(*m)).collect())
 }
 
-/// The attribute type used to read `CKA_ALLOWED_MECHANISMS` without cryptoki parsing it.
-pub fn allowed_mechanisms_type() -> AttributeType {
-    AttributeType::VendorDefined(CKA_ALLOWED_MECHANISMS)
-}
-
-/// Decodes a raw `CKA_ALLOWED_MECHANISMS` value. `None` if its length is not a
-/// whole number of `CK_ULONG`s.
-pub fn parse_allowed_mechanisms(bytes: &[u8]) -> Option<Vec<CK_MECHANISM_TYPE>> {
-    const WIDTH: usize = size_of::<CK_ULONG>();
-    if bytes.len() % WIDTH != 0 {
-        return None;
+/// The gateway's kinds use three mechanisms (`KeyKind::mechanisms`); cryptoki
+/// names two of them.
+fn mechanism_type(m: CK_MECHANISM_TYPE) -> MechanismType {
+    match m {
+        CKM_DES3_ECB => MechanismType::DES3_ECB,
+        CKM_SHA256_HMAC => MechanismType::SHA256_HMAC,
+        _ => des3_ecb_encrypt_data_type(),
     }
-    bytes
-        .chunks_exact(WIDTH)
-        .map(|c| c.try_into().ok().map(CK_ULONG::from_ne_bytes))
-        .collect()
+}
+
+/// Reads `CKA_ALLOWED_MECHANISMS`: empty when unset (any mechanism allowed).
+///
+/// cryptoki 0.12 cannot parse a list holding `CKM_DES3_ECB_ENCRYPT_DATA`, and
+/// without a second `unsafe` the raw value cannot be read. So when its parse
+/// fails, the value's length is read instead: a list of exactly one mechanism
+/// that cryptoki cannot name is taken to be `CKM_DES3_ECB_ENCRYPT_DATA`, the one
+/// the gateway sets on derive-only keys. A longer unparseable list is reported
+/// as unreadable, which the policy refuses. (Residual risk, README threat model:
+/// a planted derive-only key allowed one other mechanism unknown to cryptoki.)
+pub fn read_allowed_mechanisms(
+    session: &Session,
+    handle: ObjectHandle,
+) -> cryptoki::error::Result<AllowedMechanisms> {
+    match session.get_attributes(handle, &[AttributeType::AllowedMechanisms]) {
+        Ok(attrs) => Ok(AllowedMechanisms::Listed(
+            attrs
+                .into_iter()
+                .find_map(|a| match a {
+                    Attribute::AllowedMechanisms(list) => {
+                        Some(list.into_iter().map(CK_MECHANISM_TYPE::from).collect())
+                    }
+                    _ => None,
+                })
+                .unwrap_or_default(),
+        )),
+        Err(CkError::NotSupported | CkError::InvalidValue) => {
+            let info = session.get_attribute_info(handle, &[AttributeType::AllowedMechanisms])?;
+            Ok(match info.first() {
+                Some(AttributeInfo::Available(len)) if *len == size_of::<CK_ULONG>() => {
+                    AllowedMechanisms::Listed(vec![CKM_DES3_ECB_ENCRYPT_DATA])
+                }
+                _ => AllowedMechanisms::Unreadable,
+            })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// What `CKA_ALLOWED_MECHANISMS` says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AllowedMechanisms {
+    /// The mechanisms listed; empty when the attribute is unset.
+    Listed(Vec<CK_MECHANISM_TYPE>),
+    /// A list cryptoki cannot parse and longer than one entry.
+    Unreadable,
 }
 
 /// Human name of the mechanisms the gateway uses, for listings and policy messages.
@@ -95,15 +128,13 @@ mod tests {
     }
 
     #[test]
-    fn allowed_mechanisms_round_trip() {
-        let attr = allowed_mechanisms(&[CKM_DES3_ECB, CKM_DES3_ECB_ENCRYPT_DATA]);
-        let Attribute::VendorDefined((_, bytes)) = attr else {
-            panic!("raw attribute expected");
+    fn allowed_mechanisms_carry_the_shimmed_type() {
+        let Attribute::AllowedMechanisms(list) =
+            allowed_mechanisms(&[CKM_DES3_ECB, CKM_DES3_ECB_ENCRYPT_DATA])
+        else {
+            panic!("CKA_ALLOWED_MECHANISMS expected");
         };
-        assert_eq!(
-            parse_allowed_mechanisms(&bytes),
-            Some(vec![CKM_DES3_ECB, CKM_DES3_ECB_ENCRYPT_DATA])
-        );
-        assert_eq!(parse_allowed_mechanisms(&bytes[..3]), None);
+        let raw: Vec<CK_MECHANISM_TYPE> = list.into_iter().map(CK_MECHANISM_TYPE::from).collect();
+        assert_eq!(raw, vec![CKM_DES3_ECB, CKM_DES3_ECB_ENCRYPT_DATA]);
     }
 }

@@ -17,7 +17,7 @@ mod token;
 
 pub use admin::{Component, CreatedKey, KeyListing};
 pub use error::{HsmError, HsmResult};
-pub use policy::{KeyAttributes, KeyKind, KeyLabel, Kcv, Usage};
+pub use policy::{Kcv, KeyAttributes, KeyKind, KeyLabel, Usage};
 pub use token::{CvvCipher, CvvKeySource, HsmSettings, OpCounts, PinSource, Token};
 
 #[doc(hidden)]
@@ -103,9 +103,16 @@ where
     F: FnOnce() -> HsmResult<R> + Send + 'static,
     R: Send + 'static,
 {
-    tokio::task::spawn_blocking(call)
-        .await
-        .map_err(|e| HsmError::Worker(if e.is_panic() { "panicked" } else { "cancelled" }.into()))?
+    tokio::task::spawn_blocking(call).await.map_err(|e| {
+        HsmError::Worker(
+            if e.is_panic() {
+                "panicked"
+            } else {
+                "cancelled"
+            }
+            .into(),
+        )
+    })?
 }
 
 #[cfg(test)]
@@ -117,7 +124,9 @@ mod tests {
         let runtime_thread = std::thread::current().id();
         let worker_thread = blocking(|| Ok(std::thread::current().id())).await.unwrap();
         assert_ne!(runtime_thread, worker_thread);
-        let err = blocking(|| -> HsmResult<()> { Err(HsmError::WrongPin) }).await.unwrap_err();
+        let err = blocking(|| -> HsmResult<()> { Err(HsmError::WrongPin) })
+            .await
+            .unwrap_err();
         assert!(matches!(err, HsmError::WrongPin));
     }
 }

@@ -267,6 +267,9 @@ pub struct KeyAttributes {
     /// `CKA_ALLOWED_MECHANISMS`; empty when the token leaves it unset (any mechanism).
     #[serde(serialize_with = "serialize_mechanisms")]
     pub allowed_mechanisms: Vec<CK_MECHANISM_TYPE>,
+    /// The token holds a `CKA_ALLOWED_MECHANISMS` list that cannot be read.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub allowed_mechanisms_unreadable: bool,
 }
 
 fn serialize_key_type<S: serde::Serializer>(t: &KeyType, s: S) -> Result<S::Ok, S::Error> {
@@ -287,7 +290,11 @@ impl KeyAttributes {
     pub fn violations(&self, kind: KeyKind) -> Vec<String> {
         let mut v = Vec::new();
         if self.key_type != kind.key_type() {
-            v.push(format!("key type is {} not {}", self.key_type, kind.key_type()));
+            v.push(format!(
+                "key type is {} not {}",
+                self.key_type,
+                kind.key_type()
+            ));
         }
         let mut require = |ok: bool, what: &str| {
             if !ok {
@@ -314,12 +321,17 @@ impl KeyAttributes {
                 v.push(format!("{name} is true"));
             }
         }
-        if self.allowed_mechanisms.is_empty() {
+        if self.allowed_mechanisms_unreadable {
+            v.push("CKA_ALLOWED_MECHANISMS cannot be read".into());
+        } else if self.allowed_mechanisms.is_empty() {
             v.push("CKA_ALLOWED_MECHANISMS is unset (any mechanism)".into());
         }
         for m in &self.allowed_mechanisms {
             if !kind.mechanisms().contains(m) {
-                v.push(format!("CKA_ALLOWED_MECHANISMS allows {}", mechanism_name(*m)));
+                v.push(format!(
+                    "CKA_ALLOWED_MECHANISMS allows {}",
+                    mechanism_name(*m)
+                ));
             }
         }
         v
@@ -340,20 +352,26 @@ mod tests {
             modifiable: false,
             usage: kind.usage(),
             allowed_mechanisms: kind.mechanisms().to_vec(),
+            allowed_mechanisms_unreadable: false,
         }
     }
 
     #[test]
     fn conforming_keys_pass_for_every_kind() {
         for kind in KeyKind::ALL {
-            assert_eq!(conforming(kind).violations(kind), Vec::<String>::new(), "{kind}");
+            assert_eq!(
+                conforming(kind).violations(kind),
+                Vec::<String>::new(),
+                "{kind}"
+            );
         }
     }
 
     #[test]
     fn each_widening_is_reported() {
         let kind = KeyKind::Cvk;
-        let cases: Vec<(fn(&mut KeyAttributes), &str)> = vec![
+        type Widen = fn(&mut KeyAttributes);
+        let cases: Vec<(Widen, &str)> = vec![
             (|a| a.extractable = true, "CKA_EXTRACTABLE is true"),
             (|a| a.sensitive = false, "CKA_SENSITIVE is false"),
             (|a| a.modifiable = true, "CKA_MODIFIABLE is true"),
@@ -362,12 +380,22 @@ mod tests {
             (|a| a.usage.decrypt = true, "CKA_DECRYPT is true"),
             (|a| a.usage.derive = true, "CKA_DERIVE is true"),
             (|a| a.usage.wrap = true, "CKA_WRAP is true"),
-            (|a| a.allowed_mechanisms.clear(), "CKA_ALLOWED_MECHANISMS is unset (any mechanism)"),
+            (
+                |a| a.allowed_mechanisms.clear(),
+                "CKA_ALLOWED_MECHANISMS is unset (any mechanism)",
+            ),
             (
                 |a| a.allowed_mechanisms.push(CKM_SHA256_HMAC),
                 "CKA_ALLOWED_MECHANISMS allows CKM_SHA256_HMAC",
             ),
-            (|a| a.key_type = KeyType::DES3, "key type is CKK_DES3 not CKK_DES2"),
+            (
+                |a| a.allowed_mechanisms_unreadable = true,
+                "CKA_ALLOWED_MECHANISMS cannot be read",
+            ),
+            (
+                |a| a.key_type = KeyType::DES3,
+                "key type is CKK_DES3 not CKK_DES2",
+            ),
         ];
         for (widen, expected) in cases {
             let mut attrs = conforming(kind);
@@ -378,15 +406,30 @@ mod tests {
 
     #[test]
     fn an_imk_may_not_encrypt_and_a_cvk_may_not_derive() {
-        assert!(!conforming(KeyKind::Cvk).violations(KeyKind::ImkDcvv).is_empty());
-        assert!(!conforming(KeyKind::ImkTdcvv2).violations(KeyKind::Cvk).is_empty());
-        assert!(!conforming(KeyKind::AuditSeal).violations(KeyKind::PanIndex).is_empty());
+        assert!(
+            !conforming(KeyKind::Cvk)
+                .violations(KeyKind::ImkDcvv)
+                .is_empty()
+        );
+        assert!(
+            !conforming(KeyKind::ImkTdcvv2)
+                .violations(KeyKind::Cvk)
+                .is_empty()
+        );
+        assert!(
+            !conforming(KeyKind::AuditSeal)
+                .violations(KeyKind::PanIndex)
+                .is_empty()
+        );
     }
 
     #[test]
     fn object_ids_round_trip() {
         for kind in KeyKind::ALL {
-            assert_eq!(KeyKind::from_object_id(&kind.object_id()), Some((kind, false)));
+            assert_eq!(
+                KeyKind::from_object_id(&kind.object_id()),
+                Some((kind, false))
+            );
         }
         assert_eq!(
             KeyKind::from_object_id(&KeyKind::single_des_object_id()),

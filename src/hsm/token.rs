@@ -27,12 +27,12 @@ use cryptoki::types::AuthPin;
 use zeroize::Zeroizing;
 
 use super::error::{HsmError, HsmResult};
-use super::{BlockCipher, CardCrypto};
 use super::mechanism::{
-    allowed_mechanisms, allowed_mechanisms_type, des3_ecb_encrypt_data, parse_allowed_mechanisms,
+    AllowedMechanisms, allowed_mechanisms, des3_ecb_encrypt_data, read_allowed_mechanisms,
 };
-use super::policy::{KeyAttributes, KeyKind, KeyLabel, Kcv, Usage};
+use super::policy::{Kcv, KeyAttributes, KeyKind, KeyLabel, Usage};
 use super::pool::{PooledSession, SessionPool};
+use super::{BlockCipher, CardCrypto};
 
 /// Where the user PIN comes from (DESIGN 3: never from a committed file).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -142,10 +142,12 @@ impl OpCounters {
 struct LoadedKey {
     kind: KeyKind,
     kcv: Kcv,
-    /// Working copy of the key (KA‖KB for a CVK).
+    /// The key (KA‖KB for a CVK): its working copy, or the token object.
     main: ObjectHandle,
-    /// Working copy of a CVK's KA‖KA twin.
+    /// A CVK's KA‖KA twin: its working copy, or the token object.
     twin: Option<ObjectHandle>,
+    /// The working copies among them, destroyed when the key is forgotten.
+    copies: Vec<ObjectHandle>,
 }
 
 /// Where the two keys of the CVV construction (DESIGN 2.1) come from.
@@ -197,10 +199,18 @@ fn encrypt(
     counters: &OpCounters,
 ) -> HsmResult<Zeroizing<Vec<u8>>> {
     OpCounters::bump(&counters.encrypt);
-    Ok(Zeroizing::new(session.encrypt(&Mechanism::Des3Ecb, key, blocks)?))
+    Ok(Zeroizing::new(session.encrypt(
+        &Mechanism::Des3Ecb,
+        key,
+        blocks,
+    )?))
 }
 
-fn kcv_by_encryption(session: &Session, key: ObjectHandle, counters: &OpCounters) -> HsmResult<Kcv> {
+fn kcv_by_encryption(
+    session: &Session,
+    key: ObjectHandle,
+    counters: &OpCounters,
+) -> HsmResult<Kcv> {
     let out = encrypt(session, key, &[0u8; 8], counters)?;
     Kcv::from_prefix(&out).ok_or_else(|| HsmError::Wrapper("short DES3 output".into()))
 }
@@ -213,7 +223,11 @@ pub(crate) fn hmac(
     counters: &OpCounters,
 ) -> HsmResult<Zeroizing<Vec<u8>>> {
     OpCounters::bump(&counters.sign);
-    Ok(Zeroizing::new(session.sign(&Mechanism::Sha256Hmac, key, data)?))
+    Ok(Zeroizing::new(session.sign(
+        &Mechanism::Sha256Hmac,
+        key,
+        data,
+    )?))
 }
 
 /// A key object that is destroyed when dropped: per-card keys and temporary
@@ -226,7 +240,11 @@ pub(crate) struct EphemeralKey<'s> {
 }
 
 impl<'s> EphemeralKey<'s> {
-    pub(crate) fn new(session: &'s Session, handle: ObjectHandle, counters: &'s OpCounters) -> Self {
+    pub(crate) fn new(
+        session: &'s Session,
+        handle: ObjectHandle,
+        counters: &'s OpCounters,
+    ) -> Self {
         EphemeralKey {
             session,
             handle,
@@ -417,7 +435,12 @@ impl Token {
     ///
     /// # Errors
     /// `KeyNotFound`, `WrongKeyKind`, `KeyPolicy`, `Busy`, or the token's error.
-    pub fn hmac(&self, label: &KeyLabel, kind: KeyKind, data: &[u8]) -> HsmResult<Zeroizing<Vec<u8>>> {
+    pub fn hmac(
+        &self,
+        label: &KeyLabel,
+        kind: KeyKind,
+        data: &[u8],
+    ) -> HsmResult<Zeroizing<Vec<u8>>> {
         self.with_session(|session| {
             let key = self.key(label, kind)?;
             hmac(session, key.main, data, &self.counters)
@@ -431,6 +454,22 @@ impl Token {
     /// `KeyNotFound`, `DuplicateLabel`, `WrongKeyKind`, `KeyPolicy`, or the token's error.
     pub fn load_key(&self, label: &KeyLabel, kind: KeyKind) -> HsmResult<Kcv> {
         self.with_session(|_| Ok(self.key(label, kind)?.kcv))
+    }
+
+    /// Drops a key from the cache (its working copies die with the anchor session).
+    pub(crate) fn forget_key(&self, label: &KeyLabel) {
+        let removed = self
+            .keys
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(label);
+        if let Some(key) = removed {
+            let anchor = self.anchor();
+            for &handle in &key.copies {
+                // Best effort: a copy left behind dies with the anchor session.
+                let _ = anchor.destroy_object(handle);
+            }
+        }
     }
 
     fn key(&self, label: &KeyLabel, kind: KeyKind) -> HsmResult<Arc<LoadedKey>> {
@@ -465,6 +504,16 @@ impl Token {
     fn resolve(&self, label: &KeyLabel) -> HsmResult<LoadedKey> {
         let anchor = self.anchor();
         let (handle, kind, info) = inspect_checked(&anchor, label.as_str())?;
+        let mut copies = Vec::new();
+        let mut use_copy = |original: ObjectHandle| -> HsmResult<ObjectHandle> {
+            Ok(match working_copy(&anchor, original)? {
+                Some(copy) => {
+                    copies.push(copy);
+                    copy
+                }
+                None => original,
+            })
+        };
         let twin = if kind == KeyKind::Cvk {
             let (twin, twin_kind, _) = inspect_checked(&anchor, &label.single_des_twin())?;
             if twin_kind != KeyKind::Cvk {
@@ -473,19 +522,21 @@ impl Token {
                     violations: vec!["CKA_ID does not mark it as a CVK's KA||KA object".into()],
                 });
             }
-            Some(working_copy(&anchor, twin)?)
+            Some(use_copy(twin)?)
         } else {
             None
         };
-        let main = working_copy(&anchor, handle)?;
+        let main = use_copy(handle)?;
         let kcv = match kind {
             KeyKind::Cvk => kcv_by_encryption(&anchor, main, &self.counters)?,
-            KeyKind::ImkDcvv | KeyKind::ImkTdcvv2 => info.check_value.ok_or_else(|| {
-                HsmError::KeyPolicy {
+            KeyKind::ImkDcvv | KeyKind::ImkTdcvv2 => {
+                info.check_value.ok_or_else(|| HsmError::KeyPolicy {
                     label: label.to_string(),
-                    violations: vec!["the token gives no CKA_CHECK_VALUE for this derive-only key".into()],
-                }
-            })?,
+                    violations: vec![
+                        "the token gives no CKA_CHECK_VALUE for this derive-only key".into(),
+                    ],
+                })?
+            }
             KeyKind::PanIndex | KeyKind::AuditSeal => hmac_kcv(&anchor, main, &self.counters)?,
         };
         Ok(LoadedKey {
@@ -493,6 +544,7 @@ impl Token {
             kcv,
             main,
             twin,
+            copies,
         })
     }
 
@@ -508,7 +560,10 @@ impl Token {
     pub fn probe(&self) -> HsmResult<()> {
         self.with_session(|session| {
             let info = session.get_session_info()?;
-            if matches!(info.session_state(), SessionState::RoUser | SessionState::RwUser) {
+            if matches!(
+                info.session_state(),
+                SessionState::RoUser | SessionState::RwUser
+            ) {
                 Ok(())
             } else {
                 Err(HsmError::Unavailable {
@@ -537,17 +592,33 @@ impl CardCrypto for Token {
 }
 
 /// KCV convention for HMAC keys: the first 3 bytes of HMAC-SHA256(K, 00×8).
-pub(crate) fn hmac_kcv(session: &Session, key: ObjectHandle, counters: &OpCounters) -> HsmResult<Kcv> {
+pub(crate) fn hmac_kcv(
+    session: &Session,
+    key: ObjectHandle,
+    counters: &OpCounters,
+) -> HsmResult<Kcv> {
     let mac = hmac(session, key, &[0u8; 8], counters)?;
     Kcv::from_prefix(&mac).ok_or_else(|| HsmError::Wrapper("short HMAC output".into()))
 }
 
-pub(crate) fn kcv_des(session: &Session, key: ObjectHandle, counters: &OpCounters) -> HsmResult<Kcv> {
+pub(crate) fn kcv_des(
+    session: &Session,
+    key: ObjectHandle,
+    counters: &OpCounters,
+) -> HsmResult<Kcv> {
     kcv_by_encryption(session, key, counters)
 }
 
-fn working_copy(session: &Session, handle: ObjectHandle) -> HsmResult<ObjectHandle> {
-    Ok(session.copy_object(handle, &[Attribute::Token(false)])?)
+/// A working copy of a token key as a session object, still sensitive and
+/// non-extractable (issue 2: SoftHSM re-reads token objects from its file store
+/// on every use). Tokens that refuse to copy a non-modifiable key (SoftHSM 2.6
+/// does) keep using the token object: `None`.
+fn working_copy(session: &Session, handle: ObjectHandle) -> HsmResult<Option<ObjectHandle>> {
+    match session.copy_object(handle, &[Attribute::Token(false)]) {
+        Ok(copy) => Ok(Some(copy)),
+        Err(CkError::Pkcs11(RvError::AttributeReadOnly | RvError::ActionProhibited, _)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn load_module(path: &Path) -> HsmResult<Pkcs11> {
@@ -616,7 +687,10 @@ pub(crate) fn find_key(session: &Session, label: &str) -> HsmResult<Option<Objec
     }
 }
 
-fn inspect_checked(session: &Session, label: &str) -> HsmResult<(ObjectHandle, KeyKind, Inspected)> {
+fn inspect_checked(
+    session: &Session,
+    label: &str,
+) -> HsmResult<(ObjectHandle, KeyKind, Inspected)> {
     let handle = find_key(session, label)?.ok_or_else(|| HsmError::KeyNotFound {
         label: label.to_owned(),
     })?;
@@ -656,7 +730,6 @@ pub(crate) fn inspect(session: &Session, handle: ObjectHandle) -> HsmResult<Insp
         AttributeType::Unwrap,
         AttributeType::Derive,
         AttributeType::CheckValue,
-        allowed_mechanisms_type(),
     ];
     let mut label = String::new();
     let mut kind = None;
@@ -680,7 +753,12 @@ pub(crate) fn inspect(session: &Session, handle: ObjectHandle) -> HsmResult<Insp
             derive: true,
         },
         allowed_mechanisms: Vec::new(),
+        allowed_mechanisms_unreadable: false,
     };
+    match read_allowed_mechanisms(session, handle)? {
+        AllowedMechanisms::Listed(list) => attrs.allowed_mechanisms = list,
+        AllowedMechanisms::Unreadable => attrs.allowed_mechanisms_unreadable = true,
+    }
     for attribute in session.get_attributes(handle, &wanted)? {
         match attribute {
             Attribute::Label(v) => label = String::from_utf8_lossy(&v).into_owned(),
@@ -699,11 +777,6 @@ pub(crate) fn inspect(session: &Session, handle: ObjectHandle) -> HsmResult<Insp
             Attribute::Unwrap(b) => attrs.usage.unwrap = b,
             Attribute::Derive(b) => attrs.usage.derive = b,
             Attribute::CheckValue(v) => check_value = Kcv::from_prefix(&v),
-            Attribute::VendorDefined((_, v)) => {
-                attrs.allowed_mechanisms = parse_allowed_mechanisms(&v).ok_or_else(|| {
-                    HsmError::Wrapper("malformed CKA_ALLOWED_MECHANISMS".into())
-                })?;
-            }
             _ => {}
         }
     }
