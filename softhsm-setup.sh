@@ -131,13 +131,32 @@ write_if_changed() {
 }
 
 template="$repo/hsm-config/softhsm2.conf.template"
+config="$repo/hsm-config/gateway.toml"
 [ -f "$template" ] || die "missing $template"
-tokendir_line_count=$(grep -c '@TOKENDIR@' "$template" || true)
-[ "$tokendir_line_count" -ge 1 ] || die "$template has no @TOKENDIR@ placeholder"
+[ -f "$config" ] || die "missing $config"
+
+# The first string value of KEY in the gateway config (a plain "key = \"value\"" line).
+config_value() {
+    local values
+    values=$(sed -n "s/^[[:space:]]*$1[[:space:]]*=[[:space:]]*\"\([^\"]*\)\".*/\1/p" "$config")
+    printf '%s' "${values%%$'\n'*}"
+}
+
+grep -q '@TOKENDIR@' "$template" || die "$template has no @TOKENDIR@ placeholder"
 tokens_sed=$(printf '%s' "$tokens" | sed 's/[\\|&]/\\&/g')
 write_if_changed "$conf" "$(sed "s|@TOKENDIR@|$tokens_sed|g" "$template")" "softhsm2.conf"
-write_if_changed "$env_file" "export SOFTHSM2_CONF=$conf" ".softhsm/env"
-export SOFTHSM2_CONF="$conf"
+
+# The committed gateway.toml names the Debian module path. Where SoftHSM lives elsewhere, the
+# env file also overrides hsm.module through the gateway's environment layer
+# (DCVV_GATEWAY__SECTION__KEY), so the one committed config works everywhere.
+env_content="export SOFTHSM2_CONF=$conf"
+config_module=$(config_value module)
+if [ "$config_module" != "$module" ] && [ ! -f "$config_module" ]; then
+    env_content+=$'\n'"export DCVV_GATEWAY__HSM__MODULE=$module"
+fi
+write_if_changed "$env_file" "$env_content" ".softhsm/env"
+# shellcheck source=/dev/null
+. "$env_file"
 
 # 32 hex characters (128 bits) from the kernel's CSPRNG. No pipeline that can SIGPIPE.
 random_pin() {
@@ -177,7 +196,8 @@ if token_exists; then
 else
     say "Initializing SoftHSM token '$token_label'"
     # The PINs are passed as arguments because softhsm2-util has no other non-interactive
-    # input; this command is never echoed (no set -x) and its PINs are never printed.
+    # input (they are visible in the process list for this instant, which is acceptable for
+    # a development token); the command is never echoed and the PINs are never printed.
     softhsm2-util --init-token --free --label "$token_label" \
         --pin "$(cat "$user_pin_file")" --so-pin "$(cat "$so_pin_file")" >/dev/null
     token_exists || die "softhsm2-util did not create a token labelled '$token_label'"
@@ -188,22 +208,8 @@ fi
 
 say "Building dcvv-gateway (cargo build --release --locked; the first build takes a few minutes)"
 cargo build --release --locked --quiet
-bin="$repo/target/release/dcvv-gateway"
+bin="${CARGO_TARGET_DIR:-$repo/target}/release/dcvv-gateway"
 [ -x "$bin" ] || die "cargo build did not produce $bin"
-
-# The committed config names the Debian module path. Where SoftHSM lives elsewhere, use a copy
-# in .softhsm/ that differs only in `module` (and in pin_file, relative to its new directory).
-config="$repo/hsm-config/gateway.toml"
-[ -f "$config" ] || die "missing $config"
-config_module=$(sed -n 's/^[[:space:]]*module[[:space:]]*=[[:space:]]*"\([^"]*\)".*/\1/p' "$config" | head -n 1)
-if [ "$config_module" != "$module" ] && [ ! -f "$config_module" ]; then
-    local_config="$state/gateway.toml"
-    write_if_changed "$local_config" "$(sed \
-        -e "s|^\([[:space:]]*module[[:space:]]*=[[:space:]]*\)\"[^\"]*\"|\1\"$module\"|" \
-        -e "s|^\([[:space:]]*pin_file[[:space:]]*=[[:space:]]*\)\"../.softhsm/user.pin\"|\1\"user.pin\"|" \
-        "$config")" ".softhsm/gateway.toml (module $module)"
-    config="$local_config"
-fi
 
 gw() { "$bin" --config "$config" "$@"; }
 
@@ -217,8 +223,8 @@ demo_keys=(
     "audit-seal audit-seal-v1"
 )
 
-# `keys list --json` prints one compact JSON object per gateway key; a CVK's second object
-# (LABEL:ka) is not listed separately, and the closing quote keeps it from matching LABEL.
+# `keys list --json` prints a compact JSON array, one object per key object; the closing quote
+# keeps a CVK's second object (LABEL:ka) from matching LABEL.
 key_listed() {
     local label_re=${2//./\\.}
     grep -Eq "\"label\"[[:space:]]*:[[:space:]]*\"${label_re}\"" <<<"$1"
@@ -257,7 +263,6 @@ else
     [ ${#present[@]} -eq 0 ] || echo "Already present: $(join "${present[@]}")."
 fi
 
-config_rel=${config#"$repo"/}
 cat <<EOF
 
 Token '$token_label' is ready (module $module).
@@ -265,15 +270,15 @@ The PINs are in .softhsm/user.pin and .softhsm/so.pin (mode 600); keep them out 
 
 Key commands by hand:
   source .softhsm/env
-  target/release/dcvv-gateway --config $config_rel keys list
-  target/release/dcvv-gateway --config $config_rel keys generate --kind cvk --label cvk-demo-v2
-  target/release/dcvv-gateway --config $config_rel keys import --help   # dual-control import
-  target/release/dcvv-gateway --config $config_rel hsm check
+  target/release/dcvv-gateway --config hsm-config/gateway.toml keys list
+  target/release/dcvv-gateway --config hsm-config/gateway.toml keys generate --kind cvk --label cvk-demo-v2
+  target/release/dcvv-gateway --config hsm-config/gateway.toml keys import --help   # dual-control import
+  target/release/dcvv-gateway --config hsm-config/gateway.toml hsm check
 Run the service: ./softhsm-setup.sh --run
 EOF
 
 if [ "$mode" = run ]; then
-    listen=$(sed -n 's/^[[:space:]]*listen[[:space:]]*=[[:space:]]*"\([^"]*\)".*/\1/p' "$config" | head -n 1)
+    listen=$(config_value listen)
     echo
     say "Starting dcvv-gateway on ${listen:-the configured address} (Ctrl-C to stop)"
     exec "$bin" --config "$config" serve

@@ -137,6 +137,7 @@ fn init_logging(serving: bool) {
     }
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
 }
@@ -185,7 +186,8 @@ fn keys(token: &Token, cmd: KeysCommand) -> Result<(), CliError> {
             let keys = token.list_keys()?;
             if json {
                 let text = serde_json::to_string(&keys).map_err(|e| CliError::Io(e.to_string()))?;
-                println!("{text}");
+                // A closed stdout (e.g. `| head`) is not an error worth reporting.
+                let _ = writeln!(std::io::stdout().lock(), "{text}");
             } else {
                 print_table(&keys);
             }

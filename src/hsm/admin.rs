@@ -156,6 +156,7 @@ impl Token {
     /// # Errors
     /// `KeyNotFound`, or the token's error.
     pub(crate) fn destroy_key(&self, label: &KeyLabel) -> HsmResult<()> {
+        let _serial = self.admin_lock();
         let session = self.admin_session()?;
         let mut found = false;
         for l in [label.to_string(), label.single_des_twin()] {
@@ -230,6 +231,7 @@ impl Token {
                 }
             }
         }
+        let _serial = self.admin_lock();
         let session = self.admin_session()?;
         self.refuse_taken_label(&session, label)?;
 
@@ -328,6 +330,7 @@ impl Token {
     /// # Errors
     /// `LabelExists`, or the token's error; nothing is left in the token on error.
     pub fn generate_key(&self, kind: KeyKind, label: &KeyLabel) -> HsmResult<CreatedKey> {
+        let _serial = self.admin_lock();
         let session = self.admin_session()?;
         self.refuse_taken_label(&session, label)?;
         let mut created = Created {

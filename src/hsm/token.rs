@@ -293,6 +293,10 @@ pub struct Token {
     pool: SessionPool,
     keys: RwLock<HashMap<KeyLabel, Arc<LoadedKey>>>,
     counters: OpCounters,
+    /// Serializes key management: SoftHSM fails token-object creation
+    /// (`CKR_GENERAL_ERROR`) when two threads write its file store at once, and a
+    /// key ceremony gains nothing from parallelism.
+    admin: Mutex<()>,
 }
 
 impl std::fmt::Debug for Token {
@@ -326,6 +330,7 @@ impl Token {
             pool: SessionPool::new(settings.max_sessions, settings.checkout_timeout),
             keys: RwLock::new(HashMap::new()),
             counters: OpCounters::default(),
+            admin: Mutex::new(()),
         })
     }
 
@@ -551,6 +556,11 @@ impl Token {
     /// Opens a read-write session for key management (same login).
     pub(crate) fn admin_session(&self) -> HsmResult<Session> {
         Ok(self.ctx.open_rw_session(self.slot)?)
+    }
+
+    /// Held for the length of a key-management command.
+    pub(crate) fn admin_lock(&self) -> MutexGuard<'_, ()> {
+        self.admin.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Whether the token still answers and the user is logged in.

@@ -55,6 +55,7 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
 /// The token's error at start, or an I/O error binding or serving.
 pub fn serve_blocking(settings: Settings) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let token = Arc::new(Token::open(&settings.hsm)?);
+    refuse_wide_keys(&token)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -67,6 +68,26 @@ pub fn serve_blocking(settings: Settings) -> Result<(), Box<dyn std::error::Erro
         tracing::info!("drained, stopping");
         Ok(())
     })
+}
+
+/// DESIGN 3: the gateway does not start while a gateway key in the token is
+/// wider than its kind allows.
+fn refuse_wide_keys(token: &Token) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let wide: Vec<String> = token
+        .list_keys()?
+        .into_iter()
+        .filter(|k| !k.violations.is_empty())
+        .map(|k| format!("{} ({})", k.label, k.violations.join(", ")))
+        .collect();
+    if wide.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "refusing to start: key(s) wider than their policy: {}",
+            wide.join("; ")
+        )
+        .into())
+    }
 }
 
 async fn shutdown_signal() {

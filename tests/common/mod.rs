@@ -1,0 +1,208 @@
+//! Test harness: a real SoftHSM token for this test process.
+//!
+//! `.cargo/config.toml` points `SOFTHSM2_CONF` at `target/softhsm-tests/`; the
+//! first use in a process writes that config and creates a token with a unique
+//! label and random PINs through `softhsm2-util`, before this process loads the
+//! PKCS#11 library (SoftHSM only sees tokens that exist when it initializes).
+//! Under nextest every test is its own process, so every test gets its own token;
+//! tests also use unique key labels so they stay correct under `cargo test`.
+//! Tokens older than a day are removed from the shared directory.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, SystemTime};
+
+use dcvv_gateway::config::{ServerSettings, Settings};
+use dcvv_gateway::hsm::{Component, HsmSettings, KeyKind, KeyLabel, PinSource, Token};
+
+const MODULES: &[&str] = &[
+    "/usr/lib/softhsm/libsofthsm2.so",
+    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/local/lib/softhsm/libsofthsm2.so",
+    "/opt/homebrew/lib/softhsm/libsofthsm2.so",
+];
+
+/// The SoftHSM module, or a failing test that says how to install it.
+pub fn module() -> PathBuf {
+    MODULES
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .expect("SoftHSM is not installed: run ./softhsm-setup.sh --deps-only")
+}
+
+/// A token made for this test process.
+pub struct TestToken {
+    pub dir: PathBuf,
+    pub label: String,
+    pub pin_file: PathBuf,
+    pub so_pin: String,
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf))
+        .expect("/dev/urandom");
+    hex::encode(buf)
+}
+
+fn conf_path() -> PathBuf {
+    PathBuf::from(
+        std::env::var("SOFTHSM2_CONF").expect("SOFTHSM2_CONF is set by .cargo/config.toml"),
+    )
+}
+
+fn prune_old_tokens(tokens: &Path) {
+    let Ok(entries) = std::fs::read_dir(tokens) else {
+        return;
+    };
+    let day = Duration::from_secs(24 * 3600);
+    for entry in entries.flatten() {
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| SystemTime::now().duration_since(t).ok())
+            .is_some_and(|age| age > day);
+        if old {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+pub static TOKEN: LazyLock<TestToken> = LazyLock::new(|| {
+    let conf = conf_path();
+    let dir = conf.parent().unwrap().to_path_buf();
+    let tokens = dir.join("tokens");
+    std::fs::create_dir_all(&tokens).unwrap();
+    prune_old_tokens(&tokens);
+    // Same content from every process; written atomically.
+    let text = format!(
+        "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
+        tokens.display()
+    );
+    let tmp = dir.join(format!("softhsm2.conf.{}", std::process::id()));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, &conf).unwrap();
+
+    let label = format!("t{}-{}", std::process::id(), &random_hex(4));
+    let pin = random_hex(8);
+    let so_pin = random_hex(8);
+    let out = Command::new("softhsm2-util")
+        .args([
+            "--init-token",
+            "--free",
+            "--label",
+            &label,
+            "--pin",
+            &pin,
+            "--so-pin",
+            &so_pin,
+        ])
+        .env("SOFTHSM2_CONF", &conf)
+        .output()
+        .expect("softhsm2-util (install SoftHSM: ./softhsm-setup.sh --deps-only)");
+    assert!(
+        out.status.success(),
+        "softhsm2-util failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pin_file = dir.join(format!("{label}.pin"));
+    std::fs::write(&pin_file, format!("{pin}\n")).unwrap();
+    TestToken {
+        dir,
+        label,
+        pin_file,
+        so_pin,
+    }
+});
+
+/// HSM settings for this process's token.
+pub fn hsm_settings() -> HsmSettings {
+    HsmSettings {
+        module: module(),
+        token_label: TOKEN.label.clone(),
+        pin: PinSource::File(TOKEN.pin_file.clone()),
+        max_sessions: 4,
+        checkout_timeout: Duration::from_secs(5),
+    }
+}
+
+/// Full settings for this process's token.
+pub fn settings() -> Settings {
+    Settings {
+        hsm: hsm_settings(),
+        server: ServerSettings {
+            listen: "127.0.0.1:0".parse().unwrap(),
+        },
+    }
+}
+
+/// The logged-in token of this process (one per process, as in production).
+pub static HSM: LazyLock<Token> =
+    LazyLock::new(|| Token::open(&hsm_settings()).expect("open the test token"));
+
+/// A label no other test of this process uses.
+pub fn unique_label(prefix: &str) -> KeyLabel {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("{prefix}-{}-v1", N.fetch_add(1, Ordering::Relaxed))
+        .parse()
+        .unwrap()
+}
+
+/// Splits a clear key into two components (random, key XOR random), as two
+/// custodians would hold it.
+pub fn components(key_hex: &str, kind: KeyKind) -> Vec<Component> {
+    let key = hex::decode(key_hex).unwrap();
+    let a = hex::decode(random_hex(key.len())).unwrap();
+    let b: Vec<u8> = key.iter().zip(&a).map(|(k, r)| k ^ r).collect();
+    vec![
+        Component::parse(&hex::encode(a), kind, 1).unwrap(),
+        Component::parse(&hex::encode(b), kind, 2).unwrap(),
+    ]
+}
+
+/// Imports a clear test key through the same path as `keys import`.
+pub fn import(key_hex: &str, kind: KeyKind, prefix: &str) -> KeyLabel {
+    let label = unique_label(prefix);
+    HSM.import_key(kind, &label, &components(key_hex, kind))
+        .unwrap();
+    label
+}
+
+/// A gateway config file for this token, for CLI tests.
+pub fn config_file(dir: &Path) -> PathBuf {
+    let path = dir.join("gateway.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[hsm]\nmodule = {:?}\ntoken_label = {:?}\npin_file = {:?}\n",
+            module().display().to_string(),
+            TOKEN.label,
+            TOKEN.pin_file.display().to_string()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// Runs the gateway binary; returns (exit success, stdout, stderr).
+pub fn gateway(config: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_dcvv-gateway"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
