@@ -1,0 +1,188 @@
+//! Negative paths of the HSM layer against a real SoftHSM token: missing module,
+//! missing token, wrong PIN, missing key, keys planted with attributes wider than
+//! their kind allows (refused by the engine, reported by `hsm check`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::path::PathBuf;
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::mechanism::MechanismType;
+use cryptoki::object::{Attribute, KeyType, ObjectClass};
+use cryptoki::session::{Session, UserType};
+use dcvv_gateway::domain::{CodeLength, DomainError, Engine, StaticCodeKind};
+use dcvv_gateway::hsm::{CardCrypto, HsmError, KeyKind, KeyLabel, PinSource, Token};
+
+fn open_with(change: impl FnOnce(&mut dcvv_gateway::hsm::HsmSettings)) -> Result<Token, HsmError> {
+    let mut settings = common::hsm_settings();
+    change(&mut settings);
+    Token::open(&settings)
+}
+
+#[test]
+fn missing_module_is_named() {
+    let err = open_with(|s| s.module = PathBuf::from("/nonexistent/libpkcs11.so")).unwrap_err();
+    assert!(matches!(err, HsmError::ModuleNotFound { .. }), "{err:?}");
+    assert_eq!(err.to_string(), "PKCS#11 module not found or not loadable: /nonexistent/libpkcs11.so");
+}
+
+#[test]
+fn missing_token_is_named() {
+    let err = open_with(|s| s.token_label = "no-such-token".into()).unwrap_err();
+    assert!(matches!(err, HsmError::TokenNotFound { .. }), "{err:?}");
+    assert_eq!(err.to_string(), "no token with label \"no-such-token\"");
+}
+
+#[test]
+fn wrong_pin_is_refused_without_echo() {
+    let dir = tempfile::tempdir().unwrap();
+    let pin = dir.path().join("wrong.pin");
+    std::fs::write(&pin, "not-the-pin-4711\n").unwrap();
+    let err = open_with(|s| s.pin = PinSource::File(pin.clone())).unwrap_err();
+    assert!(matches!(err, HsmError::WrongPin), "{err:?}");
+    assert!(!err.to_string().contains("4711"));
+}
+
+#[test]
+fn missing_pin_source_is_named() {
+    let err = open_with(|s| s.pin = PinSource::Env("DCVV_TEST_UNSET_PIN_VARIABLE".into())).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "cannot read the user PIN: environment variable DCVV_TEST_UNSET_PIN_VARIABLE is not set"
+    );
+}
+
+#[test]
+fn missing_key_and_wrong_kind_are_typed() {
+    let engine = Engine::new(&*common::HSM);
+    let missing: KeyLabel = "no-such-key-v1".parse().unwrap();
+    let err = engine
+        .static_code(&missing, &"4123456789012345".parse().unwrap(), "2812".parse().unwrap(), StaticCodeKind::Cvv2, CodeLength::THREE)
+        .unwrap_err();
+    assert!(matches!(err, DomainError::Hsm(HsmError::KeyNotFound { .. })), "{err:?}");
+    assert_eq!(err.to_string(), "key not found: no-such-key-v1");
+
+    // An IMK is never used as a CVK.
+    let imk = common::import("0123456789ABCDEFFEDCBA9876543210", KeyKind::ImkDcvv, "policy-imk");
+    let err = common::HSM.key_check_value(&imk, KeyKind::Cvk).unwrap_err();
+    assert!(matches!(err, HsmError::WrongKeyKind { found: "imk-dcvv", wanted: "cvk", .. }), "{err:?}");
+}
+
+/// A second handle on the test token through cryptoki directly, to plant keys
+/// that the gateway itself would never create.
+fn raw_session() -> Session {
+    // The token must exist before this process initializes the library.
+    let token = &*common::TOKEN;
+    let ctx = Pkcs11::new(common::module()).unwrap();
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::CryptokiAlreadyInitialized, _)) => {}
+        Err(e) => panic!("{e}"),
+    }
+    let slot = ctx
+        .get_slots_with_initialized_token()
+        .unwrap()
+        .into_iter()
+        .find(|s| ctx.get_token_info(*s).unwrap().label().trim_end() == token.label)
+        .unwrap();
+    let session = ctx.open_rw_session(slot).unwrap();
+    let pin = std::fs::read_to_string(&token.pin_file).unwrap();
+    match session.login(UserType::User, Some(&pin.trim().to_owned().into())) {
+        Ok(()) | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {}
+        Err(e) => panic!("{e}"),
+    }
+    session
+}
+
+/// Plants a CVK (both objects) whose attributes deviate as `widen` says.
+fn plant_cvk(label: &KeyLabel, widen: &[Attribute]) {
+    let session = raw_session();
+    for (l, id, value) in [
+        (label.to_string(), b"dcvvgw:cvk".to_vec(), "0123456789ABCDEFFEDCBA9876543210"),
+        (label.single_des_twin(), b"dcvvgw:cvk:ka".to_vec(), "0123456789ABCDEF0123456789ABCDEF"),
+    ] {
+        let mut template = vec![
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::DES2),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Label(l.into_bytes()),
+            Attribute::Id(id),
+            Attribute::Value(hex::decode(value).unwrap()),
+            Attribute::Encrypt(true),
+            Attribute::Decrypt(false),
+            Attribute::Derive(false),
+            Attribute::Sign(false),
+            Attribute::Verify(false),
+            Attribute::Wrap(false),
+            Attribute::Unwrap(false),
+            Attribute::AllowedMechanisms(vec![MechanismType::DES3_ECB]),
+        ];
+        let defaults = [Attribute::Sensitive(true), Attribute::Extractable(false)];
+        for d in defaults {
+            if !widen.iter().any(|w| w.attribute_type() == d.attribute_type()) {
+                template.push(d);
+            }
+        }
+        template.extend_from_slice(widen);
+        session.create_object(&template).unwrap();
+    }
+}
+
+fn assert_refused(label: &KeyLabel, expected: &str) {
+    let engine = Engine::new(&*common::HSM);
+    let err = engine
+        .static_code(label, &"4123456789012345".parse().unwrap(), "2812".parse().unwrap(), StaticCodeKind::Cvv2, CodeLength::THREE)
+        .unwrap_err();
+    match err {
+        DomainError::Hsm(HsmError::KeyPolicy { label: l, violations }) => {
+            assert_eq!(l, label.as_str());
+            assert!(violations.iter().any(|v| v == expected), "{violations:?}");
+        }
+        other => panic!("expected a policy refusal, got {other:?}"),
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::config_file(dir.path());
+    let (ok, stdout, stderr) = common::gateway(&config, &["hsm", "check"]);
+    assert!(!ok, "hsm check must fail: {stdout}");
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("TOO WIDE") && l.contains(&format!(" {label} ")))
+        .unwrap_or_else(|| panic!("hsm check does not name {label}: {stdout}"));
+    assert!(line.contains(expected), "{line}");
+    assert!(stderr.contains("refused by policy"), "{stderr}");
+}
+
+#[test]
+fn extractable_key_is_refused_and_reported() {
+    let label = common::unique_label("planted-extractable");
+    plant_cvk(&label, &[Attribute::Extractable(true)]);
+    assert_refused(&label, "CKA_EXTRACTABLE is true");
+}
+
+#[test]
+fn non_sensitive_key_is_refused_and_reported() {
+    let label = common::unique_label("planted-clear");
+    plant_cvk(&label, &[Attribute::Sensitive(false)]);
+    assert_refused(&label, "CKA_SENSITIVE is false");
+}
+
+#[test]
+fn key_with_a_second_usage_is_refused_and_reported() {
+    let label = common::unique_label("planted-decrypt");
+    plant_cvk(&label, &[Attribute::Decrypt(true)]);
+    assert_refused(&label, "CKA_DECRYPT is true");
+}
+
+#[test]
+fn conforming_keys_pass_hsm_check() {
+    for kind in [KeyKind::Cvk, KeyKind::ImkDcvv, KeyKind::ImkTdcvv2, KeyKind::PanIndex, KeyKind::AuditSeal] {
+        common::HSM.generate_key(kind, &common::unique_label(kind.as_str())).unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, stdout, stderr) = common::gateway(&common::config_file(dir.path()), &["hsm", "check"]);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(stdout.contains("6 key object(s) checked, all within policy"), "{stdout}");
+}
