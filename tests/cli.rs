@@ -1,0 +1,205 @@
+//! The key-ceremony command line against a real SoftHSM token: what it prints,
+//! what it refuses, and that a refusal creates nothing.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+const K: &str = "0123456789ABCDEFFEDCBA9876543210";
+const C1: &str = "11111111111111112222222222222222";
+
+fn xor_hex(a: &str, b: &str) -> String {
+    let (a, b) = (hex::decode(a).unwrap(), hex::decode(b).unwrap());
+    hex::encode_upper(a.iter().zip(&b).map(|(x, y)| x ^ y).collect::<Vec<u8>>())
+}
+
+struct Ceremony {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+}
+
+impl Ceremony {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config = common::config_file(dir.path());
+        Ceremony { dir, config }
+    }
+
+    fn file(&self, name: &str, text: &str) -> String {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    }
+
+    fn run(&self, args: &[&str]) -> (bool, String, String) {
+        common::gateway(&self.config, args)
+    }
+
+    fn listing(&self) -> Value {
+        let (ok, stdout, stderr) = self.run(&["keys", "list", "--json"]);
+        assert!(ok, "{stderr}");
+        serde_json::from_str(&stdout).unwrap()
+    }
+
+    fn import(&self, kind: &str, label: &str, components: &[&str]) -> (bool, String, String) {
+        let mut args = vec!["keys", "import", "--kind", kind, "--label", label];
+        let files: Vec<String> = components
+            .iter()
+            .enumerate()
+            .map(|(i, c)| self.file(&format!("c{i}.hex"), &format!("{c}\n")))
+            .collect();
+        for f in &files {
+            args.push("--component-file");
+            args.push(f);
+        }
+        self.run(&args)
+    }
+}
+
+fn entry<'a>(listing: &'a Value, label: &str) -> Option<&'a Value> {
+    listing.as_array().unwrap().iter().find(|k| k["label"] == label)
+}
+
+fn assert_one_line_error(stderr: &str, expected: &str) {
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line expected: {stderr}");
+    assert_eq!(lines[0], format!("error: {expected}"));
+}
+
+#[test]
+fn import_prints_component_and_final_kcvs_and_lists_the_key() {
+    let c = Ceremony::new();
+    let c2 = xor_hex(K, C1);
+    let (ok, stdout, stderr) = c.import("cvk", "cli-cvk-v3", &[C1, &c2]);
+    assert!(ok, "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    assert!(lines[0].starts_with("component 1 KCV: "));
+    assert!(lines[1].starts_with("component 2 KCV: "));
+    assert_eq!(lines[2], "cvk key cli-cvk-v3 (version 3) created, KCV 08D7B4 (computed in the token)");
+    // Neither component nor the key is echoed anywhere.
+    for secret in [C1, &c2, K] {
+        assert!(!stdout.contains(secret) && !stderr.contains(secret));
+    }
+
+    let listing = c.listing();
+    let key = entry(&listing, "cli-cvk-v3").expect("listed");
+    assert_eq!(key["kind"], "cvk");
+    assert_eq!(key["version"], 3);
+    assert_eq!(key["kcv"], "08D7B4");
+    assert_eq!(key["attributes"]["sensitive"], true);
+    assert_eq!(key["attributes"]["extractable"], false);
+    assert_eq!(key["attributes"]["modifiable"], false);
+    assert_eq!(key["attributes"]["encrypt"], true);
+    assert_eq!(key["attributes"]["decrypt"], false);
+    assert_eq!(key["attributes"]["allowed_mechanisms"], serde_json::json!(["CKM_DES3_ECB"]));
+    assert_eq!(key["violations"], serde_json::json!([]));
+    assert_eq!(entry(&listing, "cli-cvk-v3:ka").expect("KA||KA listed")["role"], "single-des");
+}
+
+#[test]
+fn three_components_combine() {
+    let c = Ceremony::new();
+    let c2 = "0F0F0F0F0F0F0F0FF0F0F0F0F0F0F0F0";
+    let c3 = xor_hex(&xor_hex(K, C1), c2);
+    let (ok, stdout, stderr) = c.import("imk-tdcvv2", "cli-imk3", &[C1, c2, &c3]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("component 3 KCV: "));
+    assert!(stdout.ends_with("imk-tdcvv2 key cli-imk3 (version 1) created, KCV 08D7B4 (computed in the token)\n"));
+}
+
+#[test]
+fn refused_imports_create_nothing() {
+    let c = Ceremony::new();
+    assert!(c.import("cvk", "cli-taken", &[C1, &xor_hex(K, C1)]).0);
+    let before = c.listing();
+    let c2 = xor_hex(K, C1);
+    let cases: Vec<(&str, &str, Vec<&str>, String)> = vec![
+        ("cvk", "cli-new-a", vec![C1, "0123"], "component 2 is not 32 hex digits".into()),
+        ("cvk", "cli-new-b", vec![C1, "0123456789ABCDEFFEDCBA987654321G"], "component 2 is not 32 hex digits".into()),
+        ("cvk", "cli-new-c", vec![C1, C1], "components 1 and 2 are the same".into()),
+        ("cvk", "cli-new-d", vec![C1, &c2, C1], "components 1 and 3 are the same".into()),
+        ("cvk", "cli-new-e", vec![C1], "a key is imported from 2 or 3 components, not 1".into()),
+        ("cvk", "cli-new-f", vec![C1, &c2, K, "22222222222222222222222222222222"], "a key is imported from 2 or 3 components, not 4".into()),
+        ("cvk", "cli-taken", vec![C1, &c2], "a key with label cli-taken already exists".into()),
+        ("pan-index", "cli-new-g", vec![C1, &c2], "component 1 is not 64 hex digits".into()),
+        ("des", "cli-new-h", vec![C1, &c2], "unknown key kind \"des\" (expected one of cvk, imk-dcvv, imk-tdcvv2, pan-index, audit-seal)".into()),
+        ("cvk", "bad label", vec![C1, &c2], "a key label is 1 to 64 characters of A-Z a-z 0-9 . _ -".into()),
+    ];
+    for (kind, label, components, expected) in cases {
+        let (ok, stdout, stderr) = c.import(kind, label, &components);
+        assert!(!ok, "{label}: {stdout}");
+        assert_one_line_error(&stderr, &expected);
+        assert_eq!(c.listing(), before, "{label} changed the token");
+    }
+}
+
+#[test]
+fn generate_every_kind_and_refuse_a_taken_label() {
+    let c = Ceremony::new();
+    for kind in ["cvk", "imk-dcvv", "imk-tdcvv2", "pan-index", "audit-seal"] {
+        let label = format!("cli-gen-{kind}-v2");
+        let (ok, stdout, stderr) = c.run(&["keys", "generate", "--kind", kind, "--label", &label]);
+        assert!(ok, "{stderr}");
+        assert!(stdout.starts_with(&format!("{kind} key {label} (version 2) created, KCV ")), "{stdout}");
+    }
+    let listing = c.listing();
+    for kind in ["cvk", "imk-dcvv", "imk-tdcvv2", "pan-index", "audit-seal"] {
+        let key = entry(&listing, &format!("cli-gen-{kind}-v2")).unwrap();
+        assert_eq!(key["kind"], kind);
+        assert_eq!(key["kcv"].as_str().unwrap().len(), 6);
+        assert_eq!(key["violations"], serde_json::json!([]));
+    }
+    let (ok, _, stderr) = c.run(&["keys", "generate", "--kind", "cvk", "--label", "cli-gen-cvk-v2"]);
+    assert!(!ok);
+    assert_one_line_error(&stderr, "a key with label cli-gen-cvk-v2 already exists");
+    assert_eq!(c.listing(), listing);
+
+    let (ok, table, _) = c.run(&["keys", "list"]);
+    assert!(ok);
+    assert!(table.starts_with("LABEL"));
+    assert!(table.lines().any(|l| l.starts_with("cli-gen-imk-dcvv-v2") && l.contains("usage=derive")));
+}
+
+fn config_variant(dir: &Path, from: &Path, edit: impl Fn(String) -> String) -> PathBuf {
+    let path = dir.join("variant.toml");
+    std::fs::write(&path, edit(std::fs::read_to_string(from).unwrap())).unwrap();
+    path
+}
+
+#[test]
+fn startup_errors_are_one_clear_line() {
+    let c = Ceremony::new();
+    let module = common::module().display().to_string();
+    let cases: Vec<(Box<dyn Fn(String) -> String>, String)> = vec![
+        (
+            Box::new(|t: String| t.replace(&format!("token_label = {:?}", common::TOKEN.label), "token_label = \"absent\"")),
+            "no token with label \"absent\"".into(),
+        ),
+        (
+            Box::new(move |t: String| t.replace(&module, "/nonexistent/libsofthsm2.so")),
+            "PKCS#11 module not found or not loadable: /nonexistent/libsofthsm2.so".into(),
+        ),
+    ];
+    for (edit, expected) in cases {
+        let config = config_variant(c.dir.path(), &c.config, edit);
+        let (ok, _, stderr) = common::gateway(&config, &["keys", "list"]);
+        assert!(!ok);
+        assert_one_line_error(&stderr, &expected);
+    }
+    let wrong = c.file("wrong.pin", "000000\n");
+    let config = config_variant(c.dir.path(), &c.config, |t| {
+        t.replace(&common::TOKEN.pin_file.display().to_string(), &wrong)
+    });
+    let (ok, _, stderr) = common::gateway(&config, &["hsm", "check"]);
+    assert!(!ok);
+    assert_one_line_error(&stderr, "the token refused the user PIN (wrong PIN)");
+
+    let (ok, _, stderr) = common::gateway(Path::new("/nonexistent.toml"), &["keys", "list"]);
+    assert!(!ok);
+    assert_one_line_error(&stderr, "configuration: no config file at /nonexistent.toml");
+}
