@@ -508,6 +508,9 @@ impl Token {
 
     fn resolve(&self, label: &KeyLabel) -> HsmResult<LoadedKey> {
         let anchor = self.anchor();
+        // Logged out, private keys are invisible: that is a lost login to
+        // recover from, not a missing key.
+        ensure_logged_in(&anchor)?;
         let (handle, kind, info) = inspect_checked(&anchor, label.as_str())?;
         let mut copies = Vec::new();
         let mut use_copy = |original: ObjectHandle| -> HsmResult<ObjectHandle> {
@@ -662,6 +665,18 @@ fn find_token(ctx: &Pkcs11, label: &str) -> HsmResult<Slot> {
         _ => Err(HsmError::DuplicateLabel {
             label: format!("token {label}"),
         }),
+    }
+}
+
+fn ensure_logged_in(session: &Session) -> HsmResult<()> {
+    let state = session.get_session_info()?.session_state();
+    if matches!(state, SessionState::RoUser | SessionState::RwUser) {
+        Ok(())
+    } else {
+        Err(HsmError::Unavailable {
+            function: cryptoki::context::Function::GetSessionInfo,
+            rv: RvError::UserNotLoggedIn,
+        })
     }
 }
 
