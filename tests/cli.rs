@@ -61,7 +61,11 @@ impl Ceremony {
 }
 
 fn entry<'a>(listing: &'a Value, label: &str) -> Option<&'a Value> {
-    listing.as_array().unwrap().iter().find(|k| k["label"] == label)
+    listing
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["label"] == label)
 }
 
 fn assert_one_line_error(stderr: &str, expected: &str) {
@@ -80,7 +84,10 @@ fn import_prints_component_and_final_kcvs_and_lists_the_key() {
     assert_eq!(lines.len(), 3, "{stdout}");
     assert!(lines[0].starts_with("component 1 KCV: "));
     assert!(lines[1].starts_with("component 2 KCV: "));
-    assert_eq!(lines[2], "cvk key cli-cvk-v3 (version 3) created, KCV 08D7B4 (computed in the token)");
+    assert_eq!(
+        lines[2],
+        "cvk key cli-cvk-v3 (version 3) created, KCV 08D7B4 (computed in the token)"
+    );
     // Neither component nor the key is echoed anywhere.
     for secret in [C1, &c2, K] {
         assert!(!stdout.contains(secret) && !stderr.contains(secret));
@@ -96,9 +103,15 @@ fn import_prints_component_and_final_kcvs_and_lists_the_key() {
     assert_eq!(key["attributes"]["modifiable"], false);
     assert_eq!(key["attributes"]["encrypt"], true);
     assert_eq!(key["attributes"]["decrypt"], false);
-    assert_eq!(key["attributes"]["allowed_mechanisms"], serde_json::json!(["CKM_DES3_ECB"]));
+    assert_eq!(
+        key["attributes"]["allowed_mechanisms"],
+        serde_json::json!(["CKM_DES3_ECB"])
+    );
     assert_eq!(key["violations"], serde_json::json!([]));
-    assert_eq!(entry(&listing, "cli-cvk-v3:ka").expect("KA||KA listed")["role"], "single-des");
+    assert_eq!(
+        entry(&listing, "cli-cvk-v3:ka").expect("KA||KA listed")["role"],
+        "single-des"
+    );
 }
 
 #[test]
@@ -109,7 +122,9 @@ fn three_components_combine() {
     let (ok, stdout, stderr) = c.import("imk-tdcvv2", "cli-imk3", &[C1, c2, &c3]);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("component 3 KCV: "));
-    assert!(stdout.ends_with("imk-tdcvv2 key cli-imk3 (version 1) created, KCV 08D7B4 (computed in the token)\n"));
+    assert!(stdout.ends_with(
+        "imk-tdcvv2 key cli-imk3 (version 1) created, KCV 08D7B4 (computed in the token)\n"
+    ));
 }
 
 #[test]
@@ -145,7 +160,10 @@ fn generate_every_kind_and_refuse_a_taken_label() {
         let label = format!("cli-gen-{kind}-v2");
         let (ok, stdout, stderr) = c.run(&["keys", "generate", "--kind", kind, "--label", &label]);
         assert!(ok, "{stderr}");
-        assert!(stdout.starts_with(&format!("{kind} key {label} (version 2) created, KCV ")), "{stdout}");
+        assert!(
+            stdout.starts_with(&format!("{kind} key {label} (version 2) created, KCV ")),
+            "{stdout}"
+        );
     }
     let listing = c.listing();
     for kind in ["cvk", "imk-dcvv", "imk-tdcvv2", "pan-index", "audit-seal"] {
@@ -154,7 +172,14 @@ fn generate_every_kind_and_refuse_a_taken_label() {
         assert_eq!(key["kcv"].as_str().unwrap().len(), 6);
         assert_eq!(key["violations"], serde_json::json!([]));
     }
-    let (ok, _, stderr) = c.run(&["keys", "generate", "--kind", "cvk", "--label", "cli-gen-cvk-v2"]);
+    let (ok, _, stderr) = c.run(&[
+        "keys",
+        "generate",
+        "--kind",
+        "cvk",
+        "--label",
+        "cli-gen-cvk-v2",
+    ]);
     assert!(!ok);
     assert_one_line_error(&stderr, "a key with label cli-gen-cvk-v2 already exists");
     assert_eq!(c.listing(), listing);
@@ -162,7 +187,11 @@ fn generate_every_kind_and_refuse_a_taken_label() {
     let (ok, table, _) = c.run(&["keys", "list"]);
     assert!(ok);
     assert!(table.starts_with("LABEL"));
-    assert!(table.lines().any(|l| l.starts_with("cli-gen-imk-dcvv-v2") && l.contains("usage=derive")));
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("cli-gen-imk-dcvv-v2") && l.contains("usage=derive"))
+    );
 }
 
 fn config_variant(dir: &Path, from: &Path, edit: impl Fn(String) -> String) -> PathBuf {
@@ -175,9 +204,15 @@ fn config_variant(dir: &Path, from: &Path, edit: impl Fn(String) -> String) -> P
 fn startup_errors_are_one_clear_line() {
     let c = Ceremony::new();
     let module = common::module().display().to_string();
-    let cases: Vec<(Box<dyn Fn(String) -> String>, String)> = vec![
+    type Edit = Box<dyn Fn(String) -> String>;
+    let cases: Vec<(Edit, String)> = vec![
         (
-            Box::new(|t: String| t.replace(&format!("token_label = {:?}", common::TOKEN.label), "token_label = \"absent\"")),
+            Box::new(|t: String| {
+                t.replace(
+                    &format!("token_label = {:?}", common::TOKEN.label),
+                    "token_label = \"absent\"",
+                )
+            }),
             "no token with label \"absent\"".into(),
         ),
         (
@@ -201,5 +236,8 @@ fn startup_errors_are_one_clear_line() {
 
     let (ok, _, stderr) = common::gateway(Path::new("/nonexistent.toml"), &["keys", "list"]);
     assert!(!ok);
-    assert_one_line_error(&stderr, "configuration: no config file at /nonexistent.toml");
+    assert_one_line_error(
+        &stderr,
+        "configuration: no config file at /nonexistent.toml",
+    );
 }
