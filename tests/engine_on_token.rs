@@ -28,7 +28,10 @@ fn session_objects() -> usize {
         .find(|s| ctx.get_token_info(*s).unwrap().label().trim_end() == token.label)
         .unwrap();
     let session = ctx.open_ro_session(slot).unwrap();
-    session.find_objects(&[Attribute::Token(false)]).unwrap().len()
+    session
+        .find_objects(&[Attribute::Token(false)])
+        .unwrap()
+        .len()
 }
 
 #[test]
@@ -38,25 +41,44 @@ fn card_keys_are_destroyed_after_every_call_and_calls_are_constant() {
     let pan: Pan = "4123456789012345".parse().unwrap();
     let expiry = "2812".parse().unwrap();
     let profile = Tdcvv2Profile::new(300, 1, 0).unwrap();
-    engine.tdcvv2_generate(&imk, &pan, expiry, profile, 1_767_225_600, 1).unwrap();
+    engine
+        .tdcvv2_generate(&imk, &pan, expiry, profile, 1_767_225_600, 1)
+        .unwrap();
     let baseline = session_objects();
 
     for n in [1, 2, 24] {
         let before = common::HSM.counters();
-        engine.tdcvv2_generate(&imk, &pan, expiry, profile, 1_767_225_600, n).unwrap();
+        engine
+            .tdcvv2_generate(&imk, &pan, expiry, profile, 1_767_225_600, n)
+            .unwrap();
         let used = common::HSM.counters().since(&before);
-        assert_eq!((used.derive, used.encrypt, used.destroy), (2, 2, 2), "{n} values");
+        assert_eq!(
+            (used.derive, used.encrypt, used.destroy),
+            (2, 2, 2),
+            "{n} values"
+        );
         assert_eq!(session_objects(), baseline, "{n} values left a session key");
     }
     let before = common::HSM.counters();
     let wrong = SecurityCode::parse("cvv2", "000").unwrap();
-    engine.tdcvv2_verify(&imk, &pan, expiry, profile, 1_767_225_600, &wrong).unwrap();
+    engine
+        .tdcvv2_verify(&imk, &pan, expiry, profile, 1_767_225_600, &wrong)
+        .unwrap();
     let used = common::HSM.counters().since(&before);
-    assert_eq!((used.derive, used.encrypt, used.destroy), (2, 2, 2), "verification over 2 windows");
+    assert_eq!(
+        (used.derive, used.encrypt, used.destroy),
+        (2, 2, 2),
+        "verification over 2 windows"
+    );
 
     // The error path: the closure fails after both keys were derived.
     let data = ([1u8; 16], [2u8; 16]);
-    let source = CvvKeySource::CardKey { imk: &imk, kind: KeyKind::ImkTdcvv2, mk_data: &data.0, twin_data: &data.1 };
+    let source = CvvKeySource::CardKey {
+        imk: &imk,
+        kind: KeyKind::ImkTdcvv2,
+        mk_data: &data.0,
+        twin_data: &data.1,
+    };
     let err = common::HSM
         .with_cvv_keys(source, |keys: &dyn BlockCipher| -> Result<(), HsmError> {
             keys.encrypt_single(&[0u8; 8])?;
@@ -64,10 +86,16 @@ fn card_keys_are_destroyed_after_every_call_and_calls_are_constant() {
         })
         .unwrap_err();
     assert!(matches!(err, HsmError::InvalidInput(_)));
-    assert_eq!(session_objects(), baseline, "the failed call left a session key");
+    assert_eq!(
+        session_objects(),
+        baseline,
+        "the failed call left a session key"
+    );
     // A token failure inside the call (a length that is not whole blocks).
     let err = common::HSM
-        .with_cvv_keys(source, |keys: &dyn BlockCipher| keys.encrypt_double(&[0u8; 5]))
+        .with_cvv_keys(source, |keys: &dyn BlockCipher| {
+            keys.encrypt_double(&[0u8; 5])
+        })
         .unwrap_err();
     assert!(matches!(err, HsmError::Pkcs11 { .. }), "{err:?}");
     assert_eq!(session_objects(), baseline);
@@ -80,7 +108,13 @@ fn threads_share_the_token_and_agree() {
     let engine = Arc::new(Engine::new(&*common::HSM));
     let profile = Tdcvv2Profile::new(300, 0, 0).unwrap();
     let expected = engine
-        .static_code(&cvk, &"4123456789012345".parse().unwrap(), "8701".parse().unwrap(), StaticCodeKind::Cvv2, CodeLength::THREE)
+        .static_code(
+            &cvk,
+            &"4123456789012345".parse().unwrap(),
+            "8701".parse().unwrap(),
+            StaticCodeKind::Cvv2,
+            CodeLength::THREE,
+        )
         .unwrap()
         .code;
     assert_eq!(expected.expose(), "636");
@@ -92,13 +126,30 @@ fn threads_share_the_token_and_agree() {
                 for i in 0..50 {
                     let pan: Pan = "4123456789012345".parse().unwrap();
                     let code = engine
-                        .static_code(cvk, &pan, "8701".parse().unwrap(), StaticCodeKind::Cvv2, CodeLength::THREE)
+                        .static_code(
+                            cvk,
+                            &pan,
+                            "8701".parse().unwrap(),
+                            StaticCodeKind::Cvv2,
+                            CodeLength::THREE,
+                        )
                         .unwrap()
                         .code;
                     assert_eq!(code.expose(), "636");
                     let now = 1_767_225_600 + (t * 50 + i) * 300;
-                    let (values, _) = engine.tdcvv2_generate(imk, &pan, "2812".parse().unwrap(), profile, now, 1).unwrap();
-                    let found = engine.tdcvv2_verify(imk, &pan, "2812".parse().unwrap(), profile, now, &values[0].code).unwrap();
+                    let (values, _) = engine
+                        .tdcvv2_generate(imk, &pan, "2812".parse().unwrap(), profile, now, 1)
+                        .unwrap();
+                    let found = engine
+                        .tdcvv2_verify(
+                            imk,
+                            &pan,
+                            "2812".parse().unwrap(),
+                            profile,
+                            now,
+                            &values[0].code,
+                        )
+                        .unwrap();
                     assert_eq!(found, Some(values[0].window));
                 }
             });
@@ -114,13 +165,21 @@ async fn readiness_probes_the_token() {
     for path in ["/healthz", "/readyz"] {
         let response = app
             .clone()
-            .oneshot(axum::http::Request::get(path).body(axum::body::Body::empty()).unwrap())
+            .oneshot(
+                axum::http::Request::get(path)
+                    .body(axum::body::Body::empty())
+                    .unwrap(),
+            )
             .await
             .unwrap();
         assert_eq!(response.status(), 200, "{path}");
     }
     let response = app
-        .oneshot(axum::http::Request::get("/nowhere").body(axum::body::Body::empty()).unwrap())
+        .oneshot(
+            axum::http::Request::get("/nowhere")
+                .body(axum::body::Body::empty())
+                .unwrap(),
+        )
         .await
         .unwrap();
     assert_eq!(response.status(), 404);

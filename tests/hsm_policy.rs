@@ -25,7 +25,10 @@ fn open_with(change: impl FnOnce(&mut dcvv_gateway::hsm::HsmSettings)) -> Result
 fn missing_module_is_named() {
     let err = open_with(|s| s.module = PathBuf::from("/nonexistent/libpkcs11.so")).unwrap_err();
     assert!(matches!(err, HsmError::ModuleNotFound { .. }), "{err:?}");
-    assert_eq!(err.to_string(), "PKCS#11 module not found or not loadable: /nonexistent/libpkcs11.so");
+    assert_eq!(
+        err.to_string(),
+        "PKCS#11 module not found or not loadable: /nonexistent/libpkcs11.so"
+    );
 }
 
 #[test]
@@ -47,7 +50,8 @@ fn wrong_pin_is_refused_without_echo() {
 
 #[test]
 fn missing_pin_source_is_named() {
-    let err = open_with(|s| s.pin = PinSource::Env("DCVV_TEST_UNSET_PIN_VARIABLE".into())).unwrap_err();
+    let err =
+        open_with(|s| s.pin = PinSource::Env("DCVV_TEST_UNSET_PIN_VARIABLE".into())).unwrap_err();
     assert_eq!(
         err.to_string(),
         "cannot read the user PIN: environment variable DCVV_TEST_UNSET_PIN_VARIABLE is not set"
@@ -59,15 +63,38 @@ fn missing_key_and_wrong_kind_are_typed() {
     let engine = Engine::new(&*common::HSM);
     let missing: KeyLabel = "no-such-key-v1".parse().unwrap();
     let err = engine
-        .static_code(&missing, &"4123456789012345".parse().unwrap(), "2812".parse().unwrap(), StaticCodeKind::Cvv2, CodeLength::THREE)
+        .static_code(
+            &missing,
+            &"4123456789012345".parse().unwrap(),
+            "2812".parse().unwrap(),
+            StaticCodeKind::Cvv2,
+            CodeLength::THREE,
+        )
         .unwrap_err();
-    assert!(matches!(err, DomainError::Hsm(HsmError::KeyNotFound { .. })), "{err:?}");
+    assert!(
+        matches!(err, DomainError::Hsm(HsmError::KeyNotFound { .. })),
+        "{err:?}"
+    );
     assert_eq!(err.to_string(), "key not found: no-such-key-v1");
 
     // An IMK is never used as a CVK.
-    let imk = common::import("0123456789ABCDEFFEDCBA9876543210", KeyKind::ImkDcvv, "policy-imk");
+    let imk = common::import(
+        "0123456789ABCDEFFEDCBA9876543210",
+        KeyKind::ImkDcvv,
+        "policy-imk",
+    );
     let err = common::HSM.key_check_value(&imk, KeyKind::Cvk).unwrap_err();
-    assert!(matches!(err, HsmError::WrongKeyKind { found: "imk-dcvv", wanted: "cvk", .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            HsmError::WrongKeyKind {
+                found: "imk-dcvv",
+                wanted: "cvk",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
 }
 
 /// A second handle on the test token through cryptoki directly, to plant keys
@@ -77,7 +104,11 @@ fn raw_session() -> Session {
     let token = &*common::TOKEN;
     let ctx = Pkcs11::new(common::module()).unwrap();
     match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-        Ok(()) | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::CryptokiAlreadyInitialized, _)) => {}
+        Ok(())
+        | Err(cryptoki::error::Error::Pkcs11(
+            cryptoki::error::RvError::CryptokiAlreadyInitialized,
+            _,
+        )) => {}
         Err(e) => panic!("{e}"),
     }
     let slot = ctx
@@ -89,7 +120,9 @@ fn raw_session() -> Session {
     let session = ctx.open_rw_session(slot).unwrap();
     let pin = std::fs::read_to_string(&token.pin_file).unwrap();
     match session.login(UserType::User, Some(&pin.trim().to_owned().into())) {
-        Ok(()) | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {}
+        Ok(())
+        | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {
+        }
         Err(e) => panic!("{e}"),
     }
     session
@@ -99,8 +132,16 @@ fn raw_session() -> Session {
 fn plant_cvk(label: &KeyLabel, widen: &[Attribute]) {
     let session = raw_session();
     for (l, id, value) in [
-        (label.to_string(), b"dcvvgw:cvk".to_vec(), "0123456789ABCDEFFEDCBA9876543210"),
-        (label.single_des_twin(), b"dcvvgw:cvk:ka".to_vec(), "0123456789ABCDEF0123456789ABCDEF"),
+        (
+            label.to_string(),
+            b"dcvvgw:cvk".to_vec(),
+            "0123456789ABCDEFFEDCBA9876543210",
+        ),
+        (
+            label.single_des_twin(),
+            b"dcvvgw:cvk:ka".to_vec(),
+            "0123456789ABCDEF0123456789ABCDEF",
+        ),
     ] {
         let mut template = vec![
             Attribute::Class(ObjectClass::SECRET_KEY),
@@ -121,7 +162,10 @@ fn plant_cvk(label: &KeyLabel, widen: &[Attribute]) {
         ];
         let defaults = [Attribute::Sensitive(true), Attribute::Extractable(false)];
         for d in defaults {
-            if !widen.iter().any(|w| w.attribute_type() == d.attribute_type()) {
+            if !widen
+                .iter()
+                .any(|w| w.attribute_type() == d.attribute_type())
+            {
                 template.push(d);
             }
         }
@@ -133,10 +177,19 @@ fn plant_cvk(label: &KeyLabel, widen: &[Attribute]) {
 fn assert_refused(label: &KeyLabel, expected: &str) {
     let engine = Engine::new(&*common::HSM);
     let err = engine
-        .static_code(label, &"4123456789012345".parse().unwrap(), "2812".parse().unwrap(), StaticCodeKind::Cvv2, CodeLength::THREE)
+        .static_code(
+            label,
+            &"4123456789012345".parse().unwrap(),
+            "2812".parse().unwrap(),
+            StaticCodeKind::Cvv2,
+            CodeLength::THREE,
+        )
         .unwrap_err();
     match err {
-        DomainError::Hsm(HsmError::KeyPolicy { label: l, violations }) => {
+        DomainError::Hsm(HsmError::KeyPolicy {
+            label: l,
+            violations,
+        }) => {
             assert_eq!(l, label.as_str());
             assert!(violations.iter().any(|v| v == expected), "{violations:?}");
         }
@@ -153,6 +206,38 @@ fn assert_refused(label: &KeyLabel, expected: &str) {
         .unwrap_or_else(|| panic!("hsm check does not name {label}: {stdout}"));
     assert!(line.contains(expected), "{line}");
     assert!(stderr.contains("refused by policy"), "{stderr}");
+
+    // DESIGN 3: the service refuses to start at all.
+    let serve_config = dir.path().join("serve.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &serve_config,
+        format!("{text}\n[server]\nlisten = \"127.0.0.1:0\"\n"),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dcvv-gateway"))
+        .arg("--config")
+        .arg(&serve_config)
+        .arg("serve")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("serve started despite a wide key");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("refusing to start") && stderr.contains(label.as_str()),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -178,11 +263,22 @@ fn key_with_a_second_usage_is_refused_and_reported() {
 
 #[test]
 fn conforming_keys_pass_hsm_check() {
-    for kind in [KeyKind::Cvk, KeyKind::ImkDcvv, KeyKind::ImkTdcvv2, KeyKind::PanIndex, KeyKind::AuditSeal] {
-        common::HSM.generate_key(kind, &common::unique_label(kind.as_str())).unwrap();
+    for kind in [
+        KeyKind::Cvk,
+        KeyKind::ImkDcvv,
+        KeyKind::ImkTdcvv2,
+        KeyKind::PanIndex,
+        KeyKind::AuditSeal,
+    ] {
+        common::HSM
+            .generate_key(kind, &common::unique_label(kind.as_str()))
+            .unwrap();
     }
     let dir = tempfile::tempdir().unwrap();
     let (ok, stdout, stderr) = common::gateway(&common::config_file(dir.path()), &["hsm", "check"]);
     assert!(ok, "{stdout}\n{stderr}");
-    assert!(stdout.contains("6 key object(s) checked, all within policy"), "{stdout}");
+    assert!(
+        stdout.contains("6 key object(s) checked, all within policy"),
+        "{stdout}"
+    );
 }

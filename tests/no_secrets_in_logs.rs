@@ -33,7 +33,9 @@ const PAN: &str = "4123456789012345";
 const LONG_PAN: &str = "4123456789012345678";
 
 fn words(text: &str) -> Vec<&str> {
-    text.split(|c: char| !c.is_ascii_alphanumeric()).filter(|w| !w.is_empty()).collect()
+    text.split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .collect()
 }
 
 #[test]
@@ -48,11 +50,19 @@ fn nothing_secret_reaches_a_log_line() {
         .init();
 
     let c2: String = hex::encode_upper(
-        hex::decode(K).unwrap().iter().zip(hex::decode(C1).unwrap()).map(|(a, b)| a ^ b).collect::<Vec<u8>>(),
+        hex::decode(K)
+            .unwrap()
+            .iter()
+            .zip(hex::decode(C1).unwrap())
+            .map(|(a, b)| a ^ b)
+            .collect::<Vec<u8>>(),
     );
     let import = |kind: KeyKind, label: &str| {
         let label = label.parse().unwrap();
-        let parts = vec![Component::parse(C1, kind, 1).unwrap(), Component::parse(&c2, kind, 2).unwrap()];
+        let parts = vec![
+            Component::parse(C1, kind, 1).unwrap(),
+            Component::parse(&c2, kind, 2).unwrap(),
+        ];
         common::HSM.import_key(kind, &label, &parts).unwrap();
         label
     };
@@ -63,7 +73,10 @@ fn nothing_secret_reaches_a_log_line() {
     let _ = common::HSM.import_key(
         KeyKind::Cvk,
         &"log-cvk".parse().unwrap(),
-        &[Component::parse(C1, KeyKind::Cvk, 1).unwrap(), Component::parse(&c2, KeyKind::Cvk, 2).unwrap()],
+        &[
+            Component::parse(C1, KeyKind::Cvk, 1).unwrap(),
+            Component::parse(&c2, KeyKind::Cvk, 2).unwrap(),
+        ],
     );
 
     let engine = Engine::new(&*common::HSM);
@@ -71,35 +84,95 @@ fn nothing_secret_reaches_a_log_line() {
     for pan in [PAN, LONG_PAN] {
         let pan: Pan = pan.parse().unwrap();
         let expiry = "2812".parse().unwrap();
-        for kind in [StaticCodeKind::Cvv2, StaticCodeKind::Icvv, StaticCodeKind::Cvv("101".parse().unwrap())] {
-            codes.push(engine.static_code(&cvk, &pan, expiry, kind, CodeLength::try_from(5).unwrap()).unwrap().code);
+        for kind in [
+            StaticCodeKind::Cvv2,
+            StaticCodeKind::Icvv,
+            StaticCodeKind::Cvv("101".parse().unwrap()),
+        ] {
+            codes.push(
+                engine
+                    .static_code(&cvk, &pan, expiry, kind, CodeLength::try_from(5).unwrap())
+                    .unwrap()
+                    .code,
+            );
         }
         let profile = Tdcvv2Profile::new(300, 1, 0).unwrap();
-        let (values, _) = engine.tdcvv2_generate(&imk, &pan, expiry, profile, 1_767_225_600, 24).unwrap();
+        let (values, _) = engine
+            .tdcvv2_generate(&imk, &pan, expiry, profile, 1_767_225_600, 24)
+            .unwrap();
         for v in &values {
-            assert!(engine.tdcvv2_verify(&imk, &pan, expiry, profile, v.valid_from, &v.code).unwrap().is_some());
+            assert!(
+                engine
+                    .tdcvv2_verify(&imk, &pan, expiry, profile, v.valid_from, &v.code)
+                    .unwrap()
+                    .is_some()
+            );
         }
         codes.extend(values.into_iter().map(|v| v.code));
-        codes.push(engine.dcvv(&imk_dcvv, &pan, expiry, "226".parse().unwrap(), "3210".parse().unwrap()).unwrap().code);
-        engine.card_key_kcv(&imk, KeyKind::ImkTdcvv2, &pan, Psn::NONE, CardKeyMethod::OptionB).unwrap();
+        codes.push(
+            engine
+                .dcvv(
+                    &imk_dcvv,
+                    &pan,
+                    expiry,
+                    "226".parse().unwrap(),
+                    "3210".parse().unwrap(),
+                )
+                .unwrap()
+                .code,
+        );
+        engine
+            .card_key_kcv(
+                &imk,
+                KeyKind::ImkTdcvv2,
+                &pan,
+                Psn::NONE,
+                CardKeyMethod::OptionB,
+            )
+            .unwrap();
         // Failures: a missing key and a wrong kind.
-        let _ = engine.static_code(&"log-missing".parse().unwrap(), &pan, expiry, StaticCodeKind::Cvv2, CodeLength::THREE);
+        let _ = engine.static_code(
+            &"log-missing".parse().unwrap(),
+            &pan,
+            expiry,
+            StaticCodeKind::Cvv2,
+            CodeLength::THREE,
+        );
         let _ = engine.static_code(&imk, &pan, expiry, StaticCodeKind::Cvv2, CodeLength::THREE);
         let wrong = SecurityCode::parse("cvv2", "000").unwrap();
         let _ = engine.tdcvv2_verify(&imk, &pan, expiry, profile, 1_767_225_600, &wrong);
     }
 
     let log = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
-    assert!(log.contains("key imported from components"), "the capture works: {log}");
+    assert!(
+        log.contains("key imported from components"),
+        "the capture works: {log}"
+    );
     assert!(log.contains("key loaded"), "{log}");
     let pin = std::fs::read_to_string(&common::TOKEN.pin_file).unwrap();
     let upper = log.to_uppercase();
-    for secret in [K, C1, &c2, &K[..16], &K[16..], PAN, LONG_PAN, &PAN[6..], pin.trim()] {
-        assert!(!upper.contains(&secret.to_uppercase()), "{secret} appears in the log");
+    for secret in [
+        K,
+        C1,
+        &c2,
+        &K[..16],
+        &K[16..],
+        PAN,
+        LONG_PAN,
+        &PAN[6..],
+        pin.trim(),
+    ] {
+        assert!(
+            !upper.contains(&secret.to_uppercase()),
+            "{secret} appears in the log"
+        );
     }
     let logged = words(&log);
     for code in &codes {
         // 5-digit CVVs and every dCVV2: no whole word of the log equals one.
-        assert!(!logged.contains(&code.expose()), "a code appears in the log");
+        assert!(
+            !logged.contains(&code.expose()),
+            "a code appears in the log"
+        );
     }
 }

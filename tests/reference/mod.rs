@@ -14,7 +14,7 @@ use sha1::{Digest, Sha1};
 
 /// How the card master key's derivation data Y is built (DESIGN 2.2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Option_ {
+pub enum MkOption {
     A,
     B,
 }
@@ -69,12 +69,21 @@ pub fn decimalize(bytes: &[u8], n: usize) -> String {
 /// How many nibbles of `bytes` are decimal (0–9). Fewer than `n` means a code of
 /// `n` digits needs the second decimalization pass.
 pub fn decimal_nibbles(bytes: &[u8]) -> usize {
-    hex::encode(bytes).chars().filter(char::is_ascii_digit).count()
+    hex::encode(bytes)
+        .chars()
+        .filter(char::is_ascii_digit)
+        .count()
 }
 
 /// The CVV algorithm (DESIGN 2.1) under CVK = KA‖KB. `pan` may hold hex digits
 /// (the dCVV PAN'). Returns R3 and the code of `n` digits.
-pub fn cvv(cvk: &[u8; 16], pan: &str, expiry: &str, service_code: &str, n: usize) -> ([u8; 8], String) {
+pub fn cvv(
+    cvk: &[u8; 16],
+    pan: &str,
+    expiry: &str,
+    service_code: &str,
+    n: usize,
+) -> ([u8; 8], String) {
     let mut d = format!("{pan}{expiry}{service_code}");
     assert!(d.len() <= 32);
     while d.len() < 32 {
@@ -97,14 +106,14 @@ fn odd_parity(key: &mut [u8]) {
 }
 
 /// Y of EMV Book 2 A1.4 (DESIGN 2.2), as 16 decimal digits.
-pub fn derivation_y(pan: &str, psn: &str, option: Option_) -> String {
+pub fn derivation_y(pan: &str, psn: &str, option: MkOption) -> String {
     let x = format!("{pan}{psn}");
     match option {
-        Option_::A => {
+        MkOption::A => {
             let right = &x[x.len().saturating_sub(16)..];
             format!("{right:0>16}")
         }
-        Option_::B => {
+        MkOption::B => {
             let even = if x.len() % 2 == 1 { format!("0{x}") } else { x };
             let digest = Sha1::digest(pack(&even));
             decimalize(&digest, 16)
@@ -113,7 +122,7 @@ pub fn derivation_y(pan: &str, psn: &str, option: Option_) -> String {
 }
 
 /// The card master key MK = TDES(IMK, Y) ‖ TDES(IMK, Y ⊕ FF…FF), odd parity (DESIGN 2.2).
-pub fn master_key(imk: &[u8; 16], pan: &str, psn: &str, option: Option_) -> [u8; 16] {
+pub fn master_key(imk: &[u8; 16], pan: &str, psn: &str, option: MkOption) -> [u8; 16] {
     let y = block(&pack(&derivation_y(pan, psn, option)));
     let left = tdes(imk, y);
     let right = tdes(imk, y.map(|b| !b));
@@ -126,8 +135,14 @@ pub fn master_key(imk: &[u8; 16], pan: &str, psn: &str, option: Option_) -> [u8;
 
 /// Contactless dCVV (DESIGN 2.3) under the card key of `imk` (Option A, PSN 00):
 /// PAN' = ATC ‖ PAN[4..]. Returns R3 and the 3-digit code.
-pub fn dcvv(imk: &[u8; 16], pan: &str, expiry: &str, service_code: &str, atc: &str) -> ([u8; 8], String) {
-    let mk = master_key(imk, pan, "00", Option_::A);
+pub fn dcvv(
+    imk: &[u8; 16],
+    pan: &str,
+    expiry: &str,
+    service_code: &str,
+    atc: &str,
+) -> ([u8; 8], String) {
+    let mk = master_key(imk, pan, "00", MkOption::A);
     let pan_prime = format!("{atc}{}", &pan[4..]);
     cvv(&mk, &pan_prime, expiry, service_code, 3)
 }
@@ -137,13 +152,27 @@ pub fn window(unix_seconds: u64, window_seconds: u64) -> u64 {
     unix_seconds / window_seconds
 }
 
-/// TDCVV2-v1 (DESIGN 2.4) code of window counter `t`: S = T mod 10^7 as 7 digits,
-/// service code S[0..3], ATC S[3..7], card key by Option A (Option B for PANs over
-/// 16 digits), PSN 00. Returns R3 and the 3-digit code.
-pub fn tdcvv2(imk: &[u8; 16], pan: &str, expiry: &str, t: u64) -> ([u8; 8], String) {
+/// TDCVV2-v1 card key (DESIGN 2.4): MK from the IMK-TDCVV2 by Option A, or
+/// Option B for PANs over 16 digits; PSN 00.
+pub fn tdcvv2_card_key(imk: &[u8; 16], pan: &str) -> [u8; 16] {
+    let option = if pan.len() > 16 {
+        MkOption::B
+    } else {
+        MkOption::A
+    };
+    master_key(imk, pan, "00", option)
+}
+
+/// TDCVV2-v1 (DESIGN 2.4) under a card key `mk`, for window counter `t`:
+/// S = T mod 10^7 as 7 digits, service code S[0..3], ATC S[3..7], then dCVV.
+/// Returns R3 and the 3-digit code.
+pub fn tdcvv2_with_card_key(mk: &[u8; 16], pan: &str, expiry: &str, t: u64) -> ([u8; 8], String) {
     let s = format!("{:07}", t % 10_000_000);
-    let option = if pan.len() > 16 { Option_::B } else { Option_::A };
-    let mk = master_key(imk, pan, "00", option);
     let pan_prime = format!("{}{}", &s[3..7], &pan[4..]);
-    cvv(&mk, &pan_prime, expiry, &s[..3], 3)
+    cvv(mk, &pan_prime, expiry, &s[..3], 3)
+}
+
+/// TDCVV2-v1 code of window counter `t` under the IMK-TDCVV2 `imk`.
+pub fn tdcvv2(imk: &[u8; 16], pan: &str, expiry: &str, t: u64) -> ([u8; 8], String) {
+    tdcvv2_with_card_key(&tdcvv2_card_key(imk, pan), pan, expiry, t)
 }
