@@ -45,6 +45,18 @@ impl Ceremony {
         serde_json::from_str(&stdout).unwrap()
     }
 
+    /// The listed keys whose label starts with `prefix` (other tests of this
+    /// process may be adding keys of their own meanwhile).
+    fn listing_of(&self, prefix: &str) -> Vec<Value> {
+        self.listing()
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|k| k["label"].as_str().unwrap().starts_with(prefix))
+            .cloned()
+            .collect()
+    }
+
     fn import(&self, kind: &str, label: &str, components: &[&str]) -> (bool, String, String) {
         let mut args = vec!["keys", "import", "--kind", kind, "--label", label];
         let files: Vec<String> = components
@@ -130,26 +142,27 @@ fn three_components_combine() {
 #[test]
 fn refused_imports_create_nothing() {
     let c = Ceremony::new();
-    assert!(c.import("cvk", "cli-taken", &[C1, &xor_hex(K, C1)]).0);
-    let before = c.listing();
+    assert!(c.import("cvk", "ref-taken", &[C1, &xor_hex(K, C1)]).0);
+    let before = c.listing_of("ref-");
+    assert_eq!(before.len(), 2, "ref-taken and ref-taken:ka");
     let c2 = xor_hex(K, C1);
     let cases: Vec<(&str, &str, Vec<&str>, String)> = vec![
-        ("cvk", "cli-new-a", vec![C1, "0123"], "component 2 is not 32 hex digits".into()),
-        ("cvk", "cli-new-b", vec![C1, "0123456789ABCDEFFEDCBA987654321G"], "component 2 is not 32 hex digits".into()),
-        ("cvk", "cli-new-c", vec![C1, C1], "components 1 and 2 are the same".into()),
-        ("cvk", "cli-new-d", vec![C1, &c2, C1], "components 1 and 3 are the same".into()),
-        ("cvk", "cli-new-e", vec![C1], "a key is imported from 2 or 3 components, not 1".into()),
-        ("cvk", "cli-new-f", vec![C1, &c2, K, "22222222222222222222222222222222"], "a key is imported from 2 or 3 components, not 4".into()),
-        ("cvk", "cli-taken", vec![C1, &c2], "a key with label cli-taken already exists".into()),
-        ("pan-index", "cli-new-g", vec![C1, &c2], "component 1 is not 64 hex digits".into()),
-        ("des", "cli-new-h", vec![C1, &c2], "unknown key kind \"des\" (expected one of cvk, imk-dcvv, imk-tdcvv2, pan-index, audit-seal)".into()),
+        ("cvk", "ref-new-a", vec![C1, "0123"], "component 2 is not 32 hex digits".into()),
+        ("cvk", "ref-new-b", vec![C1, "0123456789ABCDEFFEDCBA987654321G"], "component 2 is not 32 hex digits".into()),
+        ("cvk", "ref-new-c", vec![C1, C1], "components 1 and 2 are the same".into()),
+        ("cvk", "ref-new-d", vec![C1, &c2, C1], "components 1 and 3 are the same".into()),
+        ("cvk", "ref-new-e", vec![C1], "a key is imported from 2 or 3 components, not 1".into()),
+        ("cvk", "ref-new-f", vec![C1, &c2, K, "22222222222222222222222222222222"], "a key is imported from 2 or 3 components, not 4".into()),
+        ("cvk", "ref-taken", vec![C1, &c2], "a key with label ref-taken already exists".into()),
+        ("pan-index", "ref-new-g", vec![C1, &c2], "component 1 is not 64 hex digits".into()),
+        ("des", "ref-new-h", vec![C1, &c2], "unknown key kind \"des\" (expected one of cvk, imk-dcvv, imk-tdcvv2, pan-index, audit-seal)".into()),
         ("cvk", "bad label", vec![C1, &c2], "a key label is 1 to 64 characters of A-Z a-z 0-9 . _ -".into()),
     ];
     for (kind, label, components, expected) in cases {
         let (ok, stdout, stderr) = c.import(kind, label, &components);
         assert!(!ok, "{label}: {stdout}");
         assert_one_line_error(&stderr, &expected);
-        assert_eq!(c.listing(), before, "{label} changed the token");
+        assert_eq!(c.listing_of("ref-"), before, "{label} changed the token");
     }
 }
 
@@ -182,7 +195,15 @@ fn generate_every_kind_and_refuse_a_taken_label() {
     ]);
     assert!(!ok);
     assert_one_line_error(&stderr, "a key with label cli-gen-cvk-v2 already exists");
-    assert_eq!(c.listing(), listing);
+    let ours = |l: &Value| -> Vec<Value> {
+        l.as_array()
+            .unwrap()
+            .iter()
+            .filter(|k| k["label"].as_str().unwrap().starts_with("cli-gen-"))
+            .cloned()
+            .collect()
+    };
+    assert_eq!(ours(&c.listing()), ours(&listing));
 
     let (ok, table, _) = c.run(&["keys", "list"]);
     assert!(ok);
@@ -240,4 +261,36 @@ fn startup_errors_are_one_clear_line() {
         &stderr,
         "configuration: no config file at /nonexistent.toml",
     );
+}
+
+#[test]
+fn conforming_keys_pass_hsm_check() {
+    let c = Ceremony::new();
+    let kinds = ["cvk", "imk-dcvv", "imk-tdcvv2", "pan-index", "audit-seal"];
+    for kind in kinds {
+        assert!(
+            c.run(&[
+                "keys",
+                "generate",
+                "--kind",
+                kind,
+                "--label",
+                &format!("chk-{kind}")
+            ])
+            .0
+        );
+    }
+    let (ok, stdout, stderr) = c.run(&["hsm", "check"]);
+    assert!(ok, "{stdout}\n{stderr}");
+    for kind in kinds {
+        assert!(
+            stdout.contains(&format!("ok        chk-{kind} ({kind} main)")),
+            "{stdout}"
+        );
+    }
+    assert!(
+        stdout.contains("ok        chk-cvk:ka (cvk single-des)"),
+        "{stdout}"
+    );
+    assert!(stdout.trim_end().ends_with("all within policy"), "{stdout}");
 }

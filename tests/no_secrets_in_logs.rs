@@ -79,7 +79,7 @@ fn nothing_secret_reaches_a_log_line() {
         ],
     );
 
-    let engine = Engine::new(&*common::HSM);
+    let engine = Engine::new(&**common::HSM);
     let mut codes = Vec::new();
     for pan in [PAN, LONG_PAN] {
         let pan: Pan = pan.parse().unwrap();

@@ -38,7 +38,7 @@ fn key(hex_key: &str) -> [u8; 16] {
 }
 
 fn engine() -> Engine<&'static Token> {
-    Engine::new(&*common::HSM)
+    Engine::new(&**common::HSM)
 }
 
 // ------------------------------------------------------------ the reference itself

@@ -37,7 +37,7 @@ fn drop_login() {
 fn calls_recover_after_the_login_is_lost() {
     let cvk = common::import(K, KeyKind::Cvk, "rec-cvk");
     let imk = common::import(K, KeyKind::ImkTdcvv2, "rec-imk");
-    let engine = Engine::new(&*common::HSM);
+    let engine = Engine::new(&**common::HSM);
     let pan = "4123456789012345".parse().unwrap();
     let cvv2 = |e: &Engine<_>| {
         e.static_code(

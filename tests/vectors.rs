@@ -90,7 +90,7 @@ fn key_hex(v: &Vectors, name: &str) -> String {
 }
 
 fn engine() -> Engine<&'static dcvv_gateway::hsm::Token> {
-    Engine::new(&*common::HSM)
+    Engine::new(&**common::HSM)
 }
 
 #[test]

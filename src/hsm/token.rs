@@ -653,8 +653,14 @@ fn load_module(path: &Path) -> HsmResult<Pkcs11> {
 fn find_token(ctx: &Pkcs11, label: &str) -> HsmResult<Slot> {
     let mut found = Vec::new();
     for slot in ctx.get_slots_with_initialized_token()? {
-        if ctx.get_token_info(slot)?.label().trim_end() == label {
-            found.push(slot);
+        // A slot that cannot describe its token is not the one we want; it must
+        // not stop us finding ours.
+        match ctx.get_token_info(slot) {
+            Ok(info) if info.label().trim_end() == label => found.push(slot),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %HsmError::from(e), "skipping a slot whose token cannot be read")
+            }
         }
     }
     match found.as_slice() {

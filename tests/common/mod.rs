@@ -6,14 +6,14 @@
 //! PKCS#11 library (SoftHSM only sees tokens that exist when it initializes).
 //! Under nextest every test is its own process, so every test gets its own token;
 //! tests also use unique key labels so they stay correct under `cargo test`.
-//! Tokens older than a day are removed from the shared directory.
+//! Tokens of test processes that have exited are deleted by the next test process.
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime};
 
 use dcvv_gateway::config::{ServerSettings, Settings};
@@ -58,21 +58,45 @@ fn conf_path() -> PathBuf {
     )
 }
 
-fn prune_old_tokens(tokens: &Path) {
-    let Ok(entries) = std::fs::read_dir(tokens) else {
+/// Deletes the tokens of earlier test runs. Each token has an owner file
+/// `owners/<label>` holding its process id; a token whose process has exited and
+/// which is over ten minutes old (deleting a token while another process scans
+/// the slots makes that scan fail) is claimed by renaming its owner file (only
+/// one process wins) and deleted, so the directory stays small however often
+/// tests run.
+fn prune_dead_tokens(dir: &Path, conf: &Path) {
+    let owners = dir.join("owners");
+    let Ok(entries) = std::fs::read_dir(&owners) else {
         return;
     };
-    let day = Duration::from_secs(24 * 3600);
     for entry in entries.flatten() {
-        let old = entry
+        let path = entry.path();
+        let Some(label) = path.file_name().and_then(|n| n.to_str()).map(str::to_owned) else {
+            continue;
+        };
+        if label.starts_with('.') {
+            continue;
+        }
+        let alive = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|pid| pid.trim().parse::<u32>().ok())
+            .is_none_or(|pid| Path::new(&format!("/proc/{pid}")).exists());
+        let recent = entry
             .metadata()
             .and_then(|m| m.modified())
             .ok()
             .and_then(|t| SystemTime::now().duration_since(t).ok())
-            .is_some_and(|age| age > day);
-        if old {
-            let _ = std::fs::remove_dir_all(entry.path());
+            .is_none_or(|age| age < Duration::from_secs(600));
+        let claimed = owners.join(format!(".{label}.{}", std::process::id()));
+        if alive || recent || std::fs::rename(&path, &claimed).is_err() {
+            continue;
         }
+        let _ = Command::new("softhsm2-util")
+            .args(["--delete-token", "--token", &label])
+            .env("SOFTHSM2_CONF", conf)
+            .output();
+        let _ = std::fs::remove_file(&claimed);
+        let _ = std::fs::remove_file(dir.join(format!("{label}.pin")));
     }
 }
 
@@ -81,7 +105,7 @@ pub static TOKEN: LazyLock<TestToken> = LazyLock::new(|| {
     let dir = conf.parent().unwrap().to_path_buf();
     let tokens = dir.join("tokens");
     std::fs::create_dir_all(&tokens).unwrap();
-    prune_old_tokens(&tokens);
+    std::fs::create_dir_all(dir.join("owners")).unwrap();
     // Same content from every process; written atomically.
     let text = format!(
         "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
@@ -90,6 +114,7 @@ pub static TOKEN: LazyLock<TestToken> = LazyLock::new(|| {
     let tmp = dir.join(format!("softhsm2.conf.{}", std::process::id()));
     std::fs::write(&tmp, text).unwrap();
     std::fs::rename(&tmp, &conf).unwrap();
+    prune_dead_tokens(&dir, &conf);
 
     let label = format!("t{}-{}", std::process::id(), &random_hex(4));
     let pin = random_hex(8);
@@ -113,6 +138,11 @@ pub static TOKEN: LazyLock<TestToken> = LazyLock::new(|| {
         "softhsm2-util failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    std::fs::write(
+        dir.join("owners").join(&label),
+        std::process::id().to_string(),
+    )
+    .unwrap();
     let pin_file = dir.join(format!("{label}.pin"));
     std::fs::write(&pin_file, format!("{pin}\n")).unwrap();
     TestToken {
@@ -144,9 +174,10 @@ pub fn settings() -> Settings {
     }
 }
 
-/// The logged-in token of this process (one per process, as in production).
-pub static HSM: LazyLock<Token> =
-    LazyLock::new(|| Token::open(&hsm_settings()).expect("open the test token"));
+/// The logged-in token of this process (one per process, as in production:
+/// SoftHSM has been seen to crash at exit when a process opened two contexts).
+pub static HSM: LazyLock<Arc<Token>> =
+    LazyLock::new(|| Arc::new(Token::open(&hsm_settings()).expect("open the test token")));
 
 /// A label no other test of this process uses.
 pub fn unique_label(prefix: &str) -> KeyLabel {
