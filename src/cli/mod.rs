@@ -148,16 +148,24 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Serve => {
             crate::http::serve_blocking(settings).map_err(|e| CliError::Io(e.to_string()))
         }
-        Command::Keys(cmd) => {
-            let token = Token::open(&settings.hsm)?;
-            keys(&token, cmd)
-        }
-        Command::Hsm(HsmCommand::Check) => check(&Token::open(&settings.hsm)?),
+        Command::Keys(cmd) => with_token(&settings, |token| keys(token, cmd)),
+        Command::Hsm(HsmCommand::Check) => with_token(&settings, check),
         Command::Bench(BenchCommand::Engine { seconds, json }) => {
-            let token = Token::open(&settings.hsm)?;
-            bench::engine(&token, seconds, json)
+            with_token(&settings, |token| bench::engine(token, seconds, json))
         }
     }
+}
+
+/// Opens the token, runs a command, and finalizes the library whatever the outcome.
+fn with_token(
+    settings: &Settings,
+    command: impl FnOnce(&Token) -> Result<(), CliError>,
+) -> Result<(), CliError> {
+    let token = Token::open(&settings.hsm)?;
+    let outcome = command(&token);
+    let closed = token.finalize();
+    outcome?;
+    Ok(closed?)
 }
 
 fn keys(token: &Token, cmd: KeysCommand) -> Result<(), CliError> {

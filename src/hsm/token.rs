@@ -334,6 +334,29 @@ impl Token {
         })
     }
 
+    /// Logs out, closes every session and finalizes the library: the last thing
+    /// a process does with its token (some vendor libraries flush state in
+    /// `C_Finalize`; SoftHSM is happier shutting down finalized).
+    ///
+    /// # Errors
+    /// The library's error from `C_Finalize`.
+    pub fn finalize(self) -> HsmResult<()> {
+        let Token {
+            ctx,
+            anchor,
+            pool,
+            keys,
+            ..
+        } = self;
+        drop(keys);
+        drop(pool);
+        let anchor = anchor.into_inner().unwrap_or_else(|p| p.into_inner());
+        // Logging out fails only if the login is already gone.
+        let _ = anchor.logout();
+        drop(anchor);
+        Ok(ctx.finalize()?)
+    }
+
     /// Token operation counts so far.
     pub fn counters(&self) -> OpCounts {
         self.counters.snapshot()

@@ -59,15 +59,24 @@ pub fn serve_blocking(settings: Settings) -> Result<(), Box<dyn std::error::Erro
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(settings.server.listen).await?;
-        tracing::info!(address = %listener.local_addr()?, "dcvv-gateway listening");
-        axum::serve(listener, app(AppState { token }))
-            .with_graceful_shutdown(shutdown_signal())
-            .await?;
-        tracing::info!("drained, stopping");
-        Ok(())
-    })
+    let served: Result<(), Box<dyn std::error::Error + Send + Sync>> = runtime.block_on({
+        let token = Arc::clone(&token);
+        async move {
+            let listener = tokio::net::TcpListener::bind(settings.server.listen).await?;
+            tracing::info!(address = %listener.local_addr()?, "dcvv-gateway listening");
+            axum::serve(listener, app(AppState { token }))
+                .with_graceful_shutdown(shutdown_signal())
+                .await?;
+            tracing::info!("drained, stopping");
+            Ok(())
+        }
+    });
+    // In-flight blocking token calls finish with the runtime; then the token is ours alone.
+    drop(runtime);
+    if let Ok(token) = Arc::try_unwrap(token) {
+        token.finalize()?;
+    }
+    served
 }
 
 /// DESIGN 3: the gateway does not start while a gateway key in the token is
