@@ -7,7 +7,6 @@
 
 mod common;
 
-use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::object::Attribute;
 use dcvv_gateway::domain::{Engine, Pan, SecurityCode, Tdcvv2Profile};
 use dcvv_gateway::hsm::{BlockCipher, CardCrypto, CvvKeySource, HsmError, KeyKind};
@@ -16,17 +15,7 @@ const K: &str = "0123456789ABCDEFFEDCBA9876543210";
 
 /// Session objects of this process, seen from a session of our own.
 fn session_objects() -> usize {
-    let token = &*common::TOKEN;
-    let ctx = Pkcs11::new(common::module()).unwrap();
-    let _ = ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK));
-    let slot = ctx
-        .get_slots_with_initialized_token()
-        .unwrap()
-        .into_iter()
-        .find(|s| ctx.get_token_info(*s).unwrap().label().trim_end() == token.label)
-        .unwrap();
-    let session = ctx.open_ro_session(slot).unwrap();
-    session
+    common::raw_session()
         .find_objects(&[Attribute::Token(false)])
         .unwrap()
         .len()

