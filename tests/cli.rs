@@ -294,3 +294,62 @@ fn conforming_keys_pass_hsm_check() {
     );
     assert!(stdout.trim_end().ends_with("all within policy"), "{stdout}");
 }
+
+fn gateway_with_env(config: &Path, env: &[(&str, &str)], args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dcvv-gateway"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn environment_overrides_the_file_and_can_carry_the_pin() {
+    let c = Ceremony::new();
+    let (ok, _, stderr) = gateway_with_env(
+        &c.config,
+        &[("DCVV_GATEWAY__HSM__TOKEN_LABEL", "from-env")],
+        &["keys", "list"],
+    );
+    assert!(!ok);
+    assert_one_line_error(&stderr, "no token with label \"from-env\"");
+
+    let (ok, _, stderr) = gateway_with_env(
+        &c.config,
+        &[("DCVV_GATEWAY__HSM__MAX_SESSIONS", "0")],
+        &["keys", "list"],
+    );
+    assert!(!ok);
+    assert_one_line_error(&stderr, "configuration: hsm.max_sessions: 1 to 256");
+
+    // pin_env instead of pin_file.
+    let pin = std::fs::read_to_string(&common::TOKEN.pin_file).unwrap();
+    let config = config_variant(c.dir.path(), &c.config, |t| {
+        t.lines()
+            .map(|l| {
+                if l.starts_with("pin_file") {
+                    "pin_env = \"DCVV_TEST_PIN\"".to_owned()
+                } else {
+                    l.to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    let (ok, _, stderr) =
+        gateway_with_env(&config, &[("DCVV_TEST_PIN", pin.trim())], &["hsm", "check"]);
+    assert!(ok, "{stderr}");
+    let (ok, _, stderr) = gateway_with_env(&config, &[], &["hsm", "check"]);
+    assert!(!ok);
+    assert_one_line_error(
+        &stderr,
+        "cannot read the user PIN: environment variable DCVV_TEST_PIN is not set",
+    );
+}

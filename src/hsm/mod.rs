@@ -20,9 +20,6 @@ pub use error::{HsmError, HsmResult};
 pub use policy::{Kcv, KeyAttributes, KeyKind, KeyLabel, Usage};
 pub use token::{CvvCipher, CvvKeySource, HsmSettings, OpCounts, PinSource, Token};
 
-#[doc(hidden)]
-pub use mechanism::des3_ecb_encrypt_data_type;
-
 use zeroize::Zeroizing;
 
 /// The two keys of one CVV computation (DESIGN 2.1), usable inside

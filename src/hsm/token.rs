@@ -481,7 +481,19 @@ impl Token {
     /// # Errors
     /// `KeyNotFound`, `DuplicateLabel`, `WrongKeyKind`, `KeyPolicy`, or the token's error.
     pub fn load_key(&self, label: &KeyLabel, kind: KeyKind) -> HsmResult<Kcv> {
+        // A cached key needs no session; resolving one goes through the recovery path.
+        if let Some(key) = self.cached(label) {
+            return check_kind(label, &key, kind).map(|()| key.kcv);
+        }
         self.with_session(|_| Ok(self.key(label, kind)?.kcv))
+    }
+
+    fn cached(&self, label: &KeyLabel) -> Option<Arc<LoadedKey>> {
+        self.keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(label)
+            .cloned()
     }
 
     /// Drops a key from the cache (its working copies die with the anchor session).
@@ -501,13 +513,7 @@ impl Token {
     }
 
     fn key(&self, label: &KeyLabel, kind: KeyKind) -> HsmResult<Arc<LoadedKey>> {
-        let cached = self
-            .keys
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(label)
-            .cloned();
-        let key = match cached {
+        let key = match self.cached(label) {
             Some(k) => k,
             None => {
                 let loaded = Arc::new(self.resolve(label)?);
@@ -519,13 +525,7 @@ impl Token {
                 loaded
             }
         };
-        if key.kind != kind {
-            return Err(HsmError::WrongKeyKind {
-                label: label.to_string(),
-                found: key.kind.as_str(),
-                wanted: kind.as_str(),
-            });
-        }
+        check_kind(label, &key, kind)?;
         Ok(key)
     }
 
@@ -624,6 +624,19 @@ impl CardCrypto for Token {
 
     fn key_check_value(&self, label: &KeyLabel, kind: KeyKind) -> HsmResult<Kcv> {
         self.load_key(label, kind)
+    }
+}
+
+/// A key is only ever used as the kind it was created as.
+fn check_kind(label: &KeyLabel, key: &LoadedKey, wanted: KeyKind) -> HsmResult<()> {
+    if key.kind == wanted {
+        Ok(())
+    } else {
+        Err(HsmError::WrongKeyKind {
+            label: label.to_string(),
+            found: key.kind.as_str(),
+            wanted: wanted.as_str(),
+        })
     }
 }
 
