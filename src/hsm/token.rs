@@ -151,7 +151,7 @@ struct LoadedKey {
 }
 
 /// Where the two keys of the CVV construction (DESIGN 2.1) come from.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy)]
 pub enum CvvKeySource<'a> {
     /// A CVK: KA‖KA and KA‖KB token objects.
     Cvk(&'a KeyLabel),
@@ -167,6 +167,20 @@ pub enum CvvKeySource<'a> {
         /// Derivation data of the card key's single-DES twin (16 bytes).
         twin_data: &'a [u8; 16],
     },
+}
+
+/// Shows labels only: the derivation data carries PAN digits (Option A).
+impl std::fmt::Debug for CvvKeySource<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CvvKeySource::Cvk(label) => f.debug_tuple("Cvk").field(label).finish(),
+            CvvKeySource::CardKey { imk, kind, .. } => f
+                .debug_struct("CardKey")
+                .field("imk", imk)
+                .field("kind", kind)
+                .finish_non_exhaustive(),
+        }
+    }
 }
 
 /// The two keys of one CVV computation, usable for the duration of a call.
@@ -853,4 +867,40 @@ pub(crate) fn inspect(session: &Session, handle: ObjectHandle) -> HsmResult<Insp
         attrs,
         check_value,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn card_key_source_debug_hides_the_derivation_data() {
+        let imk: KeyLabel = "imk-v1".parse().unwrap();
+        let data = [0x41u8; 16];
+        let source = CvvKeySource::CardKey {
+            imk: &imk,
+            kind: KeyKind::ImkTdcvv2,
+            mk_data: &data,
+            twin_data: &data,
+        };
+        let shown = format!("{source:?}");
+        assert_eq!(
+            shown,
+            "CardKey { imk: KeyLabel(\"imk-v1\"), kind: ImkTdcvv2, .. }"
+        );
+        assert!(!shown.contains("65"));
+    }
+
+    #[test]
+    fn op_counts_translate_to_pkcs11_calls() {
+        let counts = OpCounts {
+            derive: 2,
+            encrypt: 2,
+            destroy: 2,
+            sign: 0,
+        };
+        assert_eq!(counts.operations(), 6);
+        assert_eq!(counts.pkcs11_calls(), 10);
+        assert_eq!(counts.since(&counts), OpCounts::default());
+    }
 }
