@@ -192,7 +192,6 @@ pub(super) fn engine(token: &Token, seconds: f64, json: bool) -> Result<(), CliE
     print_figures(&figures, seconds, json)
 }
 
-#[allow(clippy::print_stdout)] // the benchmark's report is its output
 fn print_figures(figures: &[Figure], seconds: f64, json: bool) -> Result<(), CliError> {
     if json {
         let text =

@@ -300,7 +300,9 @@ pub(crate) fn session_des_encrypt_template() -> Vec<Attribute> {
 /// An open, logged-in token.
 pub struct Token {
     ctx: Pkcs11,
-    slot: Slot,
+    /// Found by label at open and again at every recovery: a restarted token
+    /// may come back in another slot.
+    slot: Mutex<Slot>,
     label: String,
     pin: AuthPin,
     anchor: Mutex<Session>,
@@ -317,7 +319,7 @@ impl std::fmt::Debug for Token {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Token")
             .field("label", &self.label)
-            .field("slot", &self.slot)
+            .field("slot", &self.slot())
             .finish_non_exhaustive()
     }
 }
@@ -337,7 +339,7 @@ impl Token {
         tracing::info!(token = %settings.token_label, "logged in to the token");
         Ok(Token {
             ctx,
-            slot,
+            slot: Mutex::new(slot),
             label: settings.token_label.clone(),
             pin,
             anchor: Mutex::new(anchor),
@@ -380,6 +382,10 @@ impl Token {
         &self.counters
     }
 
+    fn slot(&self) -> Slot {
+        *self.slot.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn anchor(&self) -> MutexGuard<'_, Session> {
         self.anchor.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -401,7 +407,7 @@ impl Token {
     }
 
     fn attempt<R>(&self, f: &mut impl FnMut(&Session) -> HsmResult<R>) -> HsmResult<R> {
-        let session = self.pool.checkout(&self.ctx, self.slot)?;
+        let session = self.pool.checkout(&self.ctx, self.slot())?;
         let result = f(&session);
         if matches!(&result, Err(e) if e.is_stale_handle()) {
             PooledSession::discard(session);
@@ -409,12 +415,15 @@ impl Token {
         result
     }
 
-    /// Forgets every session and cached key, re-opens the anchor and logs in again.
+    /// Forgets every session and cached key, finds the token by label again,
+    /// re-opens the anchor and logs in again.
     fn recover(&self) -> HsmResult<()> {
         self.keys.write().unwrap_or_else(|p| p.into_inner()).clear();
         self.pool.clear();
+        let slot = find_token(&self.ctx, &self.label)?;
+        *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = slot;
         let mut anchor = self.anchor();
-        let fresh = self.ctx.open_ro_session(self.slot)?;
+        let fresh = self.ctx.open_ro_session(slot)?;
         login(&fresh, &self.pin)?;
         *anchor = fresh;
         Ok(())
@@ -595,7 +604,7 @@ impl Token {
 
     /// Opens a read-write session for key management (same login).
     pub(crate) fn admin_session(&self) -> HsmResult<Session> {
-        Ok(self.ctx.open_rw_session(self.slot)?)
+        Ok(self.ctx.open_rw_session(self.slot())?)
     }
 
     /// Held for the length of a key-management command.
