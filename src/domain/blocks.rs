@@ -37,12 +37,15 @@ fn block_of(bytes: &[u8]) -> Block {
 /// DESIGN 2.1 step 1: D = PAN ‖ expiry ‖ service code, right-padded with `0` to 32
 /// digits, split into B1 and B2. `pan` may carry hex digits (the dCVV PAN').
 pub fn cvv_blocks(pan: &[u8], expiry: Expiry, service_code: ServiceCode) -> (Block, Block) {
+    pack_cvv_input(pan, expiry, &service_code.bytes())
+}
+
+/// [`cvv_blocks`] with the service-code field as digits: TDCVV2-v1 fills it from
+/// its window counter.
+fn pack_cvv_input(pan: &[u8], expiry: Expiry, service_field: &[u8; 3]) -> (Block, Block) {
     let mut d = Zeroizing::new([b'0'; 32]);
-    let fields = [
-        pan,
-        expiry.as_str().as_bytes(),
-        service_code.as_str().as_bytes(),
-    ];
+    let expiry = expiry.bytes();
+    let fields = [pan, &expiry[..], &service_field[..]];
     let mut at = 0;
     for field in fields {
         let end = (at + field.len()).min(32);
@@ -147,8 +150,7 @@ pub fn dcvv_blocks(
     service_code: ServiceCode,
     atc: Atc,
 ) -> (Block, Block) {
-    let atc_field: [u8; 4] = atc.as_str().as_bytes().try_into().unwrap_or(*b"0000");
-    cvv_blocks(&dcvv_pan(&atc_field, pan), expiry, service_code)
+    cvv_blocks(&dcvv_pan(&atc.bytes(), pan), expiry, service_code)
 }
 
 /// The TDCVV2-v1 window counter T = floor(t / W) (DESIGN 2.4).
@@ -161,12 +163,9 @@ pub fn window_of(unix_seconds: u64, window_seconds: u32) -> u64 {
 pub fn tdcvv2_blocks(pan: &Pan, expiry: Expiry, window: u64) -> (Block, Block) {
     let s = format!("{:07}", window % 10_000_000);
     let b = s.as_bytes();
-    let service: ServiceCode = std::str::from_utf8(&b[..3])
-        .ok()
-        .and_then(|f| f.parse().ok())
-        .unwrap_or(ServiceCode::CVV2);
+    let service_field = [b[0], b[1], b[2]];
     let atc_field = [b[3], b[4], b[5], b[6]];
-    cvv_blocks(&dcvv_pan(&atc_field, pan), expiry, service)
+    pack_cvv_input(&dcvv_pan(&atc_field, pan), expiry, &service_field)
 }
 
 #[cfg(test)]

@@ -104,6 +104,11 @@ macro_rules! digit_field {
                 // Constructed only from ASCII digits.
                 std::str::from_utf8(&self.0).unwrap_or_default()
             }
+
+            /// The digits as ASCII bytes.
+            pub fn bytes(&self) -> [u8; $len] {
+                self.0
+            }
         }
 
         impl FromStr for $name {

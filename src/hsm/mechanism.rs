@@ -128,6 +128,20 @@ mod tests {
     }
 
     #[test]
+    fn every_kind_sets_exactly_its_mechanisms() {
+        // Guards the catch-all arm of `mechanism_type`: a mechanism added to a kind
+        // must not silently turn into CKM_DES3_ECB_ENCRYPT_DATA.
+        for kind in crate::hsm::KeyKind::ALL {
+            let Attribute::AllowedMechanisms(list) = allowed_mechanisms(kind.mechanisms()) else {
+                panic!("CKA_ALLOWED_MECHANISMS expected");
+            };
+            let raw: Vec<CK_MECHANISM_TYPE> =
+                list.into_iter().map(CK_MECHANISM_TYPE::from).collect();
+            assert_eq!(raw, kind.mechanisms(), "{kind}");
+        }
+    }
+
+    #[test]
     fn allowed_mechanisms_carry_the_shimmed_type() {
         let Attribute::AllowedMechanisms(list) =
             allowed_mechanisms(&[CKM_DES3_ECB, CKM_DES3_ECB_ENCRYPT_DATA])
