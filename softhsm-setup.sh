@@ -3,9 +3,12 @@
 # run the gateway. Idempotent: a second run creates nothing and says so.
 #
 # Everything it creates lives in .softhsm/ next to this script (git-ignored): the token files,
-# the rendered softhsm2.conf, the random user and SO PINs (mode 600, never printed) and an env
-# file to source. Keys are created by the gateway's own `keys generate` command, inside the
-# token; no key material ever passes through this script.
+# the rendered softhsm2.conf, the random user and SO PINs (mode 600, never printed), an env
+# file to source, a development TLS CA and a localhost server certificate signed by it
+# (.softhsm/tls/, private keys mode 600), and the demo API client's random secret
+# (.softhsm/clients/cms-demo.secret, mode 600, never printed). Card keys are created by the
+# gateway's own `keys generate` command, inside the token; no card key material ever passes
+# through this script. The gateway creates its SQLite store (.softhsm/gateway.db) itself.
 set -euo pipefail
 
 usage() {
@@ -13,18 +16,23 @@ usage() {
 Usage: ./softhsm-setup.sh [--deps-only | --run] [--help]
 
 Sets up a SoftHSM development token for dcvv-gateway:
-  1. installs SoftHSM v2 if it is missing (apt-get on Debian/Ubuntu);
+  1. installs SoftHSM v2 and OpenSSL if they are missing (apt-get on Debian/Ubuntu);
   2. creates .softhsm/ (git-ignored): token directory, softhsm2.conf, random user and SO
      PINs (mode 600), and .softhsm/env (exports SOFTHSM2_CONF);
   3. initializes the token labelled "dcvv-dev" if no token has that label;
-  4. builds the gateway (cargo build --release --locked);
-  5. generates the demo keys inside the token, each only if its label is not present;
-  6. runs `dcvv-gateway hsm check`.
-Running it again changes nothing and says so.
+  4. creates a development TLS CA (.softhsm/tls/ca.pem) and a certificate for localhost,
+     127.0.0.1 and ::1 signed by it (.softhsm/tls/server.pem), private keys mode 600;
+  5. creates the demo API client's random secret (.softhsm/clients/cms-demo.secret, 600);
+  6. builds the gateway (cargo build --release --locked);
+  7. generates the demo keys inside the token, each only if its label is not present;
+  8. runs `dcvv-gateway hsm check`.
+Each step creates only what is missing; running it again changes nothing and says so.
+Secrets, PINs and private keys are never printed.
 
 Options:
   --deps-only  install the dependencies (step 1) and stop
-  --run        after setup, run the gateway (`serve`) in the foreground
+  --run        after setup, run the gateway (`serve`, HTTPS on 127.0.0.1:8443) in the
+               foreground and print how to call it from a second terminal
   --help       print this help
 EOF
 }
@@ -68,36 +76,57 @@ find_module() {
 
 # ---- 1. dependencies --------------------------------------------------------------------
 
-install_softhsm() {
+# Installs the given Debian packages (softhsm2, openssl) with apt-get, or says how to get
+# them elsewhere.
+install_packages() {
     if [ -r /etc/debian_version ] && command -v apt-get >/dev/null 2>&1; then
         local sudo=()
         if [ "$(id -u)" -ne 0 ]; then
-            command -v sudo >/dev/null 2>&1 || die "softhsm2 is missing and sudo is not available: run 'apt-get install softhsm2' as root"
+            command -v sudo >/dev/null 2>&1 || die "$* missing and sudo is not available: run 'apt-get install $*' as root"
             sudo=(sudo)
         fi
-        say "Installing softhsm2 with apt-get"
+        say "Installing $* with apt-get"
         "${sudo[@]}" apt-get update -qq
-        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq softhsm2 >/dev/null
+        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
     else
-        cat >&2 <<'EOF'
+        local pkg
+        for pkg in "$@"; do
+            case "$pkg" in
+                softhsm2) cat >&2 <<'EOF'
 softhsm-setup.sh: SoftHSM v2 is not installed (softhsm2-util or libsofthsm2.so is missing).
 Install it with your package manager, then run this script again:
   macOS (Homebrew):   brew install softhsm
   Fedora / RHEL:      sudo dnf install softhsm
   Debian / Ubuntu:    sudo apt-get install softhsm2
 EOF
+                    ;;
+                openssl) cat >&2 <<'EOF'
+softhsm-setup.sh: the openssl command is not installed (it makes the development TLS
+certificates and the demo client secret). Install it with your package manager, then run
+this script again:
+  macOS (Homebrew):   brew install openssl
+  Fedora / RHEL:      sudo dnf install openssl
+  Debian / Ubuntu:    sudo apt-get install openssl
+EOF
+                    ;;
+            esac
+        done
         exit 1
     fi
 }
 
+missing_packages=()
 if ! command -v softhsm2-util >/dev/null 2>&1 || ! find_module >/dev/null; then
-    install_softhsm
+    missing_packages+=(softhsm2)
 fi
+command -v openssl >/dev/null 2>&1 || missing_packages+=(openssl)
+[ ${#missing_packages[@]} -eq 0 ] || install_packages "${missing_packages[@]}"
 command -v softhsm2-util >/dev/null 2>&1 || die "softhsm2-util is still missing after installing softhsm2"
 module=$(find_module) || die "libsofthsm2.so not found in any of: ${module_candidates[*]}"
+command -v openssl >/dev/null 2>&1 || die "openssl is still missing after installing openssl"
 
 if [ "$mode" = deps ]; then
-    say "Dependencies present: softhsm2-util, $module"
+    say "Dependencies present: softhsm2-util, $module, $(command -v openssl)"
     command -v cargo >/dev/null 2>&1 || say "Note: cargo is not installed (https://rustup.rs); it is needed to build and test the gateway"
     exit 0
 fi
@@ -115,9 +144,19 @@ conf="$state/softhsm2.conf"
 user_pin_file="$state/user.pin"
 so_pin_file="$state/so.pin"
 env_file="$state/env"
+tls_dir="$state/tls"
+ca_cert="$tls_dir/ca.pem"
+ca_key="$tls_dir/ca.key"
+server_cert="$tls_dir/server.pem"
+server_key="$tls_dir/server.key"
+clients_dir="$state/clients"
+# The demo client of hsm-config/gateway.toml ([[clients]] apikey "cms-demo", secrets from
+# ../.softhsm/clients/cms-demo.secret).
+demo_client=cms-demo
+demo_secret_file="$clients_dir/$demo_client.secret"
 
-mkdir -p "$tokens"
-chmod 700 "$state" "$tokens"
+mkdir -p "$tokens" "$tls_dir" "$clients_dir"
+chmod 700 "$state" "$tokens" "$tls_dir" "$clients_dir"
 
 # Write $2 to file $1 only if its content differs, so a re-run leaves files untouched.
 write_if_changed() {
@@ -149,17 +188,22 @@ write_if_changed "$conf" "$(sed "s|@TOKENDIR@|$tokens_sed|g" "$template")" "soft
 # The committed gateway.toml names the Debian module path. Where SoftHSM lives elsewhere, the
 # env file also overrides hsm.module through the gateway's environment layer
 # (DCVV_GATEWAY__SECTION__KEY), so the one committed config works everywhere.
-env_content="export SOFTHSM2_CONF=$conf"
+env_content="export SOFTHSM2_CONF=$(printf '%q' "$conf")"
 config_module=$(config_value module)
 if [ "$config_module" != "$module" ] && [ ! -f "$config_module" ]; then
-    env_content+=$'\n'"export DCVV_GATEWAY__HSM__MODULE=$module"
+    env_content+=$'\n'"export DCVV_GATEWAY__HSM__MODULE=$(printf '%q' "$module")"
 fi
+# Where the demo client's secret is, never the secret itself. For `dcvv-gateway call`:
+#   export DCVV_CLIENT_SECRET="$(cat "$DCVV_CLIENT_SECRET_FILE")"
+env_content+=$'\n''# The demo API client (cms-demo) secret file; the secret itself is never in this file.'
+env_content+=$'\n''# For `dcvv-gateway call`: export DCVV_CLIENT_SECRET="$(cat "$DCVV_CLIENT_SECRET_FILE")"'
+env_content+=$'\n'"export DCVV_CLIENT_SECRET_FILE=$(printf '%q' "$demo_secret_file")"
 write_if_changed "$env_file" "$env_content" ".softhsm/env"
 # shellcheck source=/dev/null
 . "$env_file"
 
 # 32 hex characters (128 bits) from the kernel's CSPRNG. No pipeline that can SIGPIPE.
-random_pin() {
+random_hex() {
     local hex
     hex=$(od -An -N16 -tx1 /dev/urandom)
     printf '%s' "${hex//[^0-9a-f]/}"
@@ -176,7 +220,7 @@ for pin_file in "$user_pin_file" "$so_pin_file"; do
     elif token_files_exist; then
         die "$name is missing but $tokens already holds a token; its PIN is lost. Remove .softhsm/ to start over (this destroys the development keys)."
     else
-        (umask 077 && random_pin >"$pin_file")
+        (umask 077 && random_hex >"$pin_file")
         chmod 600 "$pin_file"
         created+=("$name")
     fi
@@ -204,7 +248,162 @@ else
     created+=("token $token_label")
 fi
 
-# ---- 4. the gateway ---------------------------------------------------------------------
+# ---- 4. development TLS: a CA and a server certificate signed by it --------------------
+#
+# Two levels, because rustls/webpki refuses a CA certificate as a server's end-entity
+# certificate. Clients trust ca.pem (curl --cacert, dcvv-gateway call --cacert); the gateway
+# serves server.pem with server.key (hsm-config/gateway.toml, [server]). Each pair is made
+# again only when it is missing, does not match its key, expires within 30 days, or (the
+# server's) no longer verifies under the CA. Files are written under temporary names and
+# renamed, so an interrupted run leaves no half-written pair.
+
+ca_days=730          # about 2 years
+server_days=397      # the longest validity browsers accept for a server certificate
+renew_seconds=$((30 * 86400))
+
+# openssl, quiet on success; on failure its messages (which never hold a private key: every
+# key goes to a file with -out) and a one-line error.
+ossl() {
+    local out
+    if ! out=$(openssl "$@" 2>&1); then
+        printf '%s\n' "$out" >&2
+        die "openssl $1 failed"
+    fi
+}
+
+# Compares public keys only.
+cert_matches_key() {
+    local from_cert from_key
+    from_cert=$(openssl x509 -in "$1" -noout -pubkey 2>/dev/null) || return 1
+    from_key=$(openssl pkey -in "$2" -pubout 2>/dev/null) || return 1
+    [ -n "$from_cert" ] && [ "$from_cert" = "$from_key" ]
+}
+
+cert_valid_for() { openssl x509 -in "$1" -noout -checkend "$2" >/dev/null 2>&1; }
+
+pair_usable() {
+    [ -s "$1" ] && [ -s "$2" ] && cert_matches_key "$1" "$2" && cert_valid_for "$1" "$renew_seconds"
+}
+
+new_p256_key() {
+    rm -f "$1"
+    (umask 077 && ossl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1")
+    chmod 600 "$1"
+}
+
+ca_config() {
+    cat <<'EOF'
+[req]
+distinguished_name = dn
+prompt = no
+x509_extensions = v3_ca
+[dn]
+CN = dcvv-gateway development CA
+[v3_ca]
+basicConstraints = critical, CA:TRUE, pathlen:0
+keyUsage = critical, keyCertSign
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid:always
+EOF
+}
+
+server_req_config() {
+    cat <<'EOF'
+[req]
+distinguished_name = dn
+prompt = no
+[dn]
+CN = localhost
+EOF
+}
+
+server_extensions() {
+    cat <<'EOF'
+[v3_server]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = serverAuth
+subjectAltName = DNS:localhost, IP:127.0.0.1, IP:::1
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid, issuer
+EOF
+}
+
+make_ca() {
+    new_p256_key "$ca_key.tmp"
+    ossl req -new -x509 -config <(ca_config) -key "$ca_key.tmp" -sha256 -days "$ca_days" \
+        -out "$ca_cert.tmp"
+    chmod 644 "$ca_cert.tmp"
+    mv -f "$ca_key.tmp" "$ca_key"
+    mv -f "$ca_cert.tmp" "$ca_cert"
+}
+
+make_server_cert() {
+    new_p256_key "$server_key.tmp"
+    ossl req -new -config <(server_req_config) -key "$server_key.tmp" -sha256 \
+        -out "$server_cert.csr"
+    ossl x509 -req -in "$server_cert.csr" -CA "$ca_cert" -CAkey "$ca_key" \
+        -set_serial "0x$(random_hex)" -days "$server_days" -sha256 \
+        -extfile <(server_extensions) -extensions v3_server -out "$server_cert.tmp"
+    rm -f "$server_cert.csr"
+    chmod 644 "$server_cert.tmp"
+    mv -f "$server_key.tmp" "$server_key"
+    mv -f "$server_cert.tmp" "$server_cert"
+}
+
+rm -f "$ca_key.tmp" "$ca_cert.tmp" "$server_key.tmp" "$server_cert.tmp" "$server_cert.csr"
+
+new_ca=false
+if pair_usable "$ca_cert" "$ca_key"; then
+    chmod 600 "$ca_key"
+    present+=("TLS CA .softhsm/tls/ca.pem")
+else
+    say "Creating the development TLS CA (.softhsm/tls/ca.pem, ca.key)"
+    make_ca
+    new_ca=true
+    created+=("TLS CA .softhsm/tls/ca.pem")
+fi
+
+if [ "$new_ca" = false ] && pair_usable "$server_cert" "$server_key" \
+    && openssl verify -CAfile "$ca_cert" "$server_cert" >/dev/null 2>&1; then
+    chmod 600 "$server_key"
+    present+=("TLS certificate .softhsm/tls/server.pem")
+else
+    say "Creating the TLS certificate for localhost, 127.0.0.1 and ::1 (.softhsm/tls/server.pem, server.key)"
+    make_server_cert
+    openssl verify -CAfile "$ca_cert" "$server_cert" >/dev/null 2>&1 \
+        || die ".softhsm/tls/server.pem does not verify under .softhsm/tls/ca.pem"
+    created+=("TLS certificate .softhsm/tls/server.pem")
+fi
+
+# ---- 5. the demo API client's secret ----------------------------------------------------
+#
+# 32 random bytes, URL-safe Base64 without padding: 43 characters (the gateway wants 32 to
+# 256 printable ASCII characters). Never printed; a secret already there is kept.
+
+# One line of 32 to 256 printable ASCII characters without spaces (a final newline is
+# allowed, as the gateway drops it). Reads the file without printing it.
+secret_file_valid() {
+    [ "$(wc -l <"$1")" -le 1 ] && LC_ALL=C grep -Eqx '[!-~]{32,256}' "$1"
+}
+
+secret_name=".softhsm/clients/$demo_client.secret"
+rm -f "$demo_secret_file.tmp"
+if [ -s "$demo_secret_file" ]; then
+    secret_file_valid "$demo_secret_file" \
+        || die "$secret_name is not a valid client secret (32 to 256 printable ASCII characters, no spaces); delete it and run this script again to get a new one"
+    chmod 600 "$demo_secret_file"
+    present+=("client secret $secret_name")
+else
+    (umask 077 && openssl rand -base64 32 | tr '+/' '-_' | tr -d '=\n' >"$demo_secret_file.tmp")
+    chmod 600 "$demo_secret_file.tmp"
+    [ "$(wc -c <"$demo_secret_file.tmp")" -eq 43 ] && secret_file_valid "$demo_secret_file.tmp" \
+        || die "could not make a client secret with openssl rand"
+    mv -f "$demo_secret_file.tmp" "$demo_secret_file"
+    created+=("client secret $secret_name")
+fi
+
+# ---- 6. the gateway ---------------------------------------------------------------------
 
 say "Building dcvv-gateway (cargo build --release --locked; the first build takes a few minutes)"
 cargo build --release --locked --quiet
@@ -213,7 +412,7 @@ bin="${CARGO_TARGET_DIR:-$repo/target}/release/dcvv-gateway"
 
 gw() { "$bin" --config "$config" "$@"; }
 
-# ---- 5. demo keys, each only if its label is absent -------------------------------------
+# ---- 7. demo keys, each only if its label is absent -------------------------------------
 
 demo_keys=(
     "cvk cvk-demo-v1"
@@ -249,7 +448,7 @@ for entry in "${demo_keys[@]}"; do
     key_listed "$listing" "$label" || die "key '$label' is not in 'keys list --json' after generation"
 done
 
-# ---- 6. check and summary ---------------------------------------------------------------
+# ---- 8. check and summary ---------------------------------------------------------------
 
 say "Checking the token and key attributes (hsm check)"
 gw hsm check

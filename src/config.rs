@@ -6,13 +6,20 @@
 //! Secrets never live here: the HSM PIN is read from the environment variable
 //! or file the config names, by the HSM layer, when it logs in.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::hsm::{HsmSettings, PinSource};
+use crate::domain::Tdcvv2Profile;
+use crate::domain::programme::{Programme, Programmes};
+use crate::domain::service::{ProgrammeAccess, ServiceSettings};
+use crate::hsm::{HsmSettings, KeyLabel, PinSource};
+use crate::http::clients::{ClientSettings, Scope, SecretSource};
+use crate::store::StoreSettings;
 
 const DEFAULTS: &str = r#"
 [hsm]
@@ -20,7 +27,24 @@ max_sessions = 4
 checkout_timeout_ms = 2000
 
 [server]
-listen = "127.0.0.1:8080"
+listen = "127.0.0.1:8443"
+allow_insecure_http = false
+request_timeout_ms = 10000
+body_limit_bytes = 16384
+max_in_flight = 32
+shutdown_grace_seconds = 30
+
+[signatures]
+max_skew_seconds = 300
+replay_window_seconds = 900
+
+[store]
+sqlite_path = "dcvv-gateway.db"
+acquire_timeout_ms = 2000
+cleanup_interval_seconds = 60
+
+[keys]
+pan_index = "pan-index-v1"
 "#;
 
 /// A configuration that could not be loaded; the message names the file or field.
@@ -28,11 +52,22 @@ listen = "127.0.0.1:8080"
 #[error("configuration: {0}")]
 pub struct ConfigError(String);
 
+fn err(text: impl Into<String>) -> ConfigError {
+    ConfigError(text.into())
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     hsm: RawHsm,
     server: RawServer,
+    signatures: RawSignatures,
+    store: RawStore,
+    keys: RawKeys,
+    #[serde(default)]
+    programmes: Vec<RawProgramme>,
+    #[serde(default)]
+    clients: Vec<RawClient>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -50,6 +85,97 @@ struct RawHsm {
 #[serde(deny_unknown_fields)]
 struct RawServer {
     listen: SocketAddr,
+    tls_cert_file: Option<PathBuf>,
+    tls_key_file: Option<PathBuf>,
+    allow_insecure_http: bool,
+    request_timeout_ms: u64,
+    body_limit_bytes: usize,
+    max_in_flight: usize,
+    shutdown_grace_seconds: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSignatures {
+    max_skew_seconds: u32,
+    replay_window_seconds: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    sqlite_path: PathBuf,
+    acquire_timeout_ms: u64,
+    cleanup_interval_seconds: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKeys {
+    pan_index: String,
+}
+
+fn default_past() -> u32 {
+    1
+}
+fn default_failure_limit() -> u32 {
+    5
+}
+fn default_failure_period() -> u32 {
+    86_400
+}
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProgramme {
+    name: String,
+    bin_prefixes: Vec<String>,
+    key_association: Option<String>,
+    cvk: String,
+    imk_dcvv: String,
+    imk_tdcvv2: String,
+    window_seconds: u32,
+    #[serde(default = "default_past")]
+    past_windows: u32,
+    #[serde(default)]
+    future_windows: u32,
+    #[serde(default = "default_true")]
+    single_use: bool,
+    /// 0 switches the limit off.
+    #[serde(default = "default_failure_limit")]
+    failure_limit: u32,
+    #[serde(default = "default_failure_period")]
+    failure_period_seconds: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClient {
+    apikey: String,
+    secrets: Vec<SecretSource>,
+    scopes: Vec<Scope>,
+    /// Programme names, or `["*"]` for all.
+    programmes: Vec<String>,
+}
+
+/// How the server speaks: TLS with a certificate, or (only when the config
+/// says `allow_insecure_http = true`) plain HTTP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// HTTPS with these PEM files.
+    Tls {
+        /// Certificate chain, PEM.
+        cert: PathBuf,
+        /// Private key, PEM.
+        key: PathBuf,
+    },
+    /// Plain HTTP: development only.
+    InsecureHttp,
+    /// Neither: key commands work, `serve` refuses to start and says what to set.
+    Unconfigured,
 }
 
 /// The HTTP server's settings.
@@ -57,6 +183,20 @@ struct RawServer {
 pub struct ServerSettings {
     /// Address to listen on.
     pub listen: SocketAddr,
+    /// TLS or plain HTTP.
+    pub transport: Transport,
+    /// Whole-request deadline; past it the client gets 503.
+    pub request_timeout: Duration,
+    /// Largest request body read (413 beyond).
+    pub body_limit: usize,
+    /// Requests served at once; more are shed with 429 (sized to the HSM pool).
+    pub max_in_flight: usize,
+    /// How long shutdown waits for in-flight requests.
+    pub shutdown_grace: Duration,
+    /// Signature timestamp tolerance either side of the server clock.
+    pub max_skew: Duration,
+    /// How often expired store rows are deleted.
+    pub cleanup_interval: Duration,
 }
 
 /// Everything the gateway needs to start, each layer's part in its own type.
@@ -66,6 +206,27 @@ pub struct Settings {
     pub hsm: HsmSettings,
     /// The HTTP server.
     pub server: ServerSettings,
+    /// The store.
+    pub store: StoreSettings,
+    /// The card service.
+    pub service: ServiceSettings,
+    /// Card programmes.
+    pub programmes: Programmes,
+    /// API clients (secrets not yet read).
+    pub clients: Vec<ClientSettings>,
+}
+
+fn relative_to(base: &Path, path: PathBuf) -> PathBuf {
+    if path.is_relative() {
+        base.join(path)
+    } else {
+        path
+    }
+}
+
+fn label(field: &str, text: &str) -> Result<KeyLabel, ConfigError> {
+    text.parse()
+        .map_err(|_| err(format!("{field}: {text:?} is not a key label")))
 }
 
 impl Settings {
@@ -75,7 +236,7 @@ impl Settings {
     /// `ConfigError` naming the file or the offending field.
     pub fn load(path: &Path) -> Result<Settings, ConfigError> {
         if !path.is_file() {
-            return Err(ConfigError(format!("no config file at {}", path.display())));
+            return Err(err(format!("no config file at {}", path.display())));
         }
         let raw: RawConfig = config::Config::builder()
             .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml))
@@ -83,53 +244,199 @@ impl Settings {
             .add_source(
                 config::Environment::with_prefix("DCVV_GATEWAY")
                     .prefix_separator("__")
-                    .separator("__"),
+                    .separator("__")
+                    .try_parsing(true),
             )
             .build()
             .and_then(config::Config::try_deserialize)
-            .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+            .map_err(|e| err(format!("{}: {e}", path.display())))?;
         let base = path.parent().unwrap_or(Path::new("."));
         Settings::from_raw(raw, base)
     }
 
     fn from_raw(raw: RawConfig, base: &Path) -> Result<Settings, ConfigError> {
-        let h = raw.hsm;
-        let pin = match (h.pin_env, h.pin_file) {
-            (Some(var), None) if !var.is_empty() => PinSource::Env(var),
-            (None, Some(file)) => PinSource::File(if file.is_relative() {
-                base.join(file)
-            } else {
-                file
-            }),
-            _ => {
-                return Err(ConfigError(
-                    "hsm: set exactly one of pin_env (an environment variable name) or pin_file"
-                        .into(),
-                ));
-            }
+        let hsm = hsm_settings(raw.hsm, base)?;
+        let server = server_settings(raw.server, &raw.signatures, &raw.store, base)?;
+        if raw.signatures.replay_window_seconds < 2 * raw.signatures.max_skew_seconds {
+            return Err(err(
+                "signatures.replay_window_seconds: at least twice max_skew_seconds, \
+                 or a request could be replayed after its id is forgotten",
+            ));
+        }
+        if !(1..=600_000).contains(&raw.store.acquire_timeout_ms) {
+            return Err(err("store.acquire_timeout_ms: 1 to 600000"));
+        }
+        let store = StoreSettings {
+            sqlite_path: relative_to(base, raw.store.sqlite_path),
+            acquire_timeout: Duration::from_millis(raw.store.acquire_timeout_ms),
         };
-        if h.token_label.is_empty() || h.token_label.len() > 32 {
-            return Err(ConfigError("hsm.token_label: 1 to 32 characters".into()));
-        }
-        if !(1..=256).contains(&h.max_sessions) {
-            return Err(ConfigError("hsm.max_sessions: 1 to 256".into()));
-        }
-        if !(1..=60_000).contains(&h.checkout_timeout_ms) {
-            return Err(ConfigError("hsm.checkout_timeout_ms: 1 to 60000".into()));
-        }
+        let service = ServiceSettings {
+            pan_index_key: label("keys.pan_index", &raw.keys.pan_index)?,
+            replay_window_seconds: raw.signatures.replay_window_seconds,
+        };
+        let programmes = raw
+            .programmes
+            .into_iter()
+            .map(programme)
+            .collect::<Result<Vec<_>, _>>()?;
+        let programmes = Programmes::new(programmes).map_err(|e| err(format!("programmes: {e}")))?;
+        let names: HashSet<&str> = programmes.iter().map(|p| p.name.as_str()).collect();
+        let clients = raw
+            .clients
+            .into_iter()
+            .map(|c| client(c, &names, base))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Settings {
-            hsm: HsmSettings {
-                module: h.module,
-                token_label: h.token_label,
-                pin,
-                max_sessions: h.max_sessions,
-                checkout_timeout: Duration::from_millis(h.checkout_timeout_ms),
-            },
-            server: ServerSettings {
-                listen: raw.server.listen,
-            },
+            hsm,
+            server,
+            store,
+            service,
+            programmes,
+            clients,
         })
     }
+}
+
+fn hsm_settings(h: RawHsm, base: &Path) -> Result<HsmSettings, ConfigError> {
+    let pin = match (h.pin_env, h.pin_file) {
+        (Some(var), None) if !var.is_empty() => PinSource::Env(var),
+        (None, Some(file)) => PinSource::File(relative_to(base, file)),
+        _ => {
+            return Err(err(
+                "hsm: set exactly one of pin_env (an environment variable name) or pin_file",
+            ));
+        }
+    };
+    if h.token_label.is_empty() || h.token_label.len() > 32 {
+        return Err(err("hsm.token_label: 1 to 32 characters"));
+    }
+    if !(1..=256).contains(&h.max_sessions) {
+        return Err(err("hsm.max_sessions: 1 to 256"));
+    }
+    if !(1..=60_000).contains(&h.checkout_timeout_ms) {
+        return Err(err("hsm.checkout_timeout_ms: 1 to 60000"));
+    }
+    Ok(HsmSettings {
+        module: h.module,
+        token_label: h.token_label,
+        pin,
+        max_sessions: h.max_sessions,
+        checkout_timeout: Duration::from_millis(h.checkout_timeout_ms),
+    })
+}
+
+fn server_settings(
+    s: RawServer,
+    signatures: &RawSignatures,
+    store: &RawStore,
+    base: &Path,
+) -> Result<ServerSettings, ConfigError> {
+    let transport = match (s.tls_cert_file, s.tls_key_file, s.allow_insecure_http) {
+        (Some(cert), Some(key), false) => Transport::Tls {
+            cert: relative_to(base, cert),
+            key: relative_to(base, key),
+        },
+        (None, None, true) => Transport::InsecureHttp,
+        (None, None, false) => Transport::Unconfigured,
+        (_, _, true) => {
+            return Err(err(
+                "server: allow_insecure_http = true serves plain HTTP; remove tls_cert_file and \
+                 tls_key_file, or set allow_insecure_http = false",
+            ));
+        }
+        _ => {
+            return Err(err(
+                "server: set tls_cert_file and tls_key_file (HTTPS), or allow_insecure_http = true \
+                 for plain HTTP in development",
+            ));
+        }
+    };
+    if !(100..=300_000).contains(&s.request_timeout_ms) {
+        return Err(err("server.request_timeout_ms: 100 to 300000"));
+    }
+    if !(1024..=1_048_576).contains(&s.body_limit_bytes) {
+        return Err(err("server.body_limit_bytes: 1024 to 1048576"));
+    }
+    if !(1..=10_000).contains(&s.max_in_flight) {
+        return Err(err("server.max_in_flight: 1 to 10000"));
+    }
+    if !(1..=86_400).contains(&signatures.max_skew_seconds) {
+        return Err(err("signatures.max_skew_seconds: 1 to 86400"));
+    }
+    if !(1..=86_400).contains(&store.cleanup_interval_seconds) {
+        return Err(err("store.cleanup_interval_seconds: 1 to 86400"));
+    }
+    Ok(ServerSettings {
+        listen: s.listen,
+        transport,
+        request_timeout: Duration::from_millis(s.request_timeout_ms),
+        body_limit: s.body_limit_bytes,
+        max_in_flight: s.max_in_flight,
+        shutdown_grace: Duration::from_secs(s.shutdown_grace_seconds),
+        max_skew: Duration::from_secs(u64::from(signatures.max_skew_seconds)),
+        cleanup_interval: Duration::from_secs(store.cleanup_interval_seconds),
+    })
+}
+
+fn programme(p: RawProgramme) -> Result<Programme, ConfigError> {
+    let at = |field: &str| format!("programmes.{}.{field}", p.name);
+    let profile = Tdcvv2Profile::new(p.window_seconds, p.past_windows, p.future_windows)
+        .map_err(|e| err(format!("{}: {e}", at("window_seconds/past_windows/future_windows"))))?;
+    if !(60..=31 * 86_400).contains(&p.failure_period_seconds) {
+        return Err(err(format!("{}: 60 to 2678400", at("failure_period_seconds"))));
+    }
+    if p.name.is_empty() || p.name == "*" {
+        return Err(err("programmes.name: a non-empty name other than \"*\""));
+    }
+    Ok(Programme {
+        cvk: label(&at("cvk"), &p.cvk)?,
+        imk_dcvv: label(&at("imk_dcvv"), &p.imk_dcvv)?,
+        imk_tdcvv2: label(&at("imk_tdcvv2"), &p.imk_tdcvv2)?,
+        name: p.name,
+        bin_prefixes: p.bin_prefixes,
+        key_association: p.key_association,
+        profile,
+        single_use: p.single_use,
+        failure_limit: NonZeroU32::new(p.failure_limit),
+        failure_period_seconds: p.failure_period_seconds,
+    })
+}
+
+fn client(c: RawClient, programmes: &HashSet<&str>, base: &Path) -> Result<ClientSettings, ConfigError> {
+    let at = |field: &str| format!("clients.{}.{field}", c.apikey);
+    let valid_id = !c.apikey.is_empty()
+        && c.apikey.len() <= crate::http::signature::MAX_APIKEY_CHARS
+        && c.apikey.bytes().all(|b| b.is_ascii_graphic());
+    if !valid_id {
+        return Err(err("clients.apikey: 1 to 64 printable characters"));
+    }
+    if !(1..=2).contains(&c.secrets.len()) {
+        return Err(err(format!("{}: one or two secret sources (two during a rotation)", at("secrets"))));
+    }
+    if c.scopes.is_empty() {
+        return Err(err(format!("{}: at least one scope", at("scopes"))));
+    }
+    let access = if c.programmes.iter().any(|p| p == "*") {
+        ProgrammeAccess::All
+    } else {
+        if let Some(unknown) = c.programmes.iter().find(|p| !programmes.contains(p.as_str())) {
+            return Err(err(format!("{}: no programme named {unknown:?}", at("programmes"))));
+        }
+        ProgrammeAccess::Only(c.programmes.iter().cloned().collect())
+    };
+    Ok(ClientSettings {
+        secrets: c
+            .secrets
+            .into_iter()
+            .map(|s| match s {
+                SecretSource::File(path) => SecretSource::File(relative_to(base, path)),
+                env => env,
+            })
+            .collect(),
+        scopes: c.scopes.into_iter().collect(),
+        access,
+        apikey: c.apikey,
+    })
 }
 
 #[cfg(test)]
@@ -148,6 +455,8 @@ mod tests {
         module = "/usr/lib/softhsm/libsofthsm2.so"
         token_label = "dcvv-dev"
         pin_file = "pin"
+        [server]
+        allow_insecure_http = true
     "#;
 
     #[test]
@@ -155,7 +464,7 @@ mod tests {
         let s = load(MINIMAL).unwrap();
         assert_eq!(s.hsm.max_sessions, 4);
         assert_eq!(s.hsm.checkout_timeout, Duration::from_millis(2000));
-        assert_eq!(s.server.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(s.server.listen, "127.0.0.1:8443".parse().unwrap());
         let PinSource::File(pin) = s.hsm.pin else {
             panic!("pin file expected")
         };
@@ -168,7 +477,7 @@ mod tests {
 
     #[test]
     fn unknown_fields_fail_and_name_the_field() {
-        let err = load(&format!("{MINIMAL}\nslot = 0\n"))
+        let err = load(&MINIMAL.replace("[server]", "slot = 0\n[server]"))
             .unwrap_err()
             .to_string();
         assert!(err.contains("slot"), "{err}");
@@ -184,9 +493,9 @@ mod tests {
 
     #[test]
     fn bad_values_are_refused() {
-        let bad = MINIMAL.replace("[hsm]", "[server]\nlisten = \"nowhere\"\n[hsm]");
+        let bad = MINIMAL.replace("[server]", "[server]\nlisten = \"nowhere\"");
         assert!(load(&bad).is_err());
-        let bad = format!("{MINIMAL}\nmax_sessions = 0\n");
+        let bad = MINIMAL.replace("[server]", "max_sessions = 0\n[server]");
         assert!(load(&bad).unwrap_err().to_string().contains("max_sessions"));
         assert!(Settings::load(Path::new("/nonexistent/gateway.toml")).is_err());
     }

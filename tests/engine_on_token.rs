@@ -67,31 +67,3 @@ fn threads_share_the_token_and_agree() {
         }
     });
 }
-
-#[tokio::test]
-async fn readiness_probes_the_token() {
-    use tower::ServiceExt;
-    let token = Arc::clone(&common::HSM);
-    let app = dcvv_gateway::http::app(dcvv_gateway::http::AppState { token });
-    for path in ["/healthz", "/readyz"] {
-        let response = app
-            .clone()
-            .oneshot(
-                axum::http::Request::get(path)
-                    .body(axum::body::Body::empty())
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200, "{path}");
-    }
-    let response = app
-        .oneshot(
-            axum::http::Request::get("/nowhere")
-                .body(axum::body::Body::empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 404);
-}

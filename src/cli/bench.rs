@@ -114,54 +114,139 @@ fn pan_for(i: u64) -> Result<Pan, HsmError> {
         .map_err(|_| HsmError::InvalidInput("benchmark PAN".into()))
 }
 
-pub(super) fn engine(token: &Token, seconds: f64, json: bool) -> Result<(), CliError> {
-    let keys = BenchKeys::create(token)?;
-    let engine = Engine::new(token);
-    let expiry: Expiry = "2812".parse().map_err(|_| CliError::Io("expiry".into()))?;
-    let profile = Tdcvv2Profile::new(300, 1, 0).map_err(|_| CliError::Io("profile".into()))?;
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_err(|e| CliError::Io(e.to_string()))?
-        .as_secs();
-    let wrong = SecurityCode::parse("cvv2", "000").map_err(|_| CliError::Io("code".into()))?;
-    let domain = |e: crate::domain::DomainError| match e {
+/// The temporary keys, the engine over the token, and fixed card data: what
+/// every benchmarked engine operation runs on.
+struct Fixture<'t> {
+    keys: BenchKeys<'t>,
+    engine: Engine<&'t Token>,
+    expiry: Expiry,
+    profile: Tdcvv2Profile,
+    now: u64,
+    wrong: SecurityCode,
+}
+
+fn domain_error(e: crate::domain::DomainError) -> HsmError {
+    match e {
         crate::domain::DomainError::Hsm(h) => h,
         other => HsmError::InvalidInput(other.to_string()),
-    };
+    }
+}
 
-    let raw = |_: u64| -> Result<(), HsmError> {
-        token.with_cvv_keys(CvvKeySource::Cvk(&keys.cvk), |k: &dyn BlockCipher| {
-            k.encrypt_double(&[0u8; 8]).map(drop)
-        })
-    };
-    let cvv2 = |i: u64| -> Result<(), HsmError> {
-        engine
+impl<'t> Fixture<'t> {
+    /// Creates the temporary keys and warms the key cache (resolution, policy
+    /// check, working copies) outside any timing.
+    fn create(token: &'t Token) -> Result<Self, CliError> {
+        let keys = BenchKeys::create(token)?;
+        let fixture = Fixture {
+            keys,
+            engine: Engine::new(token),
+            expiry: "2812".parse().map_err(|_| CliError::Io("expiry".into()))?,
+            profile: Tdcvv2Profile::new(300, 1, 0).map_err(|_| CliError::Io("profile".into()))?,
+            now: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_err(|e| CliError::Io(e.to_string()))?
+                .as_secs(),
+            wrong: SecurityCode::parse("cvv2", "000").map_err(|_| CliError::Io("code".into()))?,
+        };
+        fixture.raw(0)?;
+        fixture.verify(0)?;
+        Ok(fixture)
+    }
+
+    fn raw(&self, _: u64) -> Result<(), HsmError> {
+        self.engine
+            .hsm()
+            .with_cvv_keys(CvvKeySource::Cvk(&self.keys.cvk), |k: &dyn BlockCipher| {
+                k.encrypt_double(&[0u8; 8]).map(drop)
+            })
+    }
+
+    fn static_cvv2(&self, i: u64) -> Result<(), HsmError> {
+        self.engine
             .static_code(
-                &keys.cvk,
+                &self.keys.cvk,
                 &pan_for(i)?,
-                expiry,
+                self.expiry,
                 StaticCodeKind::Cvv2,
                 CodeLength::THREE,
             )
             .map(drop)
-            .map_err(domain)
-    };
-    // A code that (almost always) does not match: every window is computed and compared.
-    let verify = |i: u64| -> Result<(), HsmError> {
-        engine
-            .tdcvv2_verify(&keys.imk, &pan_for(i)?, expiry, profile, now, &wrong)
+            .map_err(domain_error)
+    }
+
+    /// A code that (almost always) does not match: every window is computed and
+    /// compared, as for any verification (the engine has no early exit).
+    fn verify(&self, i: u64) -> Result<(), HsmError> {
+        self.engine
+            .tdcvv2_verify(
+                &self.keys.imk,
+                &pan_for(i)?,
+                self.expiry,
+                self.profile,
+                self.now,
+                &self.wrong,
+            )
             .map(drop)
-            .map_err(domain)
-    };
-    let generate = |i: u64| -> Result<(), HsmError> {
-        engine
-            .tdcvv2_generate(&keys.imk, &pan_for(i)?, expiry, profile, now, 24)
+            .map_err(domain_error)
+    }
+
+    fn generate(&self, i: u64, count: u8) -> Result<(), HsmError> {
+        self.engine
+            .tdcvv2_generate(
+                &self.keys.imk,
+                &pan_for(i)?,
+                self.expiry,
+                self.profile,
+                self.now,
+                count,
+            )
             .map(drop)
-            .map_err(domain)
-    };
-    // Warm the key cache (resolution, policy check, working copies) outside the timing.
-    raw(0)?;
-    verify(0)?;
+            .map_err(domain_error)
+    }
+}
+
+/// An engine operation that `bench http` sets its HTTP figures against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum EngineOp {
+    /// TDCVV2-v1 verification with G = 1, F = 0 (2 windows computed and compared).
+    Tdcvv2Verify,
+    /// TDCVV2-v1 generation of this many values (1–24).
+    Tdcvv2Generate(u8),
+}
+
+/// Engine-only operations per second of each of `ops`, each run on `threads`
+/// threads for `seconds`, in this process, on temporary keys created in the
+/// token for the purpose and destroyed before returning (also on error).
+///
+/// # Errors
+/// The token's error creating the keys or during a measurement.
+pub(super) fn engine_rates(
+    token: &Token,
+    ops: &[EngineOp],
+    threads: usize,
+    seconds: f64,
+) -> Result<Vec<f64>, CliError> {
+    let fixture = Fixture::create(token)?;
+    let verify = |i: u64| fixture.verify(i);
+    ops.iter()
+        .map(|op| {
+            let (rate, _, _) = match *op {
+                EngineOp::Tdcvv2Verify => measure(token, threads, seconds, &verify)?,
+                EngineOp::Tdcvv2Generate(count) => measure(token, threads, seconds, &|i: u64| {
+                    fixture.generate(i, count)
+                })?,
+            };
+            Ok(rate)
+        })
+        .collect()
+}
+
+pub(super) fn engine(token: &Token, seconds: f64, json: bool) -> Result<(), CliError> {
+    let fixture = Fixture::create(token)?;
+    let raw = |i: u64| fixture.raw(i);
+    let cvv2 = |i: u64| fixture.static_cvv2(i);
+    let verify = |i: u64| fixture.verify(i);
+    let generate = |i: u64| fixture.generate(i, 24);
 
     let ops: [(&'static str, BenchOp<'_>); 4] = [
         ("raw single-block C_Encrypt", &raw),
@@ -188,7 +273,7 @@ pub(super) fn engine(token: &Token, seconds: f64, json: bool) -> Result<(), CliE
             });
         }
     }
-    drop(keys);
+    drop(fixture);
     print_figures(&figures, seconds, json)
 }
 

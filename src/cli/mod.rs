@@ -9,6 +9,8 @@
 #![allow(clippy::print_stdout)]
 
 mod bench;
+mod bench_http;
+mod call;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -43,6 +45,8 @@ enum Command {
     Bench(BenchCommand),
     /// Run the HTTP service.
     Serve,
+    /// Send one HMAC-signed request to a running gateway and check the response's signature.
+    Call(call::CallArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -94,6 +98,9 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// End-to-end throughput and latency of a running gateway's signed API, next to
+    /// engine-only figures for the same operations on the same token.
+    Http(bench_http::HttpBenchArgs),
 }
 
 /// A command failure: one line for stderr.
@@ -143,8 +150,14 @@ fn init_logging(serving: bool) {
 }
 
 fn run(cli: Cli) -> Result<(), CliError> {
+    let command = match cli.command {
+        // `call` talks to a running gateway: no configuration file, no token.
+        Command::Call(args) => return call::run(args),
+        command => command,
+    };
     let settings = Settings::load(&cli.config)?;
-    match cli.command {
+    match command {
+        Command::Call(_) => Ok(()), // handled above
         Command::Serve => {
             crate::http::serve_blocking(settings).map_err(|e| CliError::Io(e.to_string()))
         }
@@ -153,6 +166,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Bench(BenchCommand::Engine { seconds, json }) => {
             with_token(&settings, |token| bench::engine(token, seconds, json))
         }
+        Command::Bench(BenchCommand::Http(args)) => bench_http::run(&settings, args),
     }
 }
 

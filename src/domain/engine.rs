@@ -350,6 +350,13 @@ mod tests {
         fn key_check_value(&self, _: &KeyLabel, _: KeyKind) -> HsmResult<Kcv> {
             Ok(Kcv([0x08, 0xD7, 0xB4]))
         }
+
+        fn hmac(&self, _: &KeyLabel, _: KeyKind, data: &[u8]) -> HsmResult<Zeroizing<Vec<u8>>> {
+            use hmac::Mac;
+            let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(K.as_bytes()).unwrap();
+            mac.update(data);
+            Ok(Zeroizing::new(mac.finalize().into_bytes().to_vec()))
+        }
     }
 
     fn engine() -> Engine<SoftHsm> {

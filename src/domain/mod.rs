@@ -7,6 +7,8 @@
 pub mod blocks;
 pub mod card;
 pub mod engine;
+pub mod programme;
+pub mod service;
 
 pub use blocks::CardKeyMethod;
 pub use card::{Atc, CodeLength, Expiry, Pan, Psn, SecurityCode, ServiceCode, Tdcvv2Profile};
@@ -25,7 +27,22 @@ pub enum DomainError {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// No card programme covers the card (or its `keyAssociation`).
+    #[error("no card programme matches the card")]
+    UnknownProgramme,
+    /// The client may not touch the card's programme.
+    #[error("the client may not use this card programme")]
+    ProgrammeNotAllowed,
+    /// The card's expiry month has passed.
+    #[error("the card has expired")]
+    CardExpired,
+    /// The client's request id was already used within the replay window.
+    #[error("duplicate request id")]
+    DuplicateRequest,
     /// The token failed or refused the key.
     #[error(transparent)]
     Hsm(#[from] HsmError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(crate::store::StoreError),
 }

@@ -60,6 +60,12 @@ pub trait CardCrypto {
     /// # Errors
     /// As [`CardCrypto::with_cvv_keys`].
     fn key_check_value(&self, label: &KeyLabel, kind: KeyKind) -> HsmResult<Kcv>;
+
+    /// HMAC-SHA256 under a PAN-index or audit-seal key, in the token.
+    ///
+    /// # Errors
+    /// As [`CardCrypto::with_cvv_keys`].
+    fn hmac(&self, label: &KeyLabel, kind: KeyKind, data: &[u8]) -> HsmResult<Zeroizing<Vec<u8>>>;
 }
 
 impl<T: CardCrypto + ?Sized> CardCrypto for &T {
@@ -74,6 +80,10 @@ impl<T: CardCrypto + ?Sized> CardCrypto for &T {
     fn key_check_value(&self, label: &KeyLabel, kind: KeyKind) -> HsmResult<Kcv> {
         (**self).key_check_value(label, kind)
     }
+
+    fn hmac(&self, label: &KeyLabel, kind: KeyKind, data: &[u8]) -> HsmResult<Zeroizing<Vec<u8>>> {
+        (**self).hmac(label, kind, data)
+    }
 }
 
 impl<T: CardCrypto + ?Sized> CardCrypto for std::sync::Arc<T> {
@@ -87,6 +97,10 @@ impl<T: CardCrypto + ?Sized> CardCrypto for std::sync::Arc<T> {
 
     fn key_check_value(&self, label: &KeyLabel, kind: KeyKind) -> HsmResult<Kcv> {
         (**self).key_check_value(label, kind)
+    }
+
+    fn hmac(&self, label: &KeyLabel, kind: KeyKind, data: &[u8]) -> HsmResult<Zeroizing<Vec<u8>>> {
+        (**self).hmac(label, kind, data)
     }
 }
 

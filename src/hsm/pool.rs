@@ -48,6 +48,12 @@ impl SessionPool {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Sessions checked out now, and the most that may be.
+    pub(crate) fn usage(&self) -> (usize, usize) {
+        let state = self.lock();
+        (state.open.saturating_sub(state.idle.len()), self.max)
+    }
+
     /// Checks a session out, opening one if fewer than `max` are open.
     ///
     /// # Errors

@@ -612,6 +612,16 @@ impl Token {
         self.admin.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Sessions checked out now and the pool's size (metrics).
+    pub fn session_usage(&self) -> (usize, usize) {
+        self.pool.usage()
+    }
+
+    /// Label of the token.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
     /// Whether the token still answers and the user is logged in.
     ///
     /// # Errors
@@ -647,6 +657,10 @@ impl CardCrypto for Token {
 
     fn key_check_value(&self, label: &KeyLabel, kind: KeyKind) -> HsmResult<Kcv> {
         self.load_key(label, kind)
+    }
+
+    fn hmac(&self, label: &KeyLabel, kind: KeyKind, data: &[u8]) -> HsmResult<Zeroizing<Vec<u8>>> {
+        Token::hmac(self, label, kind, data)
     }
 }
 

@@ -1,123 +1,297 @@
-//! The HTTP front. For now: liveness and readiness (DESIGN 4); the signed card
-//! API of DESIGN 4–5 is the next milestone and lands here.
+//! The HTTP front (DESIGN 4–5): the router, one tower stack, the signature
+//! layer, handlers, wire types, the error contract, metrics and the OpenAPI
+//! document.
 //!
-//! Handlers never call the token on a runtime worker: readiness probes it
-//! through [`crate::hsm::blocking`].
+//! The stack, outside in: request id (`x-request-id`), trace span, the request
+//! log and metrics ([`observe`], the one place that logs requests), then — on
+//! the signed routes only — a timeout (503), load shedding beyond a global
+//! in-flight limit sized to the HSM pool (429), and the signature layer
+//! ([`auth`]) that also enforces the body limit (413). Health, metrics and
+//! the OpenAPI document stay outside the limit so they answer under load.
+
+pub mod auth;
+pub mod cards;
+pub mod clients;
+pub mod dto;
+pub mod error;
+pub mod health;
+pub mod metrics;
+pub mod openapi;
+pub mod server;
+pub mod signature;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::routing::get;
-use axum::{Json, Router};
-use serde_json::{Value, json};
+use axum::Router;
+use axum::error_handling::HandleErrorLayer;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, Method};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use tower::ServiceBuilder;
+use tower::limit::GlobalConcurrencyLimitLayer;
+use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId as ServerRequestId, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
 
-use crate::config::Settings;
-use crate::hsm::{self, Token};
+use crate::config::ServerSettings;
+use crate::domain::service::{CardService, Clock};
+use crate::hsm::Token;
+
+use clients::Clients;
+use error::{ApiError, ErrorCode, ErrorDetail};
+use metrics::Metrics;
+
+pub use server::{Gateway, serve_blocking};
+
+/// Every route, for the request log, metrics labels and the OpenAPI check.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("POST", "/cards/pin/dynamic-values"),
+    ("POST", "/cards/dynamic-cvv2/enrollment"),
+    ("POST", "/cards/dynamic-cvv2/unenrollment"),
+    ("POST", "/cards/dynamic-cvv2/enquiry"),
+    ("POST", "/cards/cvv2/verification"),
+    ("POST", "/cards/security-codes"),
+    ("POST", "/cards/dcvv/verification"),
+    ("GET", "/keys"),
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+    ("GET", "/openapi.json"),
+];
+
+/// The request's id for error bodies and the log: the client's
+/// `X-Client-Request-Id` when it is well formed, else the gateway's own.
+#[derive(Debug, Clone, Default)]
+pub struct RequestContext {
+    /// The id.
+    pub id: String,
+}
+
+#[derive(Debug)]
+struct Shared {
+    service: CardService<Arc<Token>>,
+    token: Arc<Token>,
+    clients: Clients,
+    metrics: Arc<Metrics>,
+    settings: ServerSettings,
+}
 
 /// Shared state of the handlers.
 #[derive(Clone, Debug)]
-pub struct AppState {
-    /// The logged-in token.
-    pub token: Arc<Token>,
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    /// State over a built service.
+    pub fn new(
+        service: CardService<Arc<Token>>,
+        token: Arc<Token>,
+        clients: Clients,
+        metrics: Arc<Metrics>,
+        settings: ServerSettings,
+    ) -> Self {
+        AppState(Arc::new(Shared {
+            service,
+            token,
+            clients,
+            metrics,
+            settings,
+        }))
+    }
+
+    /// The card service.
+    pub fn service(&self) -> &CardService<Arc<Token>> {
+        &self.0.service
+    }
+
+    /// The token.
+    pub fn token(&self) -> &Arc<Token> {
+        &self.0.token
+    }
+
+    /// The clients.
+    pub fn clients(&self) -> &Clients {
+        &self.0.clients
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.0.metrics
+    }
+
+    /// The server settings.
+    pub fn settings(&self) -> &ServerSettings {
+        &self.0.settings
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        self.0.service.clock()
+    }
 }
 
-/// The router: what tests drive and `serve` runs.
+/// Server request ids: a per-process random prefix and a counter.
+#[derive(Clone, Debug)]
+struct ServerIds {
+    prefix: Arc<str>,
+    next: Arc<AtomicU64>,
+}
+
+impl ServerIds {
+    fn new() -> Self {
+        let mut bytes = [0u8; 4];
+        // A fixed prefix only makes ids less unique across restarts; never fatal.
+        let _ = getrandom::fill(&mut bytes);
+        ServerIds {
+            prefix: format!("gw-{}", hex::encode(bytes)).into(),
+            next: Arc::new(AtomicU64::new(1)),
+        }
+    }
+}
+
+impl MakeRequestId for ServerIds {
+    fn make_request_id<B>(&mut self, _: &axum::http::Request<B>) -> Option<ServerRequestId> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        HeaderValue::from_str(&format!("{}-{n}", self.prefix))
+            .ok()
+            .map(ServerRequestId::new)
+    }
+}
+
+/// The router with its whole stack: what tests drive and `serve` runs.
 pub fn app(state: AppState) -> Router {
+    let signed = Router::new()
+        .route("/cards/pin/dynamic-values", post(cards::dynamic_values))
+        .route("/cards/dynamic-cvv2/enrollment", post(cards::enroll))
+        .route("/cards/dynamic-cvv2/unenrollment", post(cards::unenroll))
+        .route("/cards/dynamic-cvv2/enquiry", post(cards::enquiry))
+        .route("/cards/cvv2/verification", post(cards::verify_cvv2))
+        .route("/cards/security-codes", post(cards::security_code))
+        .route("/cards/dcvv/verification", post(cards::verify_dcvv))
+        .route("/keys", get(cards::keys))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ))
+        .layer(
+            ServiceBuilder::new()
+                .layer(HandleErrorLayer::new(overload_or_timeout))
+                .timeout(state.settings().request_timeout)
+                .load_shed()
+                .layer(GlobalConcurrencyLimitLayer::new(
+                    state.settings().max_in_flight,
+                )),
+        );
+    let open = Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
+        .route("/openapi.json", get(openapi::document));
     Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+        .merge(signed)
+        .merge(open)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(
+            ServiceBuilder::new()
+                .layer(SetRequestIdLayer::x_request_id(ServerIds::new()))
+                .layer(PropagateRequestIdLayer::x_request_id())
+                .layer(TraceLayer::new_for_http())
+                .layer(middleware::from_fn_with_state(state.clone(), observe)),
+        )
         .with_state(state)
 }
 
-async fn healthz() -> Json<Value> {
-    Json(json!({"status": "ok"}))
-}
-
-async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
-    let token = Arc::clone(&state.token);
-    match hsm::blocking(move || token.probe()).await {
-        Ok(()) => (StatusCode::OK, Json(json!({"status": "ready"}))),
-        Err(e) => {
-            tracing::warn!(error = %e, "readiness probe failed");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({"status": "unavailable", "code": "hsm_unavailable"})),
-            )
-        }
-    }
-}
-
-/// Opens the token, binds the configured address and serves until SIGINT/SIGTERM,
-/// draining in-flight requests.
-///
-/// # Errors
-/// The token's error at start, or an I/O error binding or serving.
-pub fn serve_blocking(settings: Settings) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let token = Arc::new(Token::open(&settings.hsm)?);
-    refuse_wide_keys(&token)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let served: Result<(), Box<dyn std::error::Error + Send + Sync>> = runtime.block_on({
-        let token = Arc::clone(&token);
-        async move {
-            let listener = tokio::net::TcpListener::bind(settings.server.listen).await?;
-            tracing::info!(address = %listener.local_addr()?, "dcvv-gateway listening");
-            axum::serve(listener, app(AppState { token }))
-                .with_graceful_shutdown(shutdown_signal())
-                .await?;
-            tracing::info!("drained, stopping");
-            Ok(())
-        }
-    });
-    // In-flight blocking token calls finish with the runtime; then the token is ours alone.
-    drop(runtime);
-    if let Ok(token) = Arc::try_unwrap(token) {
-        token.finalize()?;
-    }
-    served
-}
-
-/// DESIGN 3: the gateway does not start while a gateway key in the token is
-/// wider than its kind allows.
-fn refuse_wide_keys(token: &Token) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let wide: Vec<String> = token
-        .list_keys()?
-        .into_iter()
-        .filter(|k| !k.violations.is_empty())
-        .map(|k| format!("{} ({})", k.label, k.violations.join(", ")))
-        .collect();
-    if wide.is_empty() {
-        Ok(())
+async fn overload_or_timeout(
+    context: Option<axum::Extension<RequestContext>>,
+    error: tower::BoxError,
+) -> Response {
+    let id = context.map(|c| c.0.id).unwrap_or_default();
+    if error.is::<tower::timeout::error::Elapsed>() {
+        ApiError::unavailable("request_timeout")
+            .with_request_id(&id)
+            .into_response()
+    } else if error.is::<tower::load_shed::error::Overloaded>() {
+        ApiError::overloaded().with_request_id(&id).into_response()
     } else {
-        Err(format!(
-            "refusing to start: key(s) wider than their policy: {}",
-            wide.join("; ")
-        )
-        .into())
+        ApiError::internal().with_request_id(&id).into_response()
     }
 }
 
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = interrupt.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = interrupt => {},
-            _ = term.recv() => {},
-        }
+async fn not_found(context: Option<axum::Extension<RequestContext>>) -> Response {
+    let id = context.map(|c| c.0.id).unwrap_or_default();
+    ApiError::not_found().with_request_id(&id).into_response()
+}
+
+async fn method_not_allowed(context: Option<axum::Extension<RequestContext>>) -> Response {
+    let id = context.map(|c| c.0.id).unwrap_or_default();
+    ApiError::method_not_allowed()
+        .with_request_id(&id)
+        .into_response()
+}
+
+/// The route template of a path, or `unmatched` (metrics labels never carry
+/// arbitrary paths).
+fn route_label(path: &str) -> &'static str {
+    ROUTES
+        .iter()
+        .find(|(_, p)| *p == path)
+        .map_or("unmatched", |(_, p)| p)
+}
+
+/// Request context, the request log and the metrics: one line per request with
+/// method, route, status, error code, client, latency and request id; for a
+/// 5xx, also the internal cause. Nothing from the body or the signature headers.
+async fn observe(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let client_id = request
+        .headers()
+        .get(signature::REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .and_then(signature::RequestId::parse);
+    let id = match client_id {
+        Some(id) => id.as_str().to_owned(),
+        None => request
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned(),
+    };
+    request
+        .extensions_mut()
+        .insert(RequestContext { id: id.clone() });
+    let route = route_label(request.uri().path());
+    let method = request.method().clone();
+    let api = route.starts_with("/cards") || route == "/keys";
+    if api {
+        state.metrics().in_flight(1);
     }
-    #[cfg(not(unix))]
-    {
-        let _ = interrupt.await;
+    let response = next.run(request).await;
+    if api {
+        state.metrics().in_flight(-1);
     }
+    let elapsed = started.elapsed();
+    let status = response.status();
+    let code = response.extensions().get::<ErrorCode>().map_or("", |c| c.0);
+    state
+        .metrics()
+        .request(route, method.as_str(), status.as_u16(), code, elapsed);
+    let client = response
+        .extensions()
+        .get::<auth::ClientId>()
+        .map_or("-", |c| c.0.as_str());
+    let latency_ms = elapsed.as_secs_f64() * 1000.0;
+    if let Some(ErrorDetail(detail)) = response.extensions().get::<ErrorDetail>() {
+        tracing::error!(%method, route, status = status.as_u16(), code, client, latency_ms, request_id = %id, cause = %detail, "request failed");
+    } else if status.is_server_error() {
+        tracing::warn!(%method, route, status = status.as_u16(), code, client, latency_ms, request_id = %id, "request failed");
+    } else if api || method != Method::GET {
+        tracing::info!(%method, route, status = status.as_u16(), code, client, latency_ms, request_id = %id, "request");
+    } else {
+        tracing::debug!(%method, route, status = status.as_u16(), latency_ms, "request");
+    }
+    response
 }

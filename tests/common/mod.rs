@@ -10,13 +10,14 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod http;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime};
 
-use dcvv_gateway::config::{ServerSettings, Settings};
 use dcvv_gateway::hsm::{Component, HsmSettings, KeyKind, KeyLabel, PinSource, Token};
 
 const MODULES: &[&str] = &[
@@ -161,16 +162,6 @@ pub fn hsm_settings() -> HsmSettings {
         pin: PinSource::File(TOKEN.pin_file.clone()),
         max_sessions: 4,
         checkout_timeout: Duration::from_secs(5),
-    }
-}
-
-/// Full settings for this process's token.
-pub fn settings() -> Settings {
-    Settings {
-        hsm: hsm_settings(),
-        server: ServerSettings {
-            listen: "127.0.0.1:0".parse().unwrap(),
-        },
     }
 }
 

@@ -1,0 +1,196 @@
+//! Card programmes (issue 3): which keys and which TDCVV2-v1 rules apply to a
+//! card, chosen by `keyAssociation` or else by the longest matching BIN prefix.
+//!
+//! Pure lookups over the configured list; built once at start-up by `config`.
+
+use std::collections::HashSet;
+use std::num::NonZeroU32;
+
+use crate::hsm::KeyLabel;
+
+use super::card::{Pan, Tdcvv2Profile};
+
+/// One card programme.
+#[derive(Clone, Debug)]
+pub struct Programme {
+    /// Unique name (clients are allowed programmes by name).
+    pub name: String,
+    /// BIN prefixes (1–11 digits) of the programme's cards.
+    pub bin_prefixes: Vec<String>,
+    /// Selects this programme when a request names it, whatever the BIN.
+    pub key_association: Option<String>,
+    /// CVK of static CVV / CVV2 / iCVV.
+    pub cvk: KeyLabel,
+    /// IMK of contactless dCVV.
+    pub imk_dcvv: KeyLabel,
+    /// IMK of TDCVV2-v1 (a key of its own, DESIGN 2.4).
+    pub imk_tdcvv2: KeyLabel,
+    /// Window length and past / future tolerance.
+    pub profile: Tdcvv2Profile,
+    /// Once a window's code is accepted for a card, refuse it for that card.
+    pub single_use: bool,
+    /// Mismatches within `failure_period_seconds` after which dynamic checks are declined.
+    pub failure_limit: Option<NonZeroU32>,
+    /// Length of the rolling failure period.
+    pub failure_period_seconds: u32,
+}
+
+impl Programme {
+    /// Every key label the programme uses, for start-up and readiness checks.
+    pub fn key_labels(&self) -> [&KeyLabel; 3] {
+        [&self.cvk, &self.imk_dcvv, &self.imk_tdcvv2]
+    }
+}
+
+/// Why a programme list is refused at start-up.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProgrammeError {
+    /// Two programmes share a name.
+    #[error("programme name {0:?} is used twice")]
+    DuplicateName(String),
+    /// Two programmes share a BIN prefix, so the card's programme would be ambiguous.
+    #[error("BIN prefix {0:?} belongs to two programmes")]
+    DuplicatePrefix(String),
+    /// Two programmes share a key association.
+    #[error("keyAssociation {0:?} belongs to two programmes")]
+    DuplicateAssociation(String),
+    /// A BIN prefix is not 1 to 11 digits.
+    #[error("programme {0:?}: BIN prefixes are 1 to 11 digits")]
+    BadPrefix(String),
+    /// A programme without any BIN prefix.
+    #[error("programme {0:?}: at least one BIN prefix")]
+    NoPrefix(String),
+}
+
+/// The configured programmes.
+#[derive(Clone, Debug, Default)]
+pub struct Programmes(Vec<Programme>);
+
+impl Programmes {
+    /// Checks the list: unique names, prefixes and associations.
+    ///
+    /// # Errors
+    /// The first problem found.
+    pub fn new(list: Vec<Programme>) -> Result<Programmes, ProgrammeError> {
+        let mut names = HashSet::new();
+        let mut prefixes = HashSet::new();
+        let mut associations = HashSet::new();
+        for p in &list {
+            if !names.insert(p.name.as_str()) {
+                return Err(ProgrammeError::DuplicateName(p.name.clone()));
+            }
+            if p.bin_prefixes.is_empty() {
+                return Err(ProgrammeError::NoPrefix(p.name.clone()));
+            }
+            for prefix in &p.bin_prefixes {
+                if !(1..=11).contains(&prefix.len()) || !prefix.bytes().all(|b| b.is_ascii_digit())
+                {
+                    return Err(ProgrammeError::BadPrefix(p.name.clone()));
+                }
+                if !prefixes.insert(prefix.as_str()) {
+                    return Err(ProgrammeError::DuplicatePrefix(prefix.clone()));
+                }
+            }
+            if let Some(a) = &p.key_association {
+                if !associations.insert(a.as_str()) {
+                    return Err(ProgrammeError::DuplicateAssociation(a.clone()));
+                }
+            }
+        }
+        Ok(Programmes(list))
+    }
+
+    /// All programmes.
+    pub fn iter(&self) -> impl Iterator<Item = &Programme> {
+        self.0.iter()
+    }
+
+    /// The programme of a card: the one named by `key_association` when given
+    /// (it must also cover the card's BIN), else the longest matching prefix.
+    pub fn resolve(&self, pan: &Pan, key_association: Option<&str>) -> Option<&Programme> {
+        let digits = pan.digits();
+        let covers = |p: &Programme| -> Option<usize> {
+            p.bin_prefixes
+                .iter()
+                .filter(|prefix| digits.starts_with(prefix.as_str()))
+                .map(String::len)
+                .max()
+        };
+        match key_association {
+            Some(a) => self
+                .0
+                .iter()
+                .find(|p| p.key_association.as_deref() == Some(a))
+                .filter(|p| covers(p).is_some()),
+            None => self
+                .0
+                .iter()
+                .filter_map(|p| covers(p).map(|len| (len, p)))
+                .max_by_key(|(len, _)| *len)
+                .map(|(_, p)| p),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn programme(name: &str, prefixes: &[&str], association: Option<&str>) -> Programme {
+        Programme {
+            name: name.into(),
+            bin_prefixes: prefixes.iter().map(|s| s.to_string()).collect(),
+            key_association: association.map(Into::into),
+            cvk: "cvk-v1".parse().unwrap(),
+            imk_dcvv: "imk-dcvv-v1".parse().unwrap(),
+            imk_tdcvv2: "imk-tdcvv2-v1".parse().unwrap(),
+            profile: Tdcvv2Profile::new(300, 1, 0).unwrap(),
+            single_use: true,
+            failure_limit: NonZeroU32::new(5),
+            failure_period_seconds: 86_400,
+        }
+    }
+
+    fn pan(s: &str) -> Pan {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn longest_prefix_wins_and_association_selects() {
+        let list = Programmes::new(vec![
+            programme("visa", &["4"], None),
+            programme("gold", &["412345"], Some("GOLD")),
+            programme("other", &["5"], Some("OTHER")),
+        ])
+        .unwrap();
+        let card = pan("4123450000000002");
+        assert_eq!(list.resolve(&card, None).unwrap().name, "gold");
+        assert_eq!(list.resolve(&pan("4000000000000002"), None).unwrap().name, "visa");
+        assert_eq!(list.resolve(&card, Some("GOLD")).unwrap().name, "gold");
+        // An association that does not cover the card's BIN selects nothing.
+        assert!(list.resolve(&card, Some("OTHER")).is_none());
+        assert!(list.resolve(&card, Some("NONE")).is_none());
+        assert!(list.resolve(&pan("6011000000000004"), None).is_none());
+    }
+
+    #[test]
+    fn ambiguous_lists_are_refused() {
+        let twice = Programmes::new(vec![
+            programme("a", &["4"], None),
+            programme("a", &["5"], None),
+        ]);
+        assert_eq!(twice.unwrap_err(), ProgrammeError::DuplicateName("a".into()));
+        let prefix = Programmes::new(vec![
+            programme("a", &["41"], None),
+            programme("b", &["41"], None),
+        ]);
+        assert_eq!(prefix.unwrap_err(), ProgrammeError::DuplicatePrefix("41".into()));
+        let assoc = Programmes::new(vec![
+            programme("a", &["41"], Some("X")),
+            programme("b", &["42"], Some("X")),
+        ]);
+        assert_eq!(assoc.unwrap_err(), ProgrammeError::DuplicateAssociation("X".into()));
+        assert!(Programmes::new(vec![programme("a", &["4x"], None)]).is_err());
+        assert!(Programmes::new(vec![programme("a", &[], None)]).is_err());
+    }
+}

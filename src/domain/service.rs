@@ -1,0 +1,773 @@
+//! The card service: every business rule of DESIGN 2.4 and 4 in one place.
+//! Which programme a card belongs to, whether the caller may touch it, when a
+//! card is expired, enrolment, the dynamic-or-static choice at authorization,
+//! single use and the failure limit, and replay refusal.
+//!
+//! Keyed work runs on the engine through [`crate::hsm::blocking`], never on a
+//! runtime worker. State changes of one request, together with its request id,
+//! are committed in one store transaction *after* the token work succeeded, so
+//! a failed or refused request changes nothing (DESIGN 7.3) and a request id is
+//! only spent on a request that was carried out. No HTTP types here.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::hsm::{self, CardCrypto, HsmError, Kcv, KeyKind, KeyLabel};
+use crate::store::{CardId, Enrollment, Store, StoreError};
+
+use super::DomainError;
+use super::card::{Atc, CodeLength, Expiry, Pan, Psn, SecurityCode, ServiceCode};
+use super::engine::{Engine, StaticCodeKind, WindowCode};
+use super::programme::{Programme, Programmes};
+
+/// Domain separation of the PAN-index HMAC input (DESIGN 6: the store keys
+/// cards by a keyed hash of the PAN, never the PAN).
+const PAN_INDEX_CONTEXT: &[u8] = b"dcvv-gateway/pan-index/v1\n";
+
+/// Time source, injectable so tests can stand on a window boundary.
+pub trait Clock: Send + Sync + std::fmt::Debug {
+    /// Unix epoch milliseconds, UTC.
+    fn now_ms(&self) -> u64;
+}
+
+/// The system's clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+}
+
+/// Told about every token call the service makes (metrics).
+pub trait HsmObserver: Send + Sync + std::fmt::Debug {
+    /// One call: its operation name, how long it took, whether it succeeded.
+    fn hsm_call(&self, operation: &'static str, elapsed: Duration, ok: bool);
+}
+
+/// An observer that does nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoObserver;
+
+impl HsmObserver for NoObserver {
+    fn hsm_call(&self, _: &'static str, _: Duration, _: bool) {}
+}
+
+/// The programmes a client may touch.
+#[derive(Debug, Clone)]
+pub enum ProgrammeAccess {
+    /// Every programme.
+    All,
+    /// Only these, by name.
+    Only(HashSet<String>),
+}
+
+impl ProgrammeAccess {
+    fn allows(&self, programme: &str) -> bool {
+        match self {
+            ProgrammeAccess::All => true,
+            ProgrammeAccess::Only(names) => names.contains(programme),
+        }
+    }
+}
+
+/// Who is asking, as authenticated by the HTTP layer.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller<'a> {
+    /// Client id (`apikey`).
+    pub client: &'a str,
+    /// The client's request id, unique per request.
+    pub request_id: &'a str,
+    /// Programmes the client may touch.
+    pub access: &'a ProgrammeAccess,
+}
+
+/// The card fields common to every card request (DESIGN 4).
+#[derive(Debug, Clone)]
+pub struct CardData {
+    /// PAN, Luhn-checked at the edge.
+    pub pan: Pan,
+    /// Expiry `YYMM`.
+    pub expiry: Expiry,
+    /// PAN sequence number (`00` when absent).
+    pub psn: Psn,
+    /// Optional programme selector.
+    pub key_association: Option<String>,
+}
+
+/// What every card operation reports, for the response and the audit trail.
+#[derive(Debug, Clone)]
+pub struct CardContext {
+    /// `412345******2345`.
+    pub masked_pan: String,
+    /// The programme's name.
+    pub programme: String,
+}
+
+/// The key a result was computed under.
+#[derive(Debug, Clone)]
+pub struct KeyUse {
+    /// Its label (carries the version).
+    pub label: KeyLabel,
+    /// Its KCV.
+    pub kcv: Kcv,
+}
+
+/// `numberOfValues` after parsing: 1 to 24.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ValueCount(u8);
+
+impl TryFrom<u32> for ValueCount {
+    type Error = DomainError;
+
+    fn try_from(n: u32) -> Result<Self, DomainError> {
+        u8::try_from(n)
+            .ok()
+            .filter(|n| (1..=super::engine::MAX_VALUES).contains(n))
+            .map(ValueCount)
+            .ok_or(DomainError::Invalid {
+                field: "numberOfValues",
+                reason: "must be 1 to 24",
+            })
+    }
+}
+
+/// Dynamic values handed to the card-management system.
+#[derive(Debug)]
+pub struct GeneratedValues {
+    /// Card and programme.
+    pub card: CardContext,
+    /// When the values were computed, epoch milliseconds.
+    pub generated_at_ms: u64,
+    /// The values, first one current.
+    pub values: Vec<WindowCode>,
+    /// The IMK-TDCVV2 used.
+    pub key: KeyUse,
+    /// Whether this call enrolled the card.
+    pub newly_enrolled: bool,
+}
+
+/// Enrolment state after an enrol, unenrol or enquiry.
+#[derive(Debug, Clone)]
+pub struct EnrollmentStatus {
+    /// Card and programme.
+    pub card: CardContext,
+    /// Enrolled now?
+    pub enrolled: bool,
+    /// Did this call change it?
+    pub changed: bool,
+    /// When it was enrolled, epoch seconds.
+    pub enrolled_at: Option<i64>,
+}
+
+/// How a code was checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// TDCVV2-v1 (enrolled card).
+    Dynamic,
+    /// Static CVV2 (card not enrolled).
+    Static,
+    /// Contactless dCVV.
+    Dcvv,
+}
+
+/// Why a code was declined, or `Match`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// The code is right.
+    Match,
+    /// The code is wrong.
+    Mismatch,
+    /// The static CVV2 of an enrolled card.
+    StaticCvv2Disabled,
+    /// Single use: this window's code was already accepted for this card.
+    CodeAlreadyUsed,
+    /// The failure limit of the programme is reached.
+    TooManyFailures,
+}
+
+impl Reason {
+    /// Approved only on `Match`.
+    pub fn approved(self) -> bool {
+        self == Reason::Match
+    }
+}
+
+/// The business result of a verification (a decline is not an error).
+#[derive(Debug, Clone)]
+pub struct Verification {
+    /// Card and programme.
+    pub card: CardContext,
+    /// Outcome.
+    pub reason: Reason,
+    /// How it was checked.
+    pub method: Method,
+    /// The key used.
+    pub key: KeyUse,
+}
+
+/// A static code for embossing.
+#[derive(Debug)]
+pub struct StaticCode {
+    /// Card and programme.
+    pub card: CardContext,
+    /// The code.
+    pub code: SecurityCode,
+    /// The CVK used.
+    pub key: KeyUse,
+}
+
+/// What the service needs besides its collaborators.
+#[derive(Debug, Clone)]
+pub struct ServiceSettings {
+    /// The PAN-index HMAC key.
+    pub pan_index_key: KeyLabel,
+    /// How long a request id is remembered (DESIGN 5: 15 minutes).
+    pub replay_window_seconds: u32,
+}
+
+/// The card service.
+#[derive(Debug)]
+pub struct CardService<H> {
+    engine: Arc<Engine<H>>,
+    store: Store,
+    programmes: Programmes,
+    settings: ServiceSettings,
+    clock: Arc<dyn Clock>,
+    observer: Arc<dyn HsmObserver>,
+}
+
+impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
+    /// A service over an HSM port, a store and the configured programmes.
+    pub fn new(
+        hsm: H,
+        store: Store,
+        programmes: Programmes,
+        settings: ServiceSettings,
+        clock: Arc<dyn Clock>,
+        observer: Arc<dyn HsmObserver>,
+    ) -> Self {
+        CardService {
+            engine: Arc::new(Engine::new(hsm)),
+            store,
+            programmes,
+            settings,
+            clock,
+            observer,
+        }
+    }
+
+    /// The configured programmes.
+    pub fn programmes(&self) -> &Programmes {
+        &self.programmes
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// Labels of every key the service uses.
+    pub fn keys_in_use(&self) -> HashSet<String> {
+        let mut labels = HashSet::from([self.settings.pan_index_key.to_string()]);
+        for p in self.programmes.iter() {
+            labels.extend(p.key_labels().map(ToString::to_string));
+        }
+        labels
+    }
+
+    /// Spends a request id for a request that changes no card state (key inventory).
+    ///
+    /// # Errors
+    /// `DuplicateRequest`, `Store`.
+    pub async fn record_request(&self, caller: &Caller<'_>) -> Result<(), DomainError> {
+        self.refuse_replay(caller).await?;
+        let tx = self.begin(caller, self.now_seconds()).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Checks that every key the service uses is present and within its
+    /// policy: the PAN-index key and each programme's keys (start-up, readiness).
+    ///
+    /// # Errors
+    /// The first key's error.
+    pub async fn check_keys(&self) -> Result<(), DomainError> {
+        let mut wanted = vec![(self.settings.pan_index_key.clone(), KeyKind::PanIndex)];
+        for p in self.programmes.iter() {
+            wanted.push((p.cvk.clone(), KeyKind::Cvk));
+            wanted.push((p.imk_dcvv.clone(), KeyKind::ImkDcvv));
+            wanted.push((p.imk_tdcvv2.clone(), KeyKind::ImkTdcvv2));
+        }
+        self.on_token("key_check", move |engine| {
+            for (label, kind) in &wanted {
+                engine.hsm().key_check_value(label, *kind)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Runs `work` on the blocking pool, timed for the observer.
+    async fn on_token<R, F>(&self, operation: &'static str, work: F) -> Result<R, DomainError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Engine<H>) -> Result<R, DomainError> + Send + 'static,
+    {
+        let engine = Arc::clone(&self.engine);
+        let started = Instant::now();
+        let result = hsm::blocking(move || Ok(work(&engine))).await;
+        let result = match result {
+            Ok(inner) => inner,
+            Err(e) => Err(DomainError::Hsm(e)),
+        };
+        self.observer.hsm_call(
+            operation,
+            started.elapsed(),
+            !matches!(result, Err(DomainError::Hsm(_))),
+        );
+        result
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    fn now_seconds(&self) -> i64 {
+        i64::try_from(self.now_ms() / 1000).unwrap_or(i64::MAX)
+    }
+
+    /// Programme, access and expiry: the checks every card request passes before
+    /// any token or store work.
+    fn admit(
+        &self,
+        caller: &Caller<'_>,
+        card: &CardData,
+        reject_expired: bool,
+    ) -> Result<Programme, DomainError> {
+        let programme = self
+            .programmes
+            .resolve(&card.pan, card.key_association.as_deref())
+            .ok_or(DomainError::UnknownProgramme)?;
+        if !caller.access.allows(&programme.name) {
+            return Err(DomainError::ProgrammeNotAllowed);
+        }
+        if reject_expired && is_expired(card.expiry, self.now_ms()) {
+            return Err(DomainError::CardExpired);
+        }
+        Ok(programme.clone())
+    }
+
+    /// Refuses early a request id already spent (the authoritative check is the
+    /// claim inside the transaction that commits the request).
+    async fn refuse_replay(&self, caller: &Caller<'_>) -> Result<(), DomainError> {
+        if self
+            .store
+            .is_request_seen(caller.client, caller.request_id, self.now_seconds())
+            .await?
+        {
+            return Err(DomainError::DuplicateRequest);
+        }
+        Ok(())
+    }
+
+    async fn card_id(&self, pan: &Pan) -> Result<CardId, DomainError> {
+        let label = self.settings.pan_index_key.clone();
+        let mut input = zeroize::Zeroizing::new(PAN_INDEX_CONTEXT.to_vec());
+        input.extend_from_slice(pan.digits().as_bytes());
+        let digest = self
+            .on_token("pan_index", move |engine| {
+                Ok(engine.hsm().hmac(&label, KeyKind::PanIndex, &input)?)
+            })
+            .await?;
+        let bytes: [u8; 32] = digest[..].try_into().map_err(|_| {
+            DomainError::Hsm(HsmError::Wrapper("PAN-index HMAC is not 32 bytes".into()))
+        })?;
+        Ok(CardId(bytes))
+    }
+
+    async fn begin(&self, caller: &Caller<'_>, now: i64) -> Result<crate::store::StoreTx, DomainError> {
+        let mut tx = self.store.begin().await?;
+        tx.claim_request(
+            caller.client,
+            caller.request_id,
+            now,
+            now + i64::from(self.settings.replay_window_seconds),
+        )
+        .await?;
+        Ok(tx)
+    }
+
+    fn context(card: &CardData, programme: &Programme) -> CardContext {
+        CardContext {
+            masked_pan: card.pan.masked(),
+            programme: programme.name.clone(),
+        }
+    }
+
+    /// `POST /cards/pin/dynamic-values`: `count` TDCVV2-v1 values from the
+    /// current window on; enrols the card if it was not (DESIGN 2.4, 4).
+    ///
+    /// # Errors
+    /// `UnknownProgramme`, `ProgrammeNotAllowed`, `CardExpired`,
+    /// `DuplicateRequest`, `Hsm`, `Store`.
+    pub async fn dynamic_values(
+        &self,
+        caller: &Caller<'_>,
+        card: &CardData,
+        count: ValueCount,
+    ) -> Result<GeneratedValues, DomainError> {
+        let programme = self.admit(caller, card, true)?;
+        self.refuse_replay(caller).await?;
+        let card_id = self.card_id(&card.pan).await?;
+        let now_ms = self.now_ms();
+        let (imk, pan, expiry, profile) = (
+            programme.imk_tdcvv2.clone(),
+            card.pan.clone(),
+            card.expiry,
+            programme.profile,
+        );
+        let (values, kcv) = self
+            .on_token("tdcvv2_generate", move |engine| {
+                engine.tdcvv2_generate(&imk, &pan, expiry, profile, now_ms / 1000, count.0)
+            })
+            .await?;
+        let now = self.now_seconds();
+        let mut tx = self.begin(caller, now).await?;
+        let newly_enrolled = tx
+            .enroll(
+                &card_id,
+                &Enrollment {
+                    programme: programme.name.clone(),
+                    masked_pan: card.pan.masked(),
+                    enrolled_at: now,
+                },
+            )
+            .await?;
+        if newly_enrolled {
+            tx.clear_failures(&card_id).await?;
+        }
+        tx.commit().await?;
+        Ok(GeneratedValues {
+            card: Self::context(card, &programme),
+            generated_at_ms: now_ms,
+            values,
+            key: KeyUse {
+                label: programme.imk_tdcvv2.clone(),
+                kcv,
+            },
+            newly_enrolled,
+        })
+    }
+
+    /// Enrols (`true`) or unenrols (`false`) a card; idempotent.
+    ///
+    /// # Errors
+    /// As [`CardService::dynamic_values`].
+    pub async fn set_enrollment(
+        &self,
+        caller: &Caller<'_>,
+        card: &CardData,
+        enrol: bool,
+    ) -> Result<EnrollmentStatus, DomainError> {
+        let programme = self.admit(caller, card, enrol)?;
+        self.refuse_replay(caller).await?;
+        let card_id = self.card_id(&card.pan).await?;
+        let now = self.now_seconds();
+        let mut tx = self.begin(caller, now).await?;
+        let changed = if enrol {
+            let newly = tx
+                .enroll(
+                    &card_id,
+                    &Enrollment {
+                        programme: programme.name.clone(),
+                        masked_pan: card.pan.masked(),
+                        enrolled_at: now,
+                    },
+                )
+                .await?;
+            if newly {
+                tx.clear_failures(&card_id).await?;
+            }
+            newly
+        } else {
+            tx.unenroll(&card_id).await?
+        };
+        let enrolled_at = tx.enrollment(&card_id).await?.map(|e| e.enrolled_at);
+        tx.commit().await?;
+        Ok(EnrollmentStatus {
+            card: Self::context(card, &programme),
+            enrolled: enrol,
+            changed,
+            enrolled_at,
+        })
+    }
+
+    /// Is the card enrolled?
+    ///
+    /// # Errors
+    /// As [`CardService::dynamic_values`], except `CardExpired`.
+    pub async fn enquiry(
+        &self,
+        caller: &Caller<'_>,
+        card: &CardData,
+    ) -> Result<EnrollmentStatus, DomainError> {
+        let programme = self.admit(caller, card, false)?;
+        self.refuse_replay(caller).await?;
+        let card_id = self.card_id(&card.pan).await?;
+        let mut tx = self.begin(caller, self.now_seconds()).await?;
+        let enrollment = tx.enrollment(&card_id).await?;
+        tx.commit().await?;
+        Ok(EnrollmentStatus {
+            card: Self::context(card, &programme),
+            enrolled: enrollment.is_some(),
+            changed: false,
+            enrolled_at: enrollment.map(|e| e.enrolled_at),
+        })
+    }
+
+    /// Authorization-time CVV2 check: the dynamic rules for an enrolled card
+    /// (windows, single use, failure limit; its static CVV2 is declined), the
+    /// static CVV2 otherwise (DESIGN 2.4, 4, 7.5).
+    ///
+    /// # Errors
+    /// As [`CardService::dynamic_values`]. A decline is `Ok`.
+    pub async fn verify_cvv2(
+        &self,
+        caller: &Caller<'_>,
+        card: &CardData,
+        cvv2: SecurityCode,
+    ) -> Result<Verification, DomainError> {
+        let programme = self.admit(caller, card, true)?;
+        self.refuse_replay(caller).await?;
+        let card_id = self.card_id(&card.pan).await?;
+        let context = Self::context(card, &programme);
+        if self.store.enrollment(&card_id).await?.is_none() {
+            let (cvk, pan, expiry) = (programme.cvk.clone(), card.pan.clone(), card.expiry);
+            let issued = self
+                .on_token("cvv2_static", move |engine| {
+                    engine.static_code(&cvk, &pan, expiry, StaticCodeKind::Cvv2, CodeLength::THREE)
+                })
+                .await?;
+            let tx = self.begin(caller, self.now_seconds()).await?;
+            tx.commit().await?;
+            let reason = if issued.code.matches(&cvv2) {
+                Reason::Match
+            } else {
+                Reason::Mismatch
+            };
+            return Ok(Verification {
+                card: context,
+                reason,
+                method: Method::Static,
+                key: KeyUse {
+                    label: programme.cvk.clone(),
+                    kcv: issued.kcv,
+                },
+            });
+        }
+
+        let now_ms = self.now_ms();
+        let (imk, cvk, pan, expiry, profile, candidate) = (
+            programme.imk_tdcvv2.clone(),
+            programme.cvk.clone(),
+            card.pan.clone(),
+            card.expiry,
+            programme.profile,
+            cvv2,
+        );
+        let (matched, kcv, is_static) = self
+            .on_token("tdcvv2_verify", move |engine| {
+                let kcv = engine.hsm().key_check_value(&imk, KeyKind::ImkTdcvv2)?;
+                let matched =
+                    engine.tdcvv2_verify(&imk, &pan, expiry, profile, now_ms / 1000, &candidate)?;
+                // Only a mismatch needs the static CVV2, to name the decline.
+                let is_static = match matched {
+                    Some(_) => false,
+                    None => engine
+                        .static_code(&cvk, &pan, expiry, StaticCodeKind::Cvv2, CodeLength::THREE)?
+                        .code
+                        .matches(&candidate),
+                };
+                Ok((matched, kcv, is_static))
+            })
+            .await?;
+
+        let now = self.now_seconds();
+        let mut tx = self.begin(caller, now).await?;
+        let blocked = match programme.failure_limit {
+            Some(limit) => {
+                let since = now - i64::from(programme.failure_period_seconds);
+                tx.failures_since(&card_id, since).await? >= limit.get()
+            }
+            None => false,
+        };
+        let reason = if blocked {
+            Reason::TooManyFailures
+        } else if let Some(window) = matched {
+            let window = i64::try_from(window).unwrap_or(i64::MAX);
+            let w = i64::from(profile.window_seconds());
+            // The window's code is acceptable until G windows after it have passed.
+            let last_acceptable = (window + 1 + i64::from(profile.past_windows())) * w;
+            if !programme.single_use || tx.claim_window(&card_id, window, now, last_acceptable).await? {
+                Reason::Match
+            } else {
+                Reason::CodeAlreadyUsed
+            }
+        } else {
+            if programme.failure_limit.is_some() {
+                let expires = now + i64::from(programme.failure_period_seconds);
+                tx.add_failure(&card_id, now, expires).await?;
+            }
+            if is_static {
+                Reason::StaticCvv2Disabled
+            } else {
+                Reason::Mismatch
+            }
+        };
+        tx.commit().await?;
+        Ok(Verification {
+            card: context,
+            reason,
+            method: if reason == Reason::StaticCvv2Disabled {
+                Method::Static
+            } else {
+                Method::Dynamic
+            },
+            key: KeyUse {
+                label: programme.imk_tdcvv2.clone(),
+                kcv,
+            },
+        })
+    }
+
+    /// Static CVV / CVV2 / iCVV for embossing (DESIGN 2.1).
+    ///
+    /// # Errors
+    /// As [`CardService::dynamic_values`].
+    pub async fn security_code(
+        &self,
+        caller: &Caller<'_>,
+        card: &CardData,
+        kind: StaticCodeKind,
+        digits: CodeLength,
+    ) -> Result<StaticCode, DomainError> {
+        let programme = self.admit(caller, card, true)?;
+        self.refuse_replay(caller).await?;
+        let (cvk, pan, expiry) = (programme.cvk.clone(), card.pan.clone(), card.expiry);
+        let issued = self
+            .on_token("static_code", move |engine| {
+                engine.static_code(&cvk, &pan, expiry, kind, digits)
+            })
+            .await?;
+        let tx = self.begin(caller, self.now_seconds()).await?;
+        tx.commit().await?;
+        Ok(StaticCode {
+            card: Self::context(card, &programme),
+            code: issued.code,
+            key: KeyUse {
+                label: programme.cvk.clone(),
+                kcv: issued.kcv,
+            },
+        })
+    }
+
+    /// Contactless dCVV check (DESIGN 2.3).
+    ///
+    /// # Errors
+    /// As [`CardService::dynamic_values`]. A decline is `Ok`.
+    pub async fn verify_dcvv(
+        &self,
+        caller: &Caller<'_>,
+        card: &CardData,
+        service_code: ServiceCode,
+        atc: Atc,
+        dcvv: SecurityCode,
+    ) -> Result<Verification, DomainError> {
+        let programme = self.admit(caller, card, true)?;
+        self.refuse_replay(caller).await?;
+        let (imk, pan, expiry) = (programme.imk_dcvv.clone(), card.pan.clone(), card.expiry);
+        let issued = self
+            .on_token("dcvv_verify", move |engine| {
+                engine.dcvv(&imk, &pan, expiry, service_code, atc)
+            })
+            .await?;
+        let tx = self.begin(caller, self.now_seconds()).await?;
+        tx.commit().await?;
+        Ok(Verification {
+            card: Self::context(card, &programme),
+            reason: if issued.code.matches(&dcvv) {
+                Reason::Match
+            } else {
+                Reason::Mismatch
+            },
+            method: Method::Dcvv,
+            key: KeyUse {
+                label: programme.imk_dcvv.clone(),
+                kcv: issued.kcv,
+            },
+        })
+    }
+}
+
+/// A card is valid through the last day of its expiry month (UTC).
+fn is_expired(expiry: Expiry, now_ms: u64) -> bool {
+    let Ok(now) = time::OffsetDateTime::from_unix_timestamp(
+        i64::try_from(now_ms / 1000).unwrap_or(i64::MAX),
+    ) else {
+        return true;
+    };
+    let digits = expiry.as_str();
+    let (Ok(yy), Ok(mm)) = (digits[..2].parse::<i32>(), digits[2..].parse::<u8>()) else {
+        return true;
+    };
+    let expiry_month = (2000 + yy) * 12 + i32::from(mm);
+    let current_month = now.year() * 12 + i32::from(u8::from(now.month()));
+    expiry_month < current_month
+}
+
+impl From<StoreError> for DomainError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::DuplicateRequest => DomainError::DuplicateRequest,
+            other => DomainError::Store(other),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(date: time::OffsetDateTime) -> u64 {
+        u64::try_from(date.unix_timestamp()).unwrap() * 1000
+    }
+
+    #[test]
+    fn a_card_is_valid_through_its_expiry_month() {
+        let expiry: Expiry = "2612".parse().unwrap();
+        let last_second = time::macros::datetime!(2026-12-31 23:59:59 UTC);
+        let next_month = time::macros::datetime!(2027-01-01 00:00:00 UTC);
+        assert!(!is_expired(expiry, ms(last_second)));
+        assert!(is_expired(expiry, ms(next_month)));
+        assert!(!is_expired("2701".parse().unwrap(), ms(next_month)));
+    }
+
+    #[test]
+    fn value_counts_are_1_to_24() {
+        assert!(ValueCount::try_from(0).is_err());
+        assert!(ValueCount::try_from(1).is_ok());
+        assert!(ValueCount::try_from(24).is_ok());
+        assert!(ValueCount::try_from(25).is_err());
+        assert!(ValueCount::try_from(256 + 1).is_err());
+    }
+}

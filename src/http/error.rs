@@ -1,0 +1,311 @@
+//! The error contract of DESIGN 4: `{"code", "message", "requestId"}` with a
+//! stable snake_case code. 4xx bodies say what is wrong (naming fields, never
+//! their values); 5xx bodies carry only the code. 429 and 503 carry
+//! `Retry-After`.
+//!
+//! Turning an error into a response has no side effect: the request log and the
+//! metrics read the code from the response's [`ErrorCode`] extension.
+
+use std::borrow::Cow;
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::domain::DomainError;
+use crate::hsm::HsmError;
+use crate::store::StoreError;
+
+/// Seconds a client should wait after a 429 or 503.
+const RETRY_AFTER_SECONDS: &str = "1";
+
+/// The stable code of an error response, for the log and the metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErrorCode(pub &'static str);
+
+/// An error answer.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: Cow<'static, str>,
+    request_id: Option<String>,
+    detail: Option<String>,
+}
+
+/// The internal cause of a 5xx, for the request log only (never the body).
+/// Error texts of the lower layers carry no key, PAN, code or secret.
+#[derive(Debug, Clone)]
+pub struct ErrorDetail(pub String);
+
+/// Wire shape of an error.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ErrorBody {
+    /// Stable machine code, snake_case.
+    #[schema(example = "invalid_card_number")]
+    pub code: &'static str,
+    /// Human text (absent on 5xx).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The request's `X-Client-Request-Id`, or the gateway's own id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
+
+impl ApiError {
+    /// An error with its status, code and message.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            request_id: None,
+            detail: None,
+        }
+    }
+
+    /// Keeps the cause of a server error for the request log.
+    #[must_use]
+    pub fn with_detail(mut self, cause: &dyn std::error::Error) -> Self {
+        if self.status.is_server_error() {
+            let mut text = cause.to_string();
+            let mut source = cause.source();
+            while let Some(s) = source {
+                text.push_str(": ");
+                text.push_str(&s.to_string());
+                source = s.source();
+            }
+            self.detail = Some(text);
+        }
+        self
+    }
+
+    /// Attaches the request id the body reports.
+    #[must_use]
+    pub fn with_request_id(mut self, id: &str) -> Self {
+        self.request_id = Some(id.to_owned());
+        self
+    }
+
+    /// The status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The stable code.
+    pub fn code(&self) -> &'static str {
+        self.code
+    }
+
+    /// 400: the body is not JSON of the endpoint's shape.
+    pub fn malformed() -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_request",
+            "the body is not a JSON object of this endpoint's shape \
+             (check field names and types; unknown fields are refused)",
+        )
+    }
+
+    /// 401: unknown client or wrong signature; one body for both (DESIGN 5).
+    pub fn bad_signature() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_signature",
+            "the apikey is unknown or the signature does not verify",
+        )
+    }
+
+    /// 404.
+    pub fn not_found() -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+    }
+
+    /// 405.
+    pub fn method_not_allowed() -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "this route does not take that method",
+        )
+    }
+
+    /// 413.
+    pub fn too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the body is larger than {limit} bytes"),
+        )
+    }
+
+    /// 429: shed under overload.
+    pub fn overloaded() -> Self {
+        Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "overloaded",
+            "too many requests in flight; retry after the delay in Retry-After",
+        )
+    }
+
+    /// 503 with a code and no detail.
+    pub fn unavailable(code: &'static str) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, code, "")
+    }
+
+    /// 500 with no detail.
+    pub fn internal() -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "")
+    }
+
+    /// The body as JSON bytes (used where a response must be signed).
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody {
+            code: self.code,
+            message: (!self.status.is_server_error() && !self.message.is_empty())
+                .then(|| self.message.to_string()),
+            request_id: self.request_id.clone(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, Json(self.body())).into_response();
+        if matches!(
+            self.status,
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+        ) {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS));
+        }
+        response.extensions_mut().insert(ErrorCode(self.code));
+        if let Some(detail) = self.detail {
+            response.extensions_mut().insert(ErrorDetail(detail));
+        }
+        response
+    }
+}
+
+/// The 422 code of an invalid field, by its wire name.
+fn invalid_field_code(field: &str) -> &'static str {
+    match field {
+        "cardNumber" => "invalid_card_number",
+        "expiryDate" => "invalid_expiry_date",
+        "panSequenceNumber" => "invalid_pan_sequence_number",
+        "numberOfValues" => "invalid_number_of_values",
+        "serviceCode" => "invalid_service_code",
+        "digits" => "invalid_digits",
+        "kind" => "invalid_kind",
+        "channel" => "invalid_channel",
+        "atc" => "invalid_atc",
+        "cvv2" => "invalid_cvv2",
+        "dcvv" => "invalid_dcvv",
+        "keyAssociation" => "invalid_key_association",
+        _ => "invalid_field",
+    }
+}
+
+fn from_hsm(e: &HsmError) -> ApiError {
+    match e {
+        HsmError::Busy { .. } => ApiError::unavailable("hsm_busy"),
+        HsmError::KeyNotFound { .. }
+        | HsmError::WrongKeyKind { .. }
+        | HsmError::KeyPolicy { .. }
+        | HsmError::DuplicateLabel { .. } => ApiError::unavailable("key_unavailable"),
+        HsmError::InvalidInput(_) | HsmError::Wrapper(_) | HsmError::Worker(_) => {
+            ApiError::internal()
+        }
+        _ => ApiError::unavailable("hsm_unavailable"),
+    }
+}
+
+fn from_store(e: &StoreError) -> ApiError {
+    match e {
+        StoreError::DuplicateRequest => duplicate(),
+        StoreError::Internal(_) => ApiError::internal(),
+        _ => ApiError::unavailable("store_unavailable"),
+    }
+}
+
+fn duplicate() -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "duplicate_request",
+        "this X-Client-Request-Id was already used by this client",
+    )
+}
+
+impl From<&DomainError> for ApiError {
+    fn from(e: &DomainError) -> Self {
+        match e {
+            DomainError::Invalid { field, .. } => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                invalid_field_code(field),
+                e.to_string(),
+            ),
+            DomainError::UnknownProgramme => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "unknown_card_programme",
+                "no card programme covers this card number (or its keyAssociation)",
+            ),
+            DomainError::CardExpired => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "card_expired",
+                "the card's expiry month has passed",
+            ),
+            DomainError::ProgrammeNotAllowed => ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden_programme",
+                "this client may not use the card's programme",
+            ),
+            DomainError::DuplicateRequest => duplicate(),
+            DomainError::Hsm(h) => from_hsm(h),
+            DomainError::Store(s) => from_store(s),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_errors_carry_only_the_code_and_retry_after() {
+        let response = ApiError::unavailable("hsm_unavailable")
+            .with_request_id("r-1")
+            .into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+        let body = serde_json::to_value(ApiError::unavailable("hsm_unavailable").body()).unwrap();
+        assert_eq!(body, serde_json::json!({"code": "hsm_unavailable"}));
+        assert_eq!(
+            response.extensions().get::<ErrorCode>(),
+            Some(&ErrorCode("hsm_unavailable"))
+        );
+    }
+
+    #[test]
+    fn domain_errors_map_to_the_documented_statuses() {
+        let cases = [
+            (DomainError::UnknownProgramme, 422, "unknown_card_programme"),
+            (DomainError::CardExpired, 422, "card_expired"),
+            (DomainError::ProgrammeNotAllowed, 403, "forbidden_programme"),
+            (DomainError::DuplicateRequest, 409, "duplicate_request"),
+            (
+                DomainError::Invalid { field: "cardNumber", reason: "fails the Luhn check" },
+                422,
+                "invalid_card_number",
+            ),
+            (DomainError::Hsm(HsmError::Busy { millis: 1 }), 503, "hsm_busy"),
+            (DomainError::Hsm(HsmError::KeyNotFound { label: "k".into() }), 503, "key_unavailable"),
+        ];
+        for (error, status, code) in cases {
+            let api = ApiError::from(&error);
+            assert_eq!((api.status().as_u16(), api.code()), (status, code), "{error:?}");
+        }
+    }
+}

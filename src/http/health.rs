@@ -1,0 +1,116 @@
+//! Unsigned operational routes: liveness, readiness (token session, login,
+//! every configured key present and within policy, store writable) and the
+//! Prometheus exposition.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::domain::DomainError;
+use crate::hsm;
+
+use super::AppState;
+
+/// Liveness.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Health {
+    /// `ok`.
+    pub status: &'static str,
+}
+
+/// Readiness and what each check found.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Readiness {
+    /// `ready` or `unavailable`.
+    pub status: &'static str,
+    /// Token: `ok`, or why not.
+    pub hsm: &'static str,
+    /// Keys: `ok`, or why not.
+    pub keys: &'static str,
+    /// Store: `ok`, or why not.
+    pub store: &'static str,
+}
+
+/// The process answers.
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, body = Health)))]
+pub async fn healthz() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
+/// Ready to serve: the token answers with the user logged in, every key the
+/// programmes use is present and within policy, and the store can be written.
+#[utoipa::path(
+    get, path = "/readyz", tag = "operations",
+    responses((status = 200, body = Readiness), (status = 503, body = Readiness))
+)]
+pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
+    let token = Arc::clone(state.token());
+    let hsm = match hsm::blocking(move || token.probe()).await {
+        Ok(()) => "ok",
+        Err(e) => {
+            tracing::warn!(error = %e, "readiness: token probe failed");
+            "unavailable"
+        }
+    };
+    let keys = if hsm == "ok" {
+        match state.service().check_keys().await {
+            Ok(()) => "ok",
+            Err(DomainError::Hsm(e)) if e.is_unavailable() => "unavailable",
+            Err(e) => {
+                tracing::warn!(error = %e, "readiness: a configured key is missing or refused");
+                "missing_or_refused"
+            }
+        }
+    } else {
+        "unknown"
+    };
+    let now = state.clock().now_ms() / 1000;
+    let store = match state
+        .service()
+        .store()
+        .probe(i64::try_from(now).unwrap_or(i64::MAX))
+        .await
+    {
+        Ok(()) => "ok",
+        Err(e) => {
+            tracing::warn!(error = %e, "readiness: store probe failed");
+            "unavailable"
+        }
+    };
+    let ready = hsm == "ok" && keys == "ok" && store == "ok";
+    (
+        if ready {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        },
+        Json(Readiness {
+            status: if ready { "ready" } else { "unavailable" },
+            hsm,
+            keys,
+            store,
+        }),
+    )
+}
+
+/// Prometheus text exposition.
+#[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, content_type = "text/plain", body = String)))]
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    let (in_use, max) = state.token().session_usage();
+    state.metrics().sessions(in_use, max);
+    match state.metrics().encode() {
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}

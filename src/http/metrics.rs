@@ -1,0 +1,194 @@
+//! Prometheus metrics (`GET /metrics`): requests by route, method, status and
+//! error code; request latency by route and outcome; token call latency by
+//! operation; HSM session-pool use; requests in flight.
+//!
+//! Labels are route templates, methods, statuses, stable error codes and
+//! operation names — never a PAN, a code, a client secret or a request id.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::domain::service::HsmObserver;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: String,
+    method: String,
+    status: u16,
+    code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LatencyLabels {
+    route: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HsmLabels {
+    operation: &'static str,
+    outcome: &'static str,
+}
+
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    [
+        0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.024, 2.048,
+        5.0,
+    ]
+    .into_iter()
+}
+
+/// The gateway's metrics and their registry.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<LatencyLabels, Histogram>,
+    hsm: Family<HsmLabels, Histogram>,
+    sessions_in_use: Gauge<i64, std::sync::atomic::AtomicI64>,
+    sessions_max: Gauge<i64, std::sync::atomic::AtomicI64>,
+    in_flight: Gauge<i64, std::sync::atomic::AtomicI64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A new, registered set.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("dcvv");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let latency = Family::<LatencyLabels, Histogram>::new_with_constructor(
+            (|| Histogram::new(latency_buckets())) as fn() -> Histogram,
+        );
+        let hsm = Family::<HsmLabels, Histogram>::new_with_constructor(
+            (|| Histogram::new(latency_buckets())) as fn() -> Histogram,
+        );
+        let sessions_in_use = Gauge::default();
+        let sessions_max = Gauge::default();
+        let in_flight = Gauge::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests by route template, method, status and error code",
+            requests.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "HTTP request latency by route template and outcome",
+            latency.clone(),
+        );
+        registry.register(
+            "hsm_call_duration_seconds",
+            "Token calls (one per card operation) by operation and outcome",
+            hsm.clone(),
+        );
+        registry.register(
+            "hsm_sessions_in_use",
+            "PKCS#11 sessions checked out now",
+            sessions_in_use.clone(),
+        );
+        registry.register(
+            "hsm_sessions_max",
+            "Size of the PKCS#11 session pool",
+            sessions_max.clone(),
+        );
+        registry.register(
+            "http_in_flight",
+            "Card API requests being served now",
+            in_flight.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            latency,
+            hsm,
+            sessions_in_use,
+            sessions_max,
+            in_flight,
+        }
+    }
+
+    /// Records one finished request.
+    pub fn request(&self, route: &str, method: &str, status: u16, code: &str, elapsed: Duration) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                route: route.to_owned(),
+                method: method.to_owned(),
+                status,
+                code: code.to_owned(),
+            })
+            .inc();
+        let outcome = match status {
+            200..=299 => "ok",
+            400..=499 => "client_error",
+            _ => "server_error",
+        };
+        self.latency
+            .get_or_create(&LatencyLabels {
+                route: route.to_owned(),
+                outcome,
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// A card request started (`+1`) or ended (`-1`).
+    pub fn in_flight(&self, delta: i64) {
+        self.in_flight.inc_by(delta);
+    }
+
+    /// The session pool's use, set just before a scrape.
+    pub fn sessions(&self, in_use: usize, max: usize) {
+        self.sessions_in_use
+            .set(i64::try_from(in_use).unwrap_or(i64::MAX));
+        self.sessions_max.set(i64::try_from(max).unwrap_or(i64::MAX));
+    }
+
+    /// The text exposition format.
+    ///
+    /// # Errors
+    /// Formatting failed (does not happen with a `String` sink).
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
+        Ok(text)
+    }
+}
+
+impl HsmObserver for Metrics {
+    fn hsm_call(&self, operation: &'static str, elapsed: Duration, ok: bool) {
+        self.hsm
+            .get_or_create(&HsmLabels {
+                operation,
+                outcome: if ok { "ok" } else { "error" },
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_the_families_and_labels() {
+        let m = Metrics::new();
+        m.request("/cards/cvv2/verification", "POST", 200, "", Duration::from_millis(3));
+        m.hsm_call("tdcvv2_verify", Duration::from_micros(800), true);
+        m.sessions(1, 4);
+        let text = m.encode().unwrap();
+        assert!(text.contains(
+            "dcvv_http_requests_total{route=\"/cards/cvv2/verification\",method=\"POST\",status=\"200\",code=\"\"} 1"
+        ), "{text}");
+        assert!(text.contains("dcvv_hsm_call_duration_seconds_count{operation=\"tdcvv2_verify\",outcome=\"ok\"} 1"), "{text}");
+        assert!(text.contains("dcvv_hsm_sessions_max 4"), "{text}");
+    }
+}

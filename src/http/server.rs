@@ -1,0 +1,241 @@
+//! Start-up and serving: assemble the gateway from its settings (clients'
+//! secrets, the store, the card service), refuse to start on a missing or
+//! too-wide key, then serve HTTPS (rustls) — or plain HTTP only when the config
+//! says `allow_insecure_http = true`, with a loud warning — until SIGINT or
+//! SIGTERM, draining in-flight requests within the configured grace.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::config::{Settings, Transport};
+use crate::domain::DomainError;
+use crate::domain::service::{CardService, Clock, SystemClock};
+use crate::hsm::{HsmError, Token};
+use crate::store::{Store, StoreError};
+
+use super::clients::{ClientError, Clients};
+use super::metrics::Metrics;
+use super::{AppState, app};
+
+/// Why the gateway did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The token could not be opened.
+    #[error(transparent)]
+    Hsm(#[from] HsmError),
+    /// A key in the token is wider than its kind allows (DESIGN 3).
+    #[error("refusing to start: key(s) wider than their policy: {0}")]
+    WideKeys(String),
+    /// A configured key is missing or refused.
+    #[error("refusing to start: a configured key is unusable: {0}")]
+    Keys(DomainError),
+    /// A client secret could not be loaded.
+    #[error(transparent)]
+    Clients(#[from] ClientError),
+    /// The config names no client or no programme.
+    #[error("refusing to start: {0}")]
+    Incomplete(&'static str),
+    /// The store could not be opened or migrated.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The certificate or key could not be loaded.
+    #[error("TLS: {0}")]
+    Tls(std::io::Error),
+    /// Binding or serving failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// An assembled gateway, ready to serve.
+#[derive(Debug)]
+pub struct Gateway {
+    state: AppState,
+    transport: Transport,
+    cleanup_interval: std::time::Duration,
+    grace: std::time::Duration,
+}
+
+impl Gateway {
+    /// Loads clients' secrets, opens and migrates the store, builds the service
+    /// and checks that every configured key is present and within policy.
+    ///
+    /// # Errors
+    /// `Clients`, `Store`, `Keys`, `Incomplete`.
+    pub async fn build(
+        settings: &Settings,
+        token: Arc<Token>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Gateway, StartError> {
+        if settings.clients.is_empty() {
+            return Err(StartError::Incomplete("the config names no [[clients]]"));
+        }
+        if settings.programmes.iter().next().is_none() {
+            return Err(StartError::Incomplete("the config names no [[programmes]]"));
+        }
+        let clients = Clients::load(&settings.clients)?;
+        let store = Store::open_sqlite(&settings.store).await?;
+        let metrics = Arc::new(Metrics::new());
+        let service = CardService::new(
+            Arc::clone(&token),
+            store,
+            settings.programmes.clone(),
+            settings.service.clone(),
+            clock,
+            Arc::clone(&metrics) as Arc<dyn crate::domain::service::HsmObserver>,
+        );
+        service.check_keys().await.map_err(StartError::Keys)?;
+        Ok(Gateway {
+            state: AppState::new(service, token, clients, metrics, settings.server.clone()),
+            transport: settings.server.transport.clone(),
+            cleanup_interval: settings.server.cleanup_interval,
+            grace: settings.server.shutdown_grace,
+        })
+    }
+
+    /// The handlers' state (tests drive `app(state)` directly).
+    pub fn state(&self) -> AppState {
+        self.state.clone()
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then drains.
+    ///
+    /// # Errors
+    /// `Tls` when the certificate or key cannot be loaded; `Io` from serving.
+    pub async fn serve(
+        self,
+        listener: std::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), StartError> {
+        if self.transport == Transport::Unconfigured {
+            return Err(StartError::Incomplete(
+                "[server] needs tls_cert_file and tls_key_file (HTTPS), or \
+                 allow_insecure_http = true for plain HTTP in development",
+            ));
+        }
+        listener.set_nonblocking(true)?;
+        let address = listener.local_addr()?;
+        let handle = axum_server::Handle::new();
+        let grace = self.grace;
+        tokio::spawn({
+            let handle = handle.clone();
+            async move {
+                shutdown.await;
+                tracing::info!("shutdown requested; draining in-flight requests");
+                handle.graceful_shutdown(Some(grace));
+            }
+        });
+        let cleaner = tokio::spawn(cleanup(self.state.clone(), self.cleanup_interval));
+        let service = app(self.state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+        let served = match &self.transport {
+            Transport::Tls { cert, key } => {
+                // The process-wide rustls provider is ring; a second install is a no-op.
+                let _ = rustls::crypto::ring::default_provider().install_default();
+                let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
+                    .await
+                    .map_err(StartError::Tls)?;
+                tracing::info!(%address, "dcvv-gateway listening (HTTPS)");
+                axum_server::from_tcp_rustls(listener, config)
+                    .handle(handle)
+                    .serve(service)
+                    .await
+            }
+            Transport::InsecureHttp | Transport::Unconfigured => {
+                tracing::warn!(
+                    %address,
+                    "INSECURE: serving plain HTTP because allow_insecure_http = true; \
+                     card data and signatures cross the network in clear. Development only."
+                );
+                axum_server::from_tcp(listener)
+                    .handle(handle)
+                    .serve(service)
+                    .await
+            }
+        };
+        cleaner.abort();
+        self.state.service().store().close().await;
+        tracing::info!("drained, stopping");
+        Ok(served?)
+    }
+}
+
+/// Deletes expired request ids, used windows and failures now and then.
+async fn cleanup(state: AppState, every: std::time::Duration) {
+    let mut ticker = tokio::time::interval(every);
+    loop {
+        ticker.tick().await;
+        let now = i64::try_from(state.clock().now_ms() / 1000).unwrap_or(i64::MAX);
+        match state.service().store().cleanup(now).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(rows = n, "store cleanup"),
+            Err(e) => tracing::warn!(error = %e, "store cleanup failed"),
+        }
+    }
+}
+
+/// Opens the token, builds the gateway, binds the configured address and serves
+/// until SIGINT/SIGTERM; finalizes the token after the drain.
+///
+/// # Errors
+/// Any [`StartError`].
+pub fn serve_blocking(settings: Settings) -> Result<(), StartError> {
+    let token = Arc::new(Token::open(&settings.hsm)?);
+    refuse_wide_keys(&token)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let served = runtime.block_on({
+        let token = Arc::clone(&token);
+        async move {
+            let gateway = Gateway::build(&settings, token, Arc::new(SystemClock)).await?;
+            let listener = std::net::TcpListener::bind(settings.server.listen)?;
+            gateway.serve(listener, shutdown_signal()).await
+        }
+    });
+    // In-flight blocking token calls finish with the runtime; then the token is ours alone.
+    drop(runtime);
+    if let Ok(token) = Arc::try_unwrap(token) {
+        token.finalize()?;
+    }
+    served
+}
+
+/// DESIGN 3: the gateway does not start while a gateway key in the token is
+/// wider than its kind allows.
+fn refuse_wide_keys(token: &Token) -> Result<(), StartError> {
+    let wide: Vec<String> = token
+        .list_keys()?
+        .into_iter()
+        .filter(|k| !k.violations.is_empty())
+        .map(|k| format!("{} ({})", k.label, k.violations.join(", ")))
+        .collect();
+    if wide.is_empty() {
+        Ok(())
+    } else {
+        Err(StartError::WideKeys(wide.join("; ")))
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = interrupt.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = interrupt => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}
