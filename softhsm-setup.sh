@@ -193,10 +193,13 @@ config_module=$(config_value module)
 if [ "$config_module" != "$module" ] && [ ! -f "$config_module" ]; then
     env_content+=$'\n'"export DCVV_GATEWAY__HSM__MODULE=$(printf '%q' "$module")"
 fi
-# Where the demo client's secret is, never the secret itself. For `dcvv-gateway call`:
-#   export DCVV_CLIENT_SECRET="$(cat "$DCVV_CLIENT_SECRET_FILE")"
-env_content+=$'\n''# The demo API client (cms-demo) secret file; the secret itself is never in this file.'
-env_content+=$'\n''# For `dcvv-gateway call`: export DCVV_CLIENT_SECRET="$(cat "$DCVV_CLIENT_SECRET_FILE")"'
+# Where the demo client's secret is, never the secret itself.
+secret_hint=$(cat <<'EOF'
+# The demo API client's (cms-demo) secret file; the secret itself is never in this file.
+# For `dcvv-gateway call`: export DCVV_CLIENT_SECRET="$(cat "$DCVV_CLIENT_SECRET_FILE")"
+EOF
+)
+env_content+=$'\n'"$secret_hint"
 env_content+=$'\n'"export DCVV_CLIENT_SECRET_FILE=$(printf '%q' "$demo_secret_file")"
 write_if_changed "$env_file" "$env_content" ".softhsm/env"
 # shellcheck source=/dev/null
@@ -397,8 +400,9 @@ if [ -s "$demo_secret_file" ]; then
 else
     (umask 077 && openssl rand -base64 32 | tr '+/' '-_' | tr -d '=\n' >"$demo_secret_file.tmp")
     chmod 600 "$demo_secret_file.tmp"
-    [ "$(wc -c <"$demo_secret_file.tmp")" -eq 43 ] && secret_file_valid "$demo_secret_file.tmp" \
-        || die "could not make a client secret with openssl rand"
+    if [ "$(wc -c <"$demo_secret_file.tmp")" -ne 43 ] || ! secret_file_valid "$demo_secret_file.tmp"; then
+        die "could not make a client secret with openssl rand"
+    fi
     mv -f "$demo_secret_file.tmp" "$demo_secret_file"
     created+=("client secret $secret_name")
 fi
@@ -466,6 +470,8 @@ cat <<EOF
 
 Token '$token_label' is ready (module $module).
 The PINs are in .softhsm/user.pin and .softhsm/so.pin (mode 600); keep them out of logs.
+TLS: .softhsm/tls/ca.pem is the development CA (give it to clients: --cacert); the gateway
+serves .softhsm/tls/server.pem. The demo client's secret is in $secret_name (mode 600).
 
 Key commands by hand:
   source .softhsm/env
@@ -477,8 +483,34 @@ Run the service: ./softhsm-setup.sh --run
 EOF
 
 if [ "$mode" = run ]; then
-    listen=$(config_value listen)
-    echo
-    say "Starting dcvv-gateway on ${listen:-the configured address} (Ctrl-C to stop)"
+    # The address clients use: the configured one (or its environment override), with a
+    # wildcard address replaced by loopback, which the development certificate covers.
+    listen=${DCVV_GATEWAY__SERVER__LISTEN:-$(config_value listen)}
+    listen=${listen:-127.0.0.1:8443}
+    case "$listen" in
+        0.0.0.0:*) listen="127.0.0.1:${listen#0.0.0.0:}" ;;
+        '[::]:'*) listen="[::1]:${listen#\[::\]:}" ;;
+    esac
+    url="https://$listen"
+    cat >&2 <<EOF
+
+==> Next steps: in a second terminal, call the gateway
+  cd $(printf '%q' "$repo")
+  export DCVV_CLIENT_SECRET="\$(cat $secret_name)"
+  curl --cacert .softhsm/tls/ca.pem $url/readyz
+
+  # three dynamic CVV2 values for the demo card (enrols it)
+  target/release/dcvv-gateway call --url $url --apikey $demo_client --secret-env DCVV_CLIENT_SECRET --cacert .softhsm/tls/ca.pem \\
+    POST /cards/pin/dynamic-values --data '{"cardNumber":"4123450000000003","expiryDate":"3012","numberOfValues":3}'
+
+  # verify the first one (the "dcvv2" field): approved / match, then declined / code_already_used
+  target/release/dcvv-gateway call --url $url --apikey $demo_client --secret-env DCVV_CLIENT_SECRET --cacert .softhsm/tls/ca.pem \\
+    POST /cards/cvv2/verification --data '{"cardNumber":"4123450000000003","expiryDate":"3012","cvv2":"<the dcvv2 from above>"}'
+
+  More (enrolment, static CVV2, the API, signing your own requests): README.md, "Quick start".
+  Ctrl-C or SIGTERM stops the gateway after in-flight requests finish.
+
+EOF
+    say "Starting dcvv-gateway on $url (Ctrl-C to stop)" >&2
     exec "$bin" --config "$config" serve
 fi
