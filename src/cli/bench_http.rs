@@ -193,20 +193,36 @@ impl Failure {
         match self {
             Failure::Transport => "transport",
             Failure::Timeout => "timeout",
-            Failure::Signature => "bad response signature",
-            Failure::UnexpectedBody => "unexpected 2xx body",
-            Failure::Refresh => "refresh of the current value failed",
+            Failure::Signature => "response signature",
+            Failure::UnexpectedBody => "unexpected body",
+            Failure::Refresh => "refresh",
             Failure::Client => "client",
         }
     }
 
-    fn from_reqwest(e: &reqwest::Error) -> Failure {
-        if e.is_timeout() {
+    fn with(self, detail: impl Into<String>) -> Failed {
+        Failed {
+            kind: self,
+            detail: detail.into(),
+        }
+    }
+
+    fn from_reqwest(e: &reqwest::Error) -> Failed {
+        let kind = if e.is_timeout() {
             Failure::Timeout
         } else {
             Failure::Transport
-        }
+        };
+        kind.with(call::error_chain(e))
     }
+}
+
+/// A failed exchange: its kind and what went wrong (error texts and URLs,
+/// never a body).
+#[derive(Debug)]
+struct Failed {
+    kind: Failure,
+    detail: String,
 }
 
 /// One answer whose signature verified (or that was unsigned).
@@ -233,13 +249,15 @@ impl Client {
     }
 
     /// Signs and sends one POST, reads the answer and checks its signature.
-    async fn post(&self, (url, path): &(Url, String), body: &[u8]) -> Result<Reply, Failure> {
-        let id = self.next_id().ok_or(Failure::Client)?;
-        let timestamp = call::now_ms().map_err(|_| Failure::Client)?;
+    async fn post(&self, (url, path): &(Url, String), body: &[u8]) -> Result<Reply, Failed> {
+        let id = self
+            .next_id()
+            .ok_or_else(|| Failure::Client.with("request id too long"))?;
+        let timestamp = call::now_ms().map_err(|e| Failure::Client.with(e.to_string()))?;
         let mut headers = self
             .credentials
             .sign_request(&id, timestamp, &Method::POST, path, body)
-            .map_err(|_| Failure::Client)?;
+            .map_err(|e| Failure::Client.with(e.to_string()))?;
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         let mut response = self
             .http
@@ -263,7 +281,7 @@ impl Client {
         {
             Ok(ResponseSignature::Verified) => true,
             Ok(ResponseSignature::Unsigned) => false,
-            Err(_) => return Err(Failure::Signature),
+            Err(why) => return Err(Failure::Signature.with(why.to_string())),
         };
         Ok(Reply {
             status,
@@ -345,6 +363,8 @@ struct Tally {
     statuses: BTreeMap<u16, u64>,
     outcomes: BTreeMap<String, u64>,
     errors: BTreeMap<&'static str, u64>,
+    /// The first error of each kind, for the report.
+    first_errors: BTreeMap<&'static str, String>,
     unsigned: u64,
     refreshes: u64,
 }
@@ -362,12 +382,18 @@ impl Tally {
         for (k, v) in other.errors {
             *self.errors.entry(k).or_default() += v;
         }
+        for (k, v) in other.first_errors {
+            self.first_errors.entry(k).or_insert(v);
+        }
         self.unsigned += other.unsigned;
         self.refreshes += other.refreshes;
     }
 
-    fn error(&mut self, failure: Failure) {
-        *self.errors.entry(failure.label()).or_default() += 1;
+    fn error(&mut self, failed: Failed) {
+        *self.errors.entry(failed.kind.label()).or_default() += 1;
+        self.first_errors
+            .entry(failed.kind.label())
+            .or_insert(failed.detail);
     }
 }
 
@@ -383,30 +409,41 @@ struct Run {
 
 impl Run {
     /// Fetches the card's current value (this also enrols it).
-    async fn fetch_current(&self) -> Result<(Reply, CurrentValue), Failure> {
+    async fn fetch_current(&self) -> Result<CurrentValue, Failed> {
         let reply = self
             .client
             .post(&self.generate, &self.card.generation_body(1))
-            .await?;
+            .await
+            .map_err(|f| {
+                Failure::Refresh.with(format!(
+                    "re-fetching the current value: {}: {}",
+                    f.kind.label(),
+                    f.detail
+                ))
+            })?;
         if reply.status != 200 {
-            return Err(Failure::Refresh);
+            return Err(Failure::Refresh.with(format!(
+                "re-fetching the current value: dynamic-values answered {}",
+                reply.status
+            )));
         }
-        let (_, value) = parse_values(&reply.body).ok_or(Failure::UnexpectedBody)?;
-        Ok((reply, value))
+        let (_, value) = parse_values(&reply.body).ok_or_else(|| {
+            Failure::Refresh.with("re-fetching the current value: no usable value in the answer")
+        })?;
+        Ok(value)
     }
 
     /// The code to verify now, re-fetched once by whichever task finds its window over.
-    async fn current_code(&self, tally: &mut Tally) -> Result<Zeroizing<String>, Failure> {
+    async fn current_code(&self, tally: &mut Tally) -> Result<Zeroizing<String>, Failed> {
         let mut current = self.current.lock().await;
         if OffsetDateTime::now_utc() >= current.valid_until {
             tally.refreshes += 1;
-            let (_, fresh) = self.fetch_current().await.map_err(|_| Failure::Refresh)?;
-            *current = fresh;
+            *current = self.fetch_current().await?;
         }
         Ok(current.code.clone())
     }
 
-    async fn one(&self, op: Operation, tally: &mut Tally) -> Result<Reply, Failure> {
+    async fn one(&self, op: Operation, tally: &mut Tally) -> Result<Reply, Failed> {
         match op {
             Operation::Verify => {
                 let code = self.current_code(tally).await?;
@@ -463,8 +500,8 @@ async fn task(
         let latency = u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX);
         let reply = match outcome {
             Ok(reply) => reply,
-            Err(failure) => {
-                tally.error(failure);
+            Err(failed) => {
+                tally.error(failed);
                 continue;
             }
         };
@@ -485,7 +522,11 @@ async fn task(
         };
         match understood {
             Some(()) => tally.ok_latencies_us.push(latency),
-            None => tally.error(Failure::UnexpectedBody),
+            None => tally.error(Failure::UnexpectedBody.with(format!(
+                "HTTP {}: not the documented answer of POST {}",
+                reply.status,
+                op.path()
+            ))),
         }
     }
     tally
@@ -505,6 +546,7 @@ struct HttpFigure {
     statuses: BTreeMap<u16, u64>,
     outcomes: BTreeMap<String, u64>,
     errors: BTreeMap<&'static str, u64>,
+    first_errors: BTreeMap<&'static str, String>,
     error_count: u64,
     unsigned_responses: u64,
     value_refreshes: u64,
@@ -532,7 +574,7 @@ async fn measure_http(
     for handle in handles {
         match handle.await {
             Ok(t) => tally.merge(t),
-            Err(_) => tally.error(Failure::Client),
+            Err(e) => tally.error(Failure::Client.with(format!("request task ended: {e}"))),
         }
     }
     let elapsed = start.elapsed().as_secs_f64();
@@ -549,6 +591,7 @@ async fn measure_http(
         statuses: tally.statuses,
         outcomes: tally.outcomes,
         errors: tally.errors,
+        first_errors: tally.first_errors,
         unsigned_responses: tally.unsigned,
         value_refreshes: tally.refreshes,
     }
@@ -636,7 +679,7 @@ pub(super) fn run(settings: &Settings, args: HttpBenchArgs) -> Result<(), CliErr
         CliError::Io(format!(
             "dynamic-values for the benchmark card ({}): {}",
             card.pan.masked(),
-            f.label()
+            f.detail
         ))
     })?;
     if reply.status != 200 {
@@ -719,11 +762,21 @@ pub(super) fn run(settings: &Settings, args: HttpBenchArgs) -> Result<(), CliErr
     }
     match std::io::stdout().lock().write_all(&text) {
         // A closed stdout (e.g. `| head`) is not an error worth reporting.
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(CliError::Io(format!(
-            "cannot write to stdout: {}",
-            e.kind()
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            return Err(CliError::Io(format!(
+                "cannot write to stdout: {}",
+                e.kind()
+            )));
+        }
+        _ => {}
+    }
+    // Figures without a single answer are no measurement: say so in the exit status.
+    match report.operations.iter().find(|o| o.http.p50_ms.is_none()) {
+        Some(o) => Err(CliError::Io(format!(
+            "POST {} got no 2xx answer in {} s (see the errors above)",
+            o.path, report.seconds_per_operation
         ))),
-        _ => Ok(()),
+        None => Ok(()),
     }
 }
 
@@ -740,7 +793,9 @@ fn targets(operations: &[OperationReport], rate: Option<f64>) -> Targets {
             verification_ratio_met: Some(ratio >= TARGET_RATIO),
             p99_ms_at_rate: None,
             p99_met: None,
-            suggested_half_peak_rate: verification.map(|o| (o.http.ok_per_second / 2.0).floor()),
+            suggested_half_peak_rate: verification
+                .map(|o| (o.http.ok_per_second / 2.0).floor())
+                .filter(|rate| *rate >= 1.0),
         },
         // Open loop: throughput is what --rate asked for, so the ratio says nothing.
         Some(_) => Targets {
@@ -839,6 +894,9 @@ fn print_report(r: &Report, out: &mut impl Write) -> std::io::Result<()> {
             counts(&h.errors),
             h.unsigned_responses
         )?;
+        for (kind, detail) in &h.first_errors {
+            writeln!(out, "  first {kind} error: {detail}")?;
+        }
         if o.path == Operation::Verify.path() {
             writeln!(
                 out,
@@ -894,12 +952,17 @@ fn print_report(r: &Report, out: &mut impl Write) -> std::io::Result<()> {
             out,
             "  verification p99 < {TARGET_P99_MS} ms at half of peak: no 2xx answers to measure"
         )?,
-        (None, _) => writeln!(
-            out,
-            "  verification p99 < {TARGET_P99_MS} ms at half of peak: needs a second run at a \
-             fixed rate: add --rate {}",
-            t.suggested_half_peak_rate.unwrap_or(0.0)
-        )?,
+        (None, _) => match t.suggested_half_peak_rate {
+            Some(half) => writeln!(
+                out,
+                "  verification p99 < {TARGET_P99_MS} ms at half of peak: needs a second run \
+                 at a fixed rate: add --rate {half}"
+            )?,
+            None => writeln!(
+                out,
+                "  verification p99 < {TARGET_P99_MS} ms at half of peak: no peak measured"
+            )?,
+        },
     }
     Ok(())
 }
@@ -986,7 +1049,7 @@ mod tests {
             statuses: BTreeMap::from([(200, 1)]),
             ..Tally::default()
         };
-        a.error(Failure::Timeout);
+        a.error(Failure::Timeout.with("operation timed out"));
         let b = Tally {
             attempts: 3,
             ok_latencies_us: vec![2, 3],
@@ -1000,6 +1063,7 @@ mod tests {
         assert_eq!(a.statuses[&200], 3);
         assert_eq!(a.statuses[&429], 1);
         assert_eq!(a.errors["timeout"], 1);
+        assert_eq!(a.first_errors["timeout"], "operation timed out");
         assert_eq!(a.outcomes["approved/match"], 1);
     }
 }

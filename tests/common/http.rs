@@ -162,7 +162,7 @@ static REQUEST_IDS: AtomicU32 = AtomicU32::new(0);
 
 /// A request id no other request of this process used.
 pub fn fresh_id() -> String {
-    format!("t-{}-{}", std::process::id(), REQUEST_IDS.fetch_add(1, Ordering::Relaxed))
+    format!("t{}x{}", std::process::id(), REQUEST_IDS.fetch_add(1, Ordering::Relaxed))
 }
 
 pub fn programme(name: &str, prefixes: &[&str], o: &Options) -> Programme {
