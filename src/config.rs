@@ -279,7 +279,8 @@ impl Settings {
             .into_iter()
             .map(programme)
             .collect::<Result<Vec<_>, _>>()?;
-        let programmes = Programmes::new(programmes).map_err(|e| err(format!("programmes: {e}")))?;
+        let programmes =
+            Programmes::new(programmes).map_err(|e| err(format!("programmes: {e}")))?;
         let names: HashSet<&str> = programmes.iter().map(|p| p.name.as_str()).collect();
         let clients = raw
             .clients
@@ -380,10 +381,18 @@ fn server_settings(
 
 fn programme(p: RawProgramme) -> Result<Programme, ConfigError> {
     let at = |field: &str| format!("programmes.{}.{field}", p.name);
-    let profile = Tdcvv2Profile::new(p.window_seconds, p.past_windows, p.future_windows)
-        .map_err(|e| err(format!("{}: {e}", at("window_seconds/past_windows/future_windows"))))?;
+    let profile =
+        Tdcvv2Profile::new(p.window_seconds, p.past_windows, p.future_windows).map_err(|e| {
+            err(format!(
+                "{}: {e}",
+                at("window_seconds/past_windows/future_windows")
+            ))
+        })?;
     if !(60..=31 * 86_400).contains(&p.failure_period_seconds) {
-        return Err(err(format!("{}: 60 to 2678400", at("failure_period_seconds"))));
+        return Err(err(format!(
+            "{}: 60 to 2678400",
+            at("failure_period_seconds")
+        )));
     }
     if p.name.is_empty() || p.name == "*" {
         return Err(err("programmes.name: a non-empty name other than \"*\""));
@@ -402,7 +411,11 @@ fn programme(p: RawProgramme) -> Result<Programme, ConfigError> {
     })
 }
 
-fn client(c: RawClient, programmes: &HashSet<&str>, base: &Path) -> Result<ClientSettings, ConfigError> {
+fn client(
+    c: RawClient,
+    programmes: &HashSet<&str>,
+    base: &Path,
+) -> Result<ClientSettings, ConfigError> {
     let at = |field: &str| format!("clients.{}.{field}", c.apikey);
     let valid_id = !c.apikey.is_empty()
         && c.apikey.len() <= crate::http::signature::MAX_APIKEY_CHARS
@@ -411,7 +424,10 @@ fn client(c: RawClient, programmes: &HashSet<&str>, base: &Path) -> Result<Clien
         return Err(err("clients.apikey: 1 to 64 printable characters"));
     }
     if !(1..=2).contains(&c.secrets.len()) {
-        return Err(err(format!("{}: one or two secret sources (two during a rotation)", at("secrets"))));
+        return Err(err(format!(
+            "{}: one or two secret sources (two during a rotation)",
+            at("secrets")
+        )));
     }
     if c.scopes.is_empty() {
         return Err(err(format!("{}: at least one scope", at("scopes"))));
@@ -419,8 +435,15 @@ fn client(c: RawClient, programmes: &HashSet<&str>, base: &Path) -> Result<Clien
     let access = if c.programmes.iter().any(|p| p == "*") {
         ProgrammeAccess::All
     } else {
-        if let Some(unknown) = c.programmes.iter().find(|p| !programmes.contains(p.as_str())) {
-            return Err(err(format!("{}: no programme named {unknown:?}", at("programmes"))));
+        if let Some(unknown) = c
+            .programmes
+            .iter()
+            .find(|p| !programmes.contains(p.as_str()))
+        {
+            return Err(err(format!(
+                "{}: no programme named {unknown:?}",
+                at("programmes")
+            )));
         }
         ProgrammeAccess::Only(c.programmes.iter().cloned().collect())
     };
@@ -442,6 +465,7 @@ fn client(c: RawClient, programmes: &HashSet<&str>, base: &Path) -> Result<Clien
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http::clients::{Scope, SecretSource};
 
     fn load(text: &str) -> Result<Settings, ConfigError> {
         let dir = tempfile::tempdir().unwrap();
@@ -498,5 +522,96 @@ mod tests {
         let bad = MINIMAL.replace("[server]", "max_sessions = 0\n[server]");
         assert!(load(&bad).unwrap_err().to_string().contains("max_sessions"));
         assert!(Settings::load(Path::new("/nonexistent/gateway.toml")).is_err());
+    }
+
+    const FULL: &str = r#"
+        [hsm]
+        module = "/usr/lib/softhsm/libsofthsm2.so"
+        token_label = "dcvv-dev"
+        pin_env = "PIN"
+        [server]
+        tls_cert_file = "tls/server.pem"
+        tls_key_file = "tls/server.key"
+        [[programmes]]
+        name = "demo"
+        bin_prefixes = ["412345"]
+        cvk = "cvk-demo-v1"
+        imk_dcvv = "imk-dcvv-demo-v1"
+        imk_tdcvv2 = "imk-tdcvv2-demo-v1"
+        window_seconds = 300
+        [[clients]]
+        apikey = "cms"
+        secrets = [{ file = "cms.secret" }, { env = "CMS_NEXT_SECRET" }]
+        scopes = ["dynamic_values", "keys"]
+        programmes = ["demo"]
+    "#;
+
+    #[test]
+    fn programmes_clients_and_tls_parse_into_real_types() {
+        let s = load(FULL).unwrap();
+        let Transport::Tls { cert, .. } = &s.server.transport else {
+            panic!("TLS expected")
+        };
+        assert!(cert.is_absolute() && cert.ends_with("tls/server.pem"));
+        let demo = s.programmes.iter().next().unwrap();
+        assert_eq!(demo.profile.window_seconds(), 300);
+        assert_eq!(demo.profile.past_windows(), 1, "G defaults to 1");
+        assert_eq!(demo.profile.future_windows(), 0, "F defaults to 0");
+        assert!(demo.single_use);
+        assert_eq!(demo.failure_limit.map(|n| n.get()), Some(5));
+        let client = &s.clients[0];
+        assert_eq!(client.secrets.len(), 2);
+        assert!(matches!(&client.secrets[0], SecretSource::File(p) if p.is_absolute()));
+        assert!(client.scopes.contains(&Scope::Keys));
+        assert_eq!(s.service.replay_window_seconds, 900);
+    }
+
+    #[test]
+    fn insecure_or_inconsistent_settings_are_refused_by_name() {
+        let both = FULL.replace("[server]", "[server]\nallow_insecure_http = true");
+        assert!(
+            load(&both)
+                .unwrap_err()
+                .to_string()
+                .contains("allow_insecure_http")
+        );
+        let half = FULL.replace("tls_key_file = \"tls/server.key\"", "");
+        assert!(
+            load(&half)
+                .unwrap_err()
+                .to_string()
+                .contains("tls_cert_file")
+        );
+        let unknown = FULL.replace("programmes = [\"demo\"]", "programmes = [\"gold\"]");
+        assert!(load(&unknown).unwrap_err().to_string().contains("gold"));
+        let scope = FULL.replace("\"keys\"]", "\"everything\"]");
+        assert!(load(&scope).is_err());
+        let window = FULL.replace("window_seconds = 300", "window_seconds = 30");
+        assert!(load(&window).unwrap_err().to_string().contains("window"));
+        let three = FULL.replace(
+            "{ env = \"CMS_NEXT_SECRET\" }]",
+            "{ env = \"A\" }, { env = \"B\" }]",
+        );
+        assert!(load(&three).unwrap_err().to_string().contains("secrets"));
+        let inline = FULL.replace(
+            "{ file = \"cms.secret\" }",
+            "{ value = \"sssssssssssssssssssssssssssssssss\" }",
+        );
+        assert!(
+            load(&inline).is_err(),
+            "a secret cannot be written into the TOML"
+        );
+        let replay = format!("{FULL}\n[signatures]\nmax_skew_seconds = 600\n");
+        assert!(
+            load(&replay)
+                .unwrap_err()
+                .to_string()
+                .contains("replay_window_seconds")
+        );
+        let twice = FULL.replace(
+            "bin_prefixes = [\"412345\"]",
+            "bin_prefixes = [\"412345\", \"412345\"]",
+        );
+        assert!(load(&twice).unwrap_err().to_string().contains("412345"));
     }
 }
