@@ -29,7 +29,12 @@ fn static_cvv2() -> String {
 
 async fn verify(gw: &TestGateway, cvv2: &str) -> (String, String, String) {
     let answer = gw.call("POST", VERIFY, &card(json!({"cvv2": cvv2}))).await;
-    assert_eq!(answer.status, 200, "{}", String::from_utf8_lossy(&answer.body));
+    assert_eq!(
+        answer.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
     let v = answer.json();
     (
         v["result"].as_str().unwrap().to_owned(),
@@ -52,9 +57,18 @@ async fn dynamic_values_match_the_reference_and_enrol_the_card() {
     // 90 s into window T: the first value is valid for 210 s more, 4 minutes rounded up.
     gw.clock.set_seconds(T0 + 90);
     let answer = gw
-        .call("POST", VALUES, &card(json!({"numberOfValues": 3, "channel": "W"})))
+        .call(
+            "POST",
+            VALUES,
+            &card(json!({"numberOfValues": 3, "channel": "W"})),
+        )
         .await;
-    assert_eq!(answer.status, 200, "{}", String::from_utf8_lossy(&answer.body));
+    assert_eq!(
+        answer.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
     let v = answer.json();
     let t = T0 / 300;
     assert_eq!(v["cardNumber"], "412345******2349");
@@ -82,12 +96,18 @@ async fn dynamic_values_match_the_reference_and_enrol_the_card() {
     let enquiry = gw.call("POST", ENQUIRY, &card(json!({}))).await;
     assert_eq!(enquiry.json()["enrollment"], "enrolled");
 
-    let most = gw.call("POST", VALUES, &card(json!({"numberOfValues": 24}))).await;
+    let most = gw
+        .call("POST", VALUES, &card(json!({"numberOfValues": 24})))
+        .await;
     let values = most.json()["values"].as_array().unwrap().clone();
     assert_eq!(values.len(), 24);
     assert_eq!(values[23]["dcvv2"], dynamic(t + 23));
     let one = gw.call("POST", VALUES, &card(json!({}))).await.json();
-    assert_eq!(one["values"].as_array().unwrap().len(), 1, "numberOfValues defaults to 1");
+    assert_eq!(
+        one["values"].as_array().unwrap().len(),
+        1,
+        "numberOfValues defaults to 1"
+    );
     gw.stop().await;
 }
 
@@ -99,17 +119,29 @@ async fn enrolment_switches_the_static_cvv2_off_and_unenrolment_on() {
     assert_eq!(verify(&gw, wrong).await, declined("mismatch", "static"));
 
     let enrol = gw.call("POST", ENROL, &card(json!({}))).await.json();
-    assert_eq!((enrol["enrollment"].clone(), enrol["changed"].clone()), (json!("enrolled"), json!(true)));
+    assert_eq!(
+        (enrol["enrollment"].clone(), enrol["changed"].clone()),
+        (json!("enrolled"), json!(true))
+    );
     let again = gw.call("POST", ENROL, &card(json!({}))).await.json();
     assert_eq!(again["changed"], false, "enrolment is idempotent");
-    assert_eq!(verify(&gw, &static_cvv2()).await, declined("static_cvv2_disabled", "static"));
+    assert_eq!(
+        verify(&gw, &static_cvv2()).await,
+        declined("static_cvv2_disabled", "static")
+    );
     assert_eq!(verify(&gw, &dynamic(T0 / 300)).await, approved("dynamic"));
 
     let unenrol = gw.call("POST", UNENROL, &card(json!({}))).await.json();
-    assert_eq!((unenrol["enrollment"].clone(), unenrol["changed"].clone()), (json!("not_enrolled"), json!(true)));
+    assert_eq!(
+        (unenrol["enrollment"].clone(), unenrol["changed"].clone()),
+        (json!("not_enrolled"), json!(true))
+    );
     let again = gw.call("POST", UNENROL, &card(json!({}))).await.json();
     assert_eq!(again["changed"], false, "unenrolment is idempotent");
-    assert_eq!(gw.call("POST", ENQUIRY, &card(json!({}))).await.json()["enrollment"], "not_enrolled");
+    assert_eq!(
+        gw.call("POST", ENQUIRY, &card(json!({}))).await.json()["enrollment"],
+        "not_enrolled"
+    );
     assert_eq!(verify(&gw, &static_cvv2()).await, approved("static"));
     gw.stop().await;
 }
@@ -122,13 +154,23 @@ async fn single_use_refuses_a_second_use_of_a_window() {
         .unwrap()
         .to_owned();
     assert_eq!(verify(&gw, &code).await, approved("dynamic"));
-    assert_eq!(verify(&gw, &code).await, declined("code_already_used", "dynamic"));
+    assert_eq!(
+        verify(&gw, &code).await,
+        declined("code_already_used", "dynamic")
+    );
     // The next window's code is a different (card, window) pair.
     gw.clock.set_seconds(T0 + 300);
-    assert_eq!(verify(&gw, &dynamic(T0 / 300 + 1)).await, approved("dynamic"));
+    assert_eq!(
+        verify(&gw, &dynamic(T0 / 300 + 1)).await,
+        approved("dynamic")
+    );
     gw.stop().await;
 
-    let reusable = TestGateway::start(Options { single_use: false, ..Options::default() }).await;
+    let reusable = TestGateway::start(Options {
+        single_use: false,
+        ..Options::default()
+    })
+    .await;
     reusable.call("POST", ENROL, &card(json!({}))).await;
     assert_eq!(verify(&reusable, &code).await, approved("dynamic"));
     assert_eq!(verify(&reusable, &code).await, approved("dynamic"));
@@ -137,14 +179,21 @@ async fn single_use_refuses_a_second_use_of_a_window() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_failure_limit_declines_after_n_mismatches() {
-    let gw = TestGateway::start(Options { failure_limit: 3, ..Options::default() }).await;
+    let gw = TestGateway::start(Options {
+        failure_limit: 3,
+        ..Options::default()
+    })
+    .await;
     gw.call("POST", ENROL, &card(json!({}))).await;
     let right = dynamic(T0 / 300);
     let wrong = if right == "999" { "998" } else { "999" };
     for _ in 0..3 {
         assert_eq!(verify(&gw, wrong).await, declined("mismatch", "dynamic"));
     }
-    assert_eq!(verify(&gw, &right).await, declined("too_many_failures", "dynamic"));
+    assert_eq!(
+        verify(&gw, &right).await,
+        declined("too_many_failures", "dynamic")
+    );
     // An unenrol/enrol cycle clears the failures.
     gw.call("POST", UNENROL, &card(json!({}))).await;
     gw.call("POST", ENROL, &card(json!({}))).await;
@@ -154,13 +203,20 @@ async fn the_failure_limit_declines_after_n_mismatches() {
         verify(&gw, wrong).await;
     }
     gw.clock.set_seconds(T0 + 86_400 + 300);
-    assert_eq!(verify(&gw, &dynamic((T0 + 86_400 + 300) / 300)).await, approved("dynamic"));
+    assert_eq!(
+        verify(&gw, &dynamic((T0 + 86_400 + 300) / 300)).await,
+        approved("dynamic")
+    );
     gw.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn window_boundaries() {
-    let gw = TestGateway::start(Options { single_use: false, ..Options::default() }).await;
+    let gw = TestGateway::start(Options {
+        single_use: false,
+        ..Options::default()
+    })
+    .await;
     gw.call("POST", ENROL, &card(json!({}))).await;
     let t = T0 / 300;
     // Last second of window T: T's code is current; T+1 is a future window, refused with F = 0.
@@ -185,8 +241,16 @@ async fn window_boundaries() {
     .await;
     strict.call("POST", ENROL, &card(json!({}))).await;
     strict.clock.set_seconds(T0 + 300);
-    assert_eq!(verify(&strict, &dynamic(t)).await.1, "mismatch", "G = 0 refuses the past window");
-    assert_eq!(verify(&strict, &dynamic(t + 2)).await, approved("dynamic"), "F = 1 accepts the next");
+    assert_eq!(
+        verify(&strict, &dynamic(t)).await.1,
+        "mismatch",
+        "G = 0 refuses the past window"
+    );
+    assert_eq!(
+        verify(&strict, &dynamic(t + 2)).await,
+        approved("dynamic"),
+        "F = 1 accepts the next"
+    );
     strict.stop().await;
 }
 
@@ -197,20 +261,34 @@ async fn static_codes_and_contactless_dcvv_match_the_reference() {
         let gw = &gw;
         async move {
             let answer = gw.call("POST", "/cards/security-codes", &card(body)).await;
-            assert_eq!(answer.status, 200, "{}", String::from_utf8_lossy(&answer.body));
+            assert_eq!(
+                answer.status,
+                200,
+                "{}",
+                String::from_utf8_lossy(&answer.body)
+            );
             answer.json()
         }
     };
     let cvv = code(json!({"kind": "cvv", "serviceCode": "101"})).await;
-    assert_eq!(cvv["securityCode"], reference::cvv(&key(K), PAN, EXPIRY, "101", 3).1);
+    assert_eq!(
+        cvv["securityCode"],
+        reference::cvv(&key(K), PAN, EXPIRY, "101", 3).1
+    );
     assert_eq!(cvv["keyCheckValue"], "08D7B4");
     assert_eq!(cvv["kind"], "cvv");
     let five = code(json!({"kind": "cvv", "serviceCode": "101", "digits": 5})).await;
-    assert_eq!(five["securityCode"], reference::cvv(&key(K), PAN, EXPIRY, "101", 5).1);
+    assert_eq!(
+        five["securityCode"],
+        reference::cvv(&key(K), PAN, EXPIRY, "101", 5).1
+    );
     let cvv2 = code(json!({"kind": "cvv2"})).await;
     assert_eq!(cvv2["securityCode"], static_cvv2());
     let icvv = code(json!({"kind": "icvv"})).await;
-    assert_eq!(icvv["securityCode"], reference::cvv(&key(K), PAN, EXPIRY, "999", 3).1);
+    assert_eq!(
+        icvv["securityCode"],
+        reference::cvv(&key(K), PAN, EXPIRY, "999", 3).1
+    );
 
     let dcvv = reference::dcvv(&key(K4), PAN, EXPIRY, "226", "3210").1;
     let check = |value: String| {
@@ -226,7 +304,10 @@ async fn static_codes_and_contactless_dcvv_match_the_reference() {
         }
     };
     let ok = check(dcvv.clone()).await;
-    assert_eq!((ok["result"].clone(), ok["method"].clone()), (json!("approved"), json!("dcvv")));
+    assert_eq!(
+        (ok["result"].clone(), ok["method"].clone()),
+        (json!("approved"), json!("dcvv"))
+    );
     let wrong = if dcvv == "000" { "001" } else { "000" };
     assert_eq!(check(wrong.into()).await["reason"], "mismatch");
     gw.stop().await;
@@ -248,17 +329,26 @@ async fn key_inventory_health_metrics_and_openapi() {
     assert_eq!(tdcvv2["keyCheckValue"], "08D7B4");
     assert_eq!(tdcvv2["kind"], "imk-tdcvv2");
     assert_eq!(tdcvv2["inUse"], true);
-    assert_eq!((tdcvv2["sensitive"].clone(), tdcvv2["extractable"].clone()), (json!(true), json!(false)));
+    assert_eq!(
+        (tdcvv2["sensitive"].clone(), tdcvv2["extractable"].clone()),
+        (json!(true), json!(false))
+    );
     // The verifier client may verify but not list keys.
     let verifier = gw.clients.verifier.clone();
     let refused = gw.call_as(&verifier, "GET", "/keys", &Value::Null).await;
-    assert_eq!((refused.status, refused.code()), (403, "forbidden_scope".into()));
+    assert_eq!(
+        (refused.status, refused.code()),
+        (403, "forbidden_scope".into())
+    );
 
     let health = gw.send_raw("GET", "/healthz", &[], vec![]).await;
     assert_eq!(health.status, 200);
     let ready = gw.send_raw("GET", "/readyz", &[], vec![]).await;
     assert_eq!(ready.status, 200);
-    assert_eq!(ready.json(), json!({"status": "ready", "hsm": "ok", "keys": "ok", "store": "ok"}));
+    assert_eq!(
+        ready.json(),
+        json!({"status": "ready", "hsm": "ok", "keys": "ok", "store": "ok"})
+    );
 
     gw.call("POST", VALUES, &card(json!({}))).await;
     let metrics = gw.send_raw("GET", "/metrics", &[], vec![]).await;
@@ -268,11 +358,22 @@ async fn key_inventory_health_metrics_and_openapi() {
         "{text}"
     );
     assert!(text.contains(r#"dcvv_http_requests_total{route="/keys",method="GET",status="403",code="forbidden_scope"} 1"#), "{text}");
-    assert!(text.contains(r#"dcvv_hsm_call_duration_seconds_count{operation="tdcvv2_generate",outcome="ok"} 1"#), "{text}");
+    assert!(
+        text.contains(
+            r#"dcvv_hsm_call_duration_seconds_count{operation="tdcvv2_generate",outcome="ok"} 1"#
+        ),
+        "{text}"
+    );
     assert!(text.contains("dcvv_hsm_sessions_max 4"), "{text}");
-    assert!(!text.contains("412345") && !text.contains("2349"), "no card data in metrics");
+    assert!(
+        !text.contains("412345") && !text.contains("2349"),
+        "no card data in metrics"
+    );
 
-    let doc = gw.send_raw("GET", "/openapi.json", &[], vec![]).await.json();
+    let doc = gw
+        .send_raw("GET", "/openapi.json", &[], vec![])
+        .await
+        .json();
     assert!(doc["paths"]["/cards/pin/dynamic-values"]["post"].is_object());
     assert!(doc["components"]["securitySchemes"]["hmac"].is_object());
 

@@ -19,66 +19,234 @@ async fn bad_card_data_gets_its_code_and_changes_nothing() {
     // Some state to protect: an enrolled card with a used window and a failure.
     let enrolled = gw.call("POST", VALUES, &card(json!({}))).await.json();
     let code = enrolled["dcvv2"].as_str().unwrap().to_owned();
-    gw.call("POST", "/cards/cvv2/verification", &card(json!({"cvv2": code}))).await;
+    gw.call(
+        "POST",
+        "/cards/cvv2/verification",
+        &card(json!({"cvv2": code})),
+    )
+    .await;
     let before = gw.snapshot().await;
     assert_eq!(before["enrollments"].len(), 1);
     assert_eq!(before["used_windows"].len(), 1);
 
     let other_pan = |pan: &str| json!({"cardNumber": pan, "expiryDate": "2812"});
     let cases: Vec<(&str, Value, u16, &str)> = vec![
-        (VALUES, other_pan("4123456789012345"), 422, "invalid_card_number"), // bad Luhn
-        (VALUES, other_pan("41234567890"), 422, "invalid_card_number"),      // 11 digits
-        (VALUES, other_pan("41234567890123456789"), 422, "invalid_card_number"), // 20 digits
-        (VALUES, other_pan("4123-4567-8901-2349"), 422, "invalid_card_number"),
-        (VALUES, json!({"cardNumber": PAN, "expiryDate": "2813"}), 422, "invalid_expiry_date"),
-        (VALUES, json!({"cardNumber": PAN, "expiryDate": "28"}), 422, "invalid_expiry_date"),
-        (VALUES, json!({"cardNumber": PAN, "expiryDate": "2512"}), 422, "card_expired"),
-        (VALUES, card(json!({"numberOfValues": 0})), 422, "invalid_number_of_values"),
-        (VALUES, card(json!({"numberOfValues": 25})), 422, "invalid_number_of_values"),
-        (VALUES, card(json!({"channel": "X"})), 422, "invalid_channel"),
-        (VALUES, card(json!({"panSequenceNumber": "1"})), 422, "invalid_pan_sequence_number"),
-        (VALUES, other_pan("6011000000000004"), 422, "unknown_card_programme"),
-        (VALUES, card(json!({"keyAssociation": "NOPE"})), 422, "unknown_card_programme"),
-        (VALUES, card(json!({"numberOfValues": "3"})), 400, "malformed_request"), // wrong type
-        (VALUES, card(json!({"numberOfValues": -1})), 400, "malformed_request"),
-        (VALUES, json!({"cardNumber": 4123456789012349u64, "expiryDate": "2812"}), 400, "malformed_request"),
-        (VALUES, card(json!({"surprise": true})), 400, "malformed_request"), // unknown field
-        (VALUES, json!({"expiryDate": "2812"}), 400, "malformed_request"), // missing field
+        (
+            VALUES,
+            other_pan("4123456789012345"),
+            422,
+            "invalid_card_number",
+        ), // bad Luhn
+        (VALUES, other_pan("41234567890"), 422, "invalid_card_number"), // 11 digits
+        (
+            VALUES,
+            other_pan("41234567890123456789"),
+            422,
+            "invalid_card_number",
+        ), // 20 digits
+        (
+            VALUES,
+            other_pan("4123-4567-8901-2349"),
+            422,
+            "invalid_card_number",
+        ),
+        (
+            VALUES,
+            json!({"cardNumber": PAN, "expiryDate": "2813"}),
+            422,
+            "invalid_expiry_date",
+        ),
+        (
+            VALUES,
+            json!({"cardNumber": PAN, "expiryDate": "28"}),
+            422,
+            "invalid_expiry_date",
+        ),
+        (
+            VALUES,
+            json!({"cardNumber": PAN, "expiryDate": "2512"}),
+            422,
+            "card_expired",
+        ),
+        (
+            VALUES,
+            card(json!({"numberOfValues": 0})),
+            422,
+            "invalid_number_of_values",
+        ),
+        (
+            VALUES,
+            card(json!({"numberOfValues": 25})),
+            422,
+            "invalid_number_of_values",
+        ),
+        (
+            VALUES,
+            card(json!({"channel": "X"})),
+            422,
+            "invalid_channel",
+        ),
+        (
+            VALUES,
+            card(json!({"panSequenceNumber": "1"})),
+            422,
+            "invalid_pan_sequence_number",
+        ),
+        (
+            VALUES,
+            other_pan("6011000000000004"),
+            422,
+            "unknown_card_programme",
+        ),
+        (
+            VALUES,
+            card(json!({"keyAssociation": "NOPE"})),
+            422,
+            "unknown_card_programme",
+        ),
+        (
+            VALUES,
+            card(json!({"numberOfValues": "3"})),
+            400,
+            "malformed_request",
+        ), // wrong type
+        (
+            VALUES,
+            card(json!({"numberOfValues": -1})),
+            400,
+            "malformed_request",
+        ),
+        (
+            VALUES,
+            json!({"cardNumber": 4123456789012349u64, "expiryDate": "2812"}),
+            400,
+            "malformed_request",
+        ),
+        (
+            VALUES,
+            card(json!({"surprise": true})),
+            400,
+            "malformed_request",
+        ), // unknown field
+        (
+            VALUES,
+            json!({"expiryDate": "2812"}),
+            400,
+            "malformed_request",
+        ), // missing field
         (VALUES, json!([1, 2, 3]), 400, "malformed_request"),
-        ("/cards/cvv2/verification", card(json!({"cvv2": "12"})), 422, "invalid_cvv2"),
-        ("/cards/cvv2/verification", card(json!({"cvv2": "1234"})), 422, "invalid_cvv2"),
-        ("/cards/cvv2/verification", card(json!({})), 400, "malformed_request"),
-        ("/cards/security-codes", card(json!({"kind": "cvv"})), 422, "invalid_service_code"),
-        ("/cards/security-codes", card(json!({"kind": "pin"})), 422, "invalid_kind"),
-        ("/cards/security-codes", card(json!({"kind": "cvv2", "digits": 6})), 422, "invalid_digits"),
-        ("/cards/dcvv/verification", card(json!({"serviceCode": "226", "atc": "XYZ1", "dcvv": "123"})), 422, "invalid_atc"),
-        ("/cards/dcvv/verification", card(json!({"serviceCode": "22", "atc": "0001", "dcvv": "123"})), 422, "invalid_service_code"),
-        ("/cards/dynamic-cvv2/enrollment", other_pan("4123456789012345"), 422, "invalid_card_number"),
-        ("/cards/dynamic-cvv2/unenrollment", other_pan("4123456789012345"), 422, "invalid_card_number"),
+        (
+            "/cards/cvv2/verification",
+            card(json!({"cvv2": "12"})),
+            422,
+            "invalid_cvv2",
+        ),
+        (
+            "/cards/cvv2/verification",
+            card(json!({"cvv2": "1234"})),
+            422,
+            "invalid_cvv2",
+        ),
+        (
+            "/cards/cvv2/verification",
+            card(json!({})),
+            400,
+            "malformed_request",
+        ),
+        (
+            "/cards/security-codes",
+            card(json!({"kind": "cvv"})),
+            422,
+            "invalid_service_code",
+        ),
+        (
+            "/cards/security-codes",
+            card(json!({"kind": "pin"})),
+            422,
+            "invalid_kind",
+        ),
+        (
+            "/cards/security-codes",
+            card(json!({"kind": "cvv2", "digits": 6})),
+            422,
+            "invalid_digits",
+        ),
+        (
+            "/cards/dcvv/verification",
+            card(json!({"serviceCode": "226", "atc": "XYZ1", "dcvv": "123"})),
+            422,
+            "invalid_atc",
+        ),
+        (
+            "/cards/dcvv/verification",
+            card(json!({"serviceCode": "22", "atc": "0001", "dcvv": "123"})),
+            422,
+            "invalid_service_code",
+        ),
+        (
+            "/cards/dynamic-cvv2/enrollment",
+            other_pan("4123456789012345"),
+            422,
+            "invalid_card_number",
+        ),
+        (
+            "/cards/dynamic-cvv2/unenrollment",
+            other_pan("4123456789012345"),
+            422,
+            "invalid_card_number",
+        ),
     ];
     for (path, body, status, code) in cases {
         let answer = gw.call("POST", path, &body).await;
-        assert_eq!((answer.status, answer.code()), (status, code.to_owned()), "{path} {body}");
+        assert_eq!(
+            (answer.status, answer.code()),
+            (status, code.to_owned()),
+            "{path} {body}"
+        );
         let text = String::from_utf8_lossy(&answer.body);
-        assert!(!text.contains("41234567") && !text.contains("6011000"), "no card number echoed: {text}");
+        assert!(
+            !text.contains("41234567") && !text.contains("6011000"),
+            "no card number echoed: {text}"
+        );
     }
     // A body that is not JSON at all, and an empty one.
     for raw in [b"cardNumber=4123456789012349".to_vec(), Vec::new()] {
-        let headers = gw.signed_headers(&gw.clients.main, &fresh_id(), T0 * 1000, "POST", VALUES, &raw);
+        let headers = gw.signed_headers(
+            &gw.clients.main,
+            &fresh_id(),
+            T0 * 1000,
+            "POST",
+            VALUES,
+            &raw,
+        );
         let answer = gw.send_raw("POST", VALUES, &headers, raw).await;
-        assert_eq!((answer.status, answer.code()), (400, "malformed_request".into()));
+        assert_eq!(
+            (answer.status, answer.code()),
+            (400, "malformed_request".into())
+        );
     }
-    assert_eq!(gw.snapshot().await, before, "no bad request changed the store");
+    assert_eq!(
+        gw.snapshot().await,
+        before,
+        "no bad request changed the store"
+    );
     gw.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_body_gets_413_and_changes_nothing() {
-    let gw = TestGateway::start(Options { body_limit: 1024, ..Options::default() }).await;
+    let gw = TestGateway::start(Options {
+        body_limit: 1024,
+        ..Options::default()
+    })
+    .await;
     let before = gw.snapshot().await;
     let big = card(json!({"channel": "W".repeat(2000)}));
     let answer = gw.call("POST", VALUES, &big).await;
-    assert_eq!((answer.status, answer.code()), (413, "payload_too_large".into()));
+    assert_eq!(
+        (answer.status, answer.code()),
+        (413, "payload_too_large".into())
+    );
     assert_eq!(gw.snapshot().await, before);
     gw.stop().await;
 }
@@ -93,7 +261,12 @@ enum Fuzz {
     /// A valid body with random header values (unsigned or wrongly signed).
     Headers { path: usize, values: Vec<String> },
     /// Random JSON values in the card fields.
-    Fields { path: usize, pan: String, expiry: String, count: i64 },
+    Fields {
+        path: usize,
+        pan: String,
+        expiry: String,
+        count: i64,
+    },
 }
 
 const PATHS: &[&str] = &[
@@ -108,10 +281,23 @@ const PATHS: &[&str] = &[
 fn fuzz() -> impl Strategy<Value = Fuzz> {
     let path = 0..PATHS.len();
     prop_oneof![
-        (path.clone(), any::<usize>(), any::<u8>()).prop_map(|(path, index, byte)| Fuzz::Mutated { path, index, byte }),
-        (path.clone(), proptest::collection::vec(any::<u8>(), 0..300)).prop_map(|(path, bytes)| Fuzz::Bytes { path, bytes }),
-        (path.clone(), proptest::collection::vec("[ -~]{0,60}", 4)).prop_map(|(path, values)| Fuzz::Headers { path, values }),
-        (path, "[0-9a-z-]{0,24}", "[0-9]{0,6}", any::<i64>()).prop_map(|(path, pan, expiry, count)| Fuzz::Fields { path, pan, expiry, count }),
+        (path.clone(), any::<usize>(), any::<u8>()).prop_map(|(path, index, byte)| Fuzz::Mutated {
+            path,
+            index,
+            byte
+        }),
+        (path.clone(), proptest::collection::vec(any::<u8>(), 0..300))
+            .prop_map(|(path, bytes)| Fuzz::Bytes { path, bytes }),
+        (path.clone(), proptest::collection::vec("[ -~]{0,60}", 4))
+            .prop_map(|(path, values)| Fuzz::Headers { path, values }),
+        (path, "[0-9a-z-]{0,24}", "[0-9]{0,6}", any::<i64>()).prop_map(
+            |(path, pan, expiry, count)| Fuzz::Fields {
+                path,
+                pan,
+                expiry,
+                count
+            }
+        ),
     ]
 }
 
@@ -124,7 +310,11 @@ fn random_and_mutated_requests_never_get_a_5xx() {
         .unwrap();
     let gw = runtime.block_on(TestGateway::start(Options::default()));
     let valid = serde_json::to_vec(&card(json!({"cvv2": "123", "kind": "cvv2"}))).unwrap();
-    let config = ProptestConfig { cases: 300, failure_persistence: None, ..ProptestConfig::default() };
+    let config = ProptestConfig {
+        cases: 300,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    };
     proptest!(config, |(case in fuzz())| {
         let answer = runtime.block_on(async {
             match &case {

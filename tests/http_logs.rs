@@ -42,14 +42,26 @@ fn words(log: &str) -> Vec<String> {
 /// Blanks `key=value` tokens of numeric telemetry and dotted addresses.
 fn regex_lite(log: &str) -> String {
     const NUMERIC_KEYS: &[&str] = &[
-        "latency_ms=", "status=", "elapsed=", "elapsed_secs=", "rows_affected=", "rows_returned=",
-        "slow_threshold=", "address=", "rows=", "latency=",
+        "latency_ms=",
+        "status=",
+        "elapsed=",
+        "elapsed_secs=",
+        "rows_affected=",
+        "rows_returned=",
+        "slow_threshold=",
+        "address=",
+        "rows=",
+        "latency=",
     ];
     log.split(' ')
         .map(|token| {
             let bare = token.trim_start_matches(|c: char| !c.is_ascii_alphanumeric() && c != '_');
             if NUMERIC_KEYS.iter().any(|k| bare.starts_with(k))
-                || bare.split(['.', ':']).filter(|p| !p.is_empty()).all(|p| p.bytes().all(|b| b.is_ascii_digit())) && bare.contains('.')
+                || bare
+                    .split(['.', ':'])
+                    .filter(|p| !p.is_empty())
+                    .all(|p| p.bytes().all(|b| b.is_ascii_digit()))
+                    && bare.contains('.')
             {
                 ""
             } else {
@@ -76,7 +88,11 @@ fn no_pan_code_secret_or_signature_reaches_a_log_line() {
         .build()
         .unwrap();
     let (codes, secrets, signatures) = runtime.block_on(async {
-        let gw = TestGateway::start(Options { failure_limit: 2, ..Options::default() }).await;
+        let gw = TestGateway::start(Options {
+            failure_limit: 2,
+            ..Options::default()
+        })
+        .await;
         let mut codes: Vec<String> = Vec::new();
         let mut signatures: Vec<String> = Vec::new();
         let mut call = async |path: &str, body: Value| {
@@ -86,39 +102,83 @@ fn no_pan_code_secret_or_signature_reaches_a_log_line() {
             }
             answer.json()
         };
-        let generated = call("/cards/pin/dynamic-values", card(json!({"numberOfValues": 24}))).await;
+        let generated = call(
+            "/cards/pin/dynamic-values",
+            card(json!({"numberOfValues": 24})),
+        )
+        .await;
         for v in generated["values"].as_array().unwrap() {
             codes.push(v["dcvv2"].as_str().unwrap().to_owned());
         }
         let first = codes[0].clone();
         call("/cards/cvv2/verification", card(json!({"cvv2": first}))).await;
         call("/cards/cvv2/verification", card(json!({"cvv2": first}))).await;
-        for kind in [json!({"kind": "cvv2"}), json!({"kind": "icvv"}), json!({"kind": "cvv", "serviceCode": "101", "digits": 5})] {
+        for kind in [
+            json!({"kind": "cvv2"}),
+            json!({"kind": "icvv"}),
+            json!({"kind": "cvv", "serviceCode": "101", "digits": 5}),
+        ] {
             let issued = call("/cards/security-codes", card(kind)).await;
             codes.push(issued["securityCode"].as_str().unwrap().to_owned());
         }
         let static_cvv2 = codes[24].clone();
-        call("/cards/cvv2/verification", card(json!({"cvv2": static_cvv2}))).await;
+        call(
+            "/cards/cvv2/verification",
+            card(json!({"cvv2": static_cvv2})),
+        )
+        .await;
         for guess in ["111", "222", "333"] {
             call("/cards/cvv2/verification", card(json!({"cvv2": guess}))).await;
         }
-        call("/cards/dcvv/verification", card(json!({"serviceCode": "226", "atc": "3210", "dcvv": "444"}))).await;
+        call(
+            "/cards/dcvv/verification",
+            card(json!({"serviceCode": "226", "atc": "3210", "dcvv": "444"})),
+        )
+        .await;
         call("/cards/dynamic-cvv2/unenrollment", card(json!({}))).await;
         call("/cards/dynamic-cvv2/enquiry", card(json!({}))).await;
         // Refusals: bad Luhn, bad expiry, a wrong signature, a replay.
-        call("/cards/pin/dynamic-values", json!({"cardNumber": "4123456789012345", "expiryDate": "2812"})).await;
-        call("/cards/pin/dynamic-values", card(json!({"expiryDate": "9999"}))).await;
+        call(
+            "/cards/pin/dynamic-values",
+            json!({"cardNumber": "4123456789012345", "expiryDate": "2812"}),
+        )
+        .await;
+        call(
+            "/cards/pin/dynamic-values",
+            card(json!({"expiryDate": "9999"})),
+        )
+        .await;
         let bytes = serde_json::to_vec(&card(json!({}))).unwrap();
-        let mut headers = gw.signed_headers(&gw.clients.main, "replayed1", common::http::T0 * 1000, "POST", "/cards/dynamic-cvv2/enquiry", &bytes);
-        gw.send_raw("POST", "/cards/dynamic-cvv2/enquiry", &headers, bytes.clone()).await;
-        gw.send_raw("POST", "/cards/dynamic-cvv2/enquiry", &headers, bytes.clone()).await;
+        let mut headers = gw.signed_headers(
+            &gw.clients.main,
+            "replayed1",
+            common::http::T0 * 1000,
+            "POST",
+            "/cards/dynamic-cvv2/enquiry",
+            &bytes,
+        );
+        gw.send_raw(
+            "POST",
+            "/cards/dynamic-cvv2/enquiry",
+            &headers,
+            bytes.clone(),
+        )
+        .await;
+        gw.send_raw(
+            "POST",
+            "/cards/dynamic-cvv2/enquiry",
+            &headers,
+            bytes.clone(),
+        )
+        .await;
         for (k, v) in headers.iter_mut() {
             if k == "Signature" {
                 signatures.push(v.clone());
                 *v = format!("{}A=", &v[..42]);
             }
         }
-        gw.send_raw("POST", "/cards/dynamic-cvv2/enquiry", &headers, bytes).await;
+        gw.send_raw("POST", "/cards/dynamic-cvv2/enquiry", &headers, bytes)
+            .await;
         gw.send_raw("GET", "/metrics", &[], vec![]).await;
         let secrets = vec![
             gw.clients.main.secret.clone(),
@@ -132,12 +192,21 @@ fn no_pan_code_secret_or_signature_reaches_a_log_line() {
 
     let log = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
     assert!(log.contains("request"), "the request log ran: {log}");
-    assert!(log.contains("412345******2349") || !log.contains("412345"), "only masked PANs");
+    assert!(
+        log.contains("412345******2349") || !log.contains("412345"),
+        "only masked PANs"
+    );
     for needle in [PAN, &PAN[6..12], "4123456789012345"] {
-        assert!(!log.contains(needle), "a PAN or its middle digits appear in the log");
+        assert!(
+            !log.contains(needle),
+            "a PAN or its middle digits appear in the log"
+        );
     }
     for secret in &secrets {
-        assert!(!log.contains(secret.as_str()), "a client secret appears in the log");
+        assert!(
+            !log.contains(secret.as_str()),
+            "a client secret appears in the log"
+        );
     }
     for sig in &signatures {
         assert!(!log.contains(&sig[..20]), "a signature appears in the log");

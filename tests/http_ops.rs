@@ -17,7 +17,8 @@ const VERIFY: &str = "/cards/cvv2/verification";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_with_a_certificate_from_the_config() {
     let dir = tempfile::tempdir().unwrap();
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
     let cert_path = dir.path().join("server.pem");
     let key_path = dir.path().join("server.key");
     std::fs::write(&cert_path, cert.cert.pem()).unwrap();
@@ -30,7 +31,13 @@ async fn https_with_a_certificate_from_the_config() {
     assert!(gw.url.starts_with("https://"));
     // A client that does not trust the certificate cannot connect.
     let untrusting = reqwest::Client::new();
-    assert!(untrusting.get(format!("{}/healthz", gw.url)).send().await.is_err());
+    assert!(
+        untrusting
+            .get(format!("{}/healthz", gw.url))
+            .send()
+            .await
+            .is_err()
+    );
     gw.http = reqwest::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(cert.cert.pem().as_bytes()).unwrap())
         .build()
@@ -48,7 +55,11 @@ async fn https_with_a_certificate_from_the_config() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_is_shed_with_429_and_retry_after() {
-    let gw = TestGateway::start(Options { max_in_flight: 1, ..Options::default() }).await;
+    let gw = TestGateway::start(Options {
+        max_in_flight: 1,
+        ..Options::default()
+    })
+    .await;
     let body = card(json!({"numberOfValues": 24}));
     let requests = (0..24)
         .map(|_| Box::pin(gw.call("POST", "/cards/pin/dynamic-values", &body)))
@@ -56,7 +67,10 @@ async fn overload_is_shed_with_429_and_retry_after() {
     let answers = join_all(requests).await;
     let shed: Vec<_> = answers.iter().filter(|a| a.status == 429).collect();
     let served = answers.iter().filter(|a| a.status == 200).count();
-    assert!(!shed.is_empty(), "24 concurrent requests over a limit of 1 shed some");
+    assert!(
+        !shed.is_empty(),
+        "24 concurrent requests over a limit of 1 shed some"
+    );
     assert!(served >= 1);
     assert_eq!(shed.len() + served, answers.len(), "nothing but 200 or 429");
     for a in &shed {
@@ -64,7 +78,10 @@ async fn overload_is_shed_with_429_and_retry_after() {
         assert_eq!(a.headers["retry-after"], "1");
     }
     // Health stays outside the limit.
-    assert_eq!(gw.send_raw("GET", "/healthz", &[], vec![]).await.status, 200);
+    assert_eq!(
+        gw.send_raw("GET", "/healthz", &[], vec![]).await.status,
+        200
+    );
     gw.stop().await;
 }
 
@@ -82,7 +99,11 @@ async fn join_all<F: std::future::Future + Unpin>(mut futures: Vec<F>) -> Vec<F:
                 }
             }
         }
-        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
     })
     .await;
     results.into_iter().map(Option::unwrap).collect()
@@ -95,24 +116,47 @@ async fn a_locked_store_fails_fast_with_503_and_recovers() {
     let mut locker = sqlx::SqliteConnection::connect(&format!("sqlite://{}", gw.db.display()))
         .await
         .unwrap();
-    sqlx::query("BEGIN IMMEDIATE").execute(&mut locker).await.unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
 
     let started = Instant::now();
-    let answer = gw.call("POST", "/cards/dynamic-cvv2/enrollment", &card(json!({}))).await;
-    assert_eq!((answer.status, answer.code()), (503, "store_unavailable".into()));
+    let answer = gw
+        .call("POST", "/cards/dynamic-cvv2/enrollment", &card(json!({})))
+        .await;
+    assert_eq!(
+        (answer.status, answer.code()),
+        (503, "store_unavailable".into())
+    );
     assert_eq!(answer.headers["retry-after"], "1");
-    assert!(answer.json().get("message").is_none(), "a 5xx carries no detail");
-    assert!(started.elapsed() < Duration::from_secs(5), "fails within the store's timeout");
+    assert!(
+        answer.json().get("message").is_none(),
+        "a 5xx carries no detail"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "fails within the store's timeout"
+    );
     let ready = gw.send_raw("GET", "/readyz", &[], vec![]).await;
-    assert_eq!((ready.status, ready.json()["store"].clone()), (503, json!("unavailable")));
+    assert_eq!(
+        (ready.status, ready.json()["store"].clone()),
+        (503, json!("unavailable"))
+    );
 
     sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
     drop(locker);
     let ready = gw.send_raw("GET", "/readyz", &[], vec![]).await;
     assert_eq!(ready.status, 200, "ready again without a restart");
-    let answer = gw.call("POST", "/cards/dynamic-cvv2/enrollment", &card(json!({}))).await;
+    let answer = gw
+        .call("POST", "/cards/dynamic-cvv2/enrollment", &card(json!({})))
+        .await;
     assert_eq!(answer.status, 200);
-    assert_eq!(answer.json()["changed"], true, "the failed request enrolled nothing");
+    assert_eq!(
+        answer.json()["changed"],
+        true,
+        "the failed request enrolled nothing"
+    );
     gw.stop().await;
 }
 
@@ -124,12 +168,22 @@ async fn shutdown_drains_in_flight_requests() {
     let mut locker = sqlx::SqliteConnection::connect(&format!("sqlite://{}", gw.db.display()))
         .await
         .unwrap();
-    sqlx::query("BEGIN IMMEDIATE").execute(&mut locker).await.unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
     let url = gw.url.clone();
     let in_flight = tokio::spawn({
         let url = url.clone();
         let body = card(json!({}));
-        let headers = gw.signed_headers(&gw.clients.main, "drain-1", common::http::T0 * 1000, "POST", "/cards/dynamic-cvv2/enrollment", &serde_json::to_vec(&body).unwrap());
+        let headers = gw.signed_headers(
+            &gw.clients.main,
+            "drain-1",
+            common::http::T0 * 1000,
+            "POST",
+            "/cards/dynamic-cvv2/enrollment",
+            &serde_json::to_vec(&body).unwrap(),
+        );
         async move {
             let mut request = reqwest::Client::new()
                 .post(format!("{url}/cards/dynamic-cvv2/enrollment"))
@@ -147,6 +201,9 @@ async fn shutdown_drains_in_flight_requests() {
     assert!(reqwest::get(format!("{url}/healthz")).await.is_err());
     sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
     let status = in_flight.await.unwrap().unwrap();
-    assert_eq!(status, 200, "the in-flight request finished during the drain");
+    assert_eq!(
+        status, 200,
+        "the in-flight request finished during the drain"
+    );
     stopping.await.unwrap();
 }

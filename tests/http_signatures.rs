@@ -42,9 +42,22 @@ async fn every_signature_failure_is_refused_and_changes_nothing() {
         let mut headers = signed(&fresh_id());
         headers.retain(|(k, _)| k != name);
         let answer = send(&gw, headers, body()).await;
-        assert_eq!((answer.status, answer.code()), (401, "missing_header".into()), "{name}");
-        assert!(answer.json()["message"].as_str().unwrap().to_lowercase().contains(&name.to_lowercase()));
-        assert!(!answer.headers.contains_key("signature"), "a 401 is not signed");
+        assert_eq!(
+            (answer.status, answer.code()),
+            (401, "missing_header".into()),
+            "{name}"
+        );
+        assert!(
+            answer.json()["message"]
+                .as_str()
+                .unwrap()
+                .to_lowercase()
+                .contains(&name.to_lowercase())
+        );
+        assert!(
+            !answer.headers.contains_key("signature"),
+            "a 401 is not signed"
+        );
     }
     // Malformed values.
     for (name, value) in [
@@ -57,23 +70,37 @@ async fn every_signature_failure_is_refused_and_changes_nothing() {
         let mut headers = signed(&fresh_id());
         replace(&mut headers, name, value);
         let answer = send(&gw, headers, body()).await;
-        assert_eq!((answer.status, answer.code()), (401, "malformed_header".into()), "{name}: {value}");
+        assert_eq!(
+            (answer.status, answer.code()),
+            (401, "malformed_header".into()),
+            "{name}: {value}"
+        );
     }
     // Stale and future timestamps (300 s either side is the limit).
     for offset in [-301_000i64, 301_000] {
         let ts = now_ms().checked_add_signed(offset).unwrap();
         let headers = gw.signed_headers(&main, &fresh_id(), ts, "POST", PATH, &body());
         let answer = send(&gw, headers, body()).await;
-        assert_eq!((answer.status, answer.code()), (401, "timestamp_out_of_window".into()), "{offset}");
+        assert_eq!(
+            (answer.status, answer.code()),
+            (401, "timestamp_out_of_window".into()),
+            "{offset}"
+        );
     }
 
     // A wrong secret, and tampering with each signed field: one and the same 401.
     let reference_401 = {
-        let wrong = TestClient { apikey: main.apikey.clone(), secret: "w".repeat(43) };
+        let wrong = TestClient {
+            apikey: main.apikey.clone(),
+            secret: "w".repeat(43),
+        };
         let headers = gw.signed_headers(&wrong, &fresh_id(), now_ms(), "POST", PATH, &body());
         send(&gw, headers, body()).await
     };
-    assert_eq!((reference_401.status, reference_401.code()), (401, "invalid_signature".into()));
+    assert_eq!(
+        (reference_401.status, reference_401.code()),
+        (401, "invalid_signature".into())
+    );
     let same_as_reference = |answer: &Answer| {
         let mut a = answer.json();
         let mut b = reference_401.json();
@@ -88,11 +115,13 @@ async fn every_signature_failure_is_refused_and_changes_nothing() {
         ("body", send(&gw, signed(&fresh_id()), tampered_body).await),
         ("path", {
             let headers = signed(&fresh_id());
-            gw.send_raw("POST", "/cards/dynamic-cvv2/unenrollment", &headers, body()).await
+            gw.send_raw("POST", "/cards/dynamic-cvv2/unenrollment", &headers, body())
+                .await
         }),
         ("query", {
             let headers = signed(&fresh_id());
-            gw.send_raw("POST", &format!("{PATH}?x=1"), &headers, body()).await
+            gw.send_raw("POST", &format!("{PATH}?x=1"), &headers, body())
+                .await
         }),
         ("method", {
             let headers = gw.signed_headers(&main, &fresh_id(), now_ms(), "GET", PATH, &body());
@@ -109,24 +138,52 @@ async fn every_signature_failure_is_refused_and_changes_nothing() {
             send(&gw, headers, body()).await
         }),
         ("unknown apikey", {
-            let stranger = TestClient { apikey: "stranger".into(), secret: main.secret.clone() };
-            let headers = gw.signed_headers(&stranger, &fresh_id(), now_ms(), "POST", PATH, &body());
+            let stranger = TestClient {
+                apikey: "stranger".into(),
+                secret: main.secret.clone(),
+            };
+            let headers =
+                gw.signed_headers(&stranger, &fresh_id(), now_ms(), "POST", PATH, &body());
             send(&gw, headers, body()).await
         }),
     ];
     for (what, answer) in &cases {
-        assert!(same_as_reference(answer), "{what}: {} {}", answer.status, String::from_utf8_lossy(&answer.body));
+        assert!(
+            same_as_reference(answer),
+            "{what}: {} {}",
+            answer.status,
+            String::from_utf8_lossy(&answer.body)
+        );
     }
-    assert_eq!(gw.snapshot().await, before, "no refused request changed the store");
+    assert_eq!(
+        gw.snapshot().await,
+        before,
+        "no refused request changed the store"
+    );
     for offset in [-300_000i64, 300_000] {
         let ts = now_ms().checked_add_signed(offset).unwrap();
-        let headers = gw.signed_headers(&main, &fresh_id(), ts, "POST", "/cards/dynamic-cvv2/enquiry", &body());
-        let answer = gw.send_raw("POST", "/cards/dynamic-cvv2/enquiry", &headers, body()).await;
-        assert_eq!(answer.status, 200, "exactly 300 s off is still accepted ({offset})");
+        let headers = gw.signed_headers(
+            &main,
+            &fresh_id(),
+            ts,
+            "POST",
+            "/cards/dynamic-cvv2/enquiry",
+            &body(),
+        );
+        let answer = gw
+            .send_raw("POST", "/cards/dynamic-cvv2/enquiry", &headers, body())
+            .await;
+        assert_eq!(
+            answer.status, 200,
+            "exactly 300 s off is still accepted ({offset})"
+        );
     }
 
     // The second (rotation) secret is accepted, and the response is signed with it.
-    let rotated = TestClient { apikey: main.apikey.clone(), secret: gw.clients.main_second.clone() };
+    let rotated = TestClient {
+        apikey: main.apikey.clone(),
+        secret: gw.clients.main_second.clone(),
+    };
     let answer = gw.call_as(&rotated, "POST", PATH, &card(json!({}))).await;
     assert_eq!(answer.status, 200);
     assert!(answer.headers.contains_key("signature"));
@@ -143,7 +200,10 @@ async fn a_replayed_request_id_is_refused_with_409() {
     assert_eq!(first.status, 200);
     let after_first = gw.snapshot().await;
     let replay = send(&gw, headers, body()).await;
-    assert_eq!((replay.status, replay.code()), (409, "duplicate_request".into()));
+    assert_eq!(
+        (replay.status, replay.code()),
+        (409, "duplicate_request".into())
+    );
     assert_eq!(replay.json()["requestId"], id.as_str());
     assert_eq!(gw.snapshot().await, after_first, "a replay changes nothing");
     // Another client may use the same id: ids are per client.
@@ -161,18 +221,37 @@ async fn scopes_and_programmes_bound_each_client() {
     let before = gw.snapshot().await;
     let verifier = gw.clients.verifier.clone();
     let refused = gw
-        .call_as(&verifier, "POST", "/cards/pin/dynamic-values", &card(json!({})))
+        .call_as(
+            &verifier,
+            "POST",
+            "/cards/pin/dynamic-values",
+            &card(json!({})),
+        )
         .await;
-    assert_eq!((refused.status, refused.code()), (403, "forbidden_scope".into()));
-    assert!(refused.headers.contains_key("signature"), "a 403 to a known client is signed");
+    assert_eq!(
+        (refused.status, refused.code()),
+        (403, "forbidden_scope".into())
+    );
+    assert!(
+        refused.headers.contains_key("signature"),
+        "a 403 to a known client is signed"
+    );
     // The other bank's client has every scope but not the `test` programme.
     let other = gw.clients.other_programme.clone();
     let refused = gw.call_as(&other, "POST", PATH, &card(json!({}))).await;
-    assert_eq!((refused.status, refused.code()), (403, "forbidden_programme".into()));
+    assert_eq!(
+        (refused.status, refused.code()),
+        (403, "forbidden_programme".into())
+    );
     assert_eq!(gw.snapshot().await, before);
     // The verifier's own scope works.
     let ok = gw
-        .call_as(&verifier, "POST", "/cards/cvv2/verification", &card(json!({"cvv2": "123"})))
+        .call_as(
+            &verifier,
+            "POST",
+            "/cards/cvv2/verification",
+            &card(json!({"cvv2": "123"})),
+        )
         .await;
     assert_eq!(ok.status, 200);
     gw.stop().await;

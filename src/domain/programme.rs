@@ -165,7 +165,10 @@ mod tests {
         .unwrap();
         let card = pan("4123450000000002");
         assert_eq!(list.resolve(&card, None).unwrap().name, "gold");
-        assert_eq!(list.resolve(&pan("4000000000000002"), None).unwrap().name, "visa");
+        assert_eq!(
+            list.resolve(&pan("4000000000000002"), None).unwrap().name,
+            "visa"
+        );
         assert_eq!(list.resolve(&card, Some("GOLD")).unwrap().name, "gold");
         // An association that does not cover the card's BIN selects nothing.
         assert!(list.resolve(&card, Some("OTHER")).is_none());
@@ -179,17 +182,26 @@ mod tests {
             programme("a", &["4"], None),
             programme("a", &["5"], None),
         ]);
-        assert_eq!(twice.unwrap_err(), ProgrammeError::DuplicateName("a".into()));
+        assert_eq!(
+            twice.unwrap_err(),
+            ProgrammeError::DuplicateName("a".into())
+        );
         let prefix = Programmes::new(vec![
             programme("a", &["41"], None),
             programme("b", &["41"], None),
         ]);
-        assert_eq!(prefix.unwrap_err(), ProgrammeError::DuplicatePrefix("41".into()));
+        assert_eq!(
+            prefix.unwrap_err(),
+            ProgrammeError::DuplicatePrefix("41".into())
+        );
         let assoc = Programmes::new(vec![
             programme("a", &["41"], Some("X")),
             programme("b", &["42"], Some("X")),
         ]);
-        assert_eq!(assoc.unwrap_err(), ProgrammeError::DuplicateAssociation("X".into()));
+        assert_eq!(
+            assoc.unwrap_err(),
+            ProgrammeError::DuplicateAssociation("X".into())
+        );
         assert!(Programmes::new(vec![programme("a", &["4x"], None)]).is_err());
         assert!(Programmes::new(vec![programme("a", &[], None)]).is_err());
     }

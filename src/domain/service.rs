@@ -395,7 +395,11 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
         Ok(CardId(bytes))
     }
 
-    async fn begin(&self, caller: &Caller<'_>, now: i64) -> Result<crate::store::StoreTx, DomainError> {
+    async fn begin(
+        &self,
+        caller: &Caller<'_>,
+        now: i64,
+    ) -> Result<crate::store::StoreTx, DomainError> {
         let mut tx = self.store.begin().await?;
         tx.claim_request(
             caller.client,
@@ -618,7 +622,11 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
             let w = i64::from(profile.window_seconds());
             // The window's code is acceptable until G windows after it have passed.
             let last_acceptable = (window + 1 + i64::from(profile.past_windows())) * w;
-            if !programme.single_use || tx.claim_window(&card_id, window, now, last_acceptable).await? {
+            if !programme.single_use
+                || tx
+                    .claim_window(&card_id, window, now, last_acceptable)
+                    .await?
+            {
                 Reason::Match
             } else {
                 Reason::CodeAlreadyUsed
@@ -721,9 +729,9 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
 
 /// A card is valid through the last day of its expiry month (UTC).
 fn is_expired(expiry: Expiry, now_ms: u64) -> bool {
-    let Ok(now) = time::OffsetDateTime::from_unix_timestamp(
-        i64::try_from(now_ms / 1000).unwrap_or(i64::MAX),
-    ) else {
+    let Ok(now) =
+        time::OffsetDateTime::from_unix_timestamp(i64::try_from(now_ms / 1000).unwrap_or(i64::MAX))
+    else {
         return true;
     };
     let digits = expiry.as_str();

@@ -21,12 +21,12 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use zeroize::Zeroizing;
 
 use super::AppState;
+use super::RequestContext;
 use super::clients::{Client, Scope};
 use super::error::ApiError;
 use super::signature::{
     self, ClientSecret, HeaderError, RequestId, RequestToSign, ResponseToSign, SignatureHeaders,
 };
-use super::RequestContext;
 
 /// The caller of a signed request, for handlers.
 #[derive(Debug, Clone)]
@@ -212,7 +212,8 @@ async fn sign_response(
         (signature::TIMESTAMP, HeaderValue::from(now_ms)),
         (
             signature::REQUEST_ID,
-            HeaderValue::from_str(headers.request_id.as_str()).unwrap_or(HeaderValue::from_static("")),
+            HeaderValue::from_str(headers.request_id.as_str())
+                .unwrap_or(HeaderValue::from_static("")),
         ),
         (
             signature::SIGNATURE,

@@ -7,7 +7,9 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use zeroize::Zeroizing;
 
-use crate::domain::service::{CardData, EnrollmentStatus, Method, Reason, ValueCount, Verification};
+use crate::domain::service::{
+    CardData, EnrollmentStatus, Method, Reason, ValueCount, Verification,
+};
 use crate::domain::{
     Atc, CodeLength, DomainError, Expiry, Pan, Psn, SecurityCode, ServiceCode, StaticCodeKind,
 };
@@ -193,7 +195,10 @@ impl SecurityCodeRequest {
             ("cvv2", None) => StaticCodeKind::Cvv2,
             ("icvv", None) => StaticCodeKind::Icvv,
             ("cvv2" | "icvv", Some(_)) => {
-                return Err(invalid("serviceCode", "is fixed for cvv2 and icvv; leave it out"));
+                return Err(invalid(
+                    "serviceCode",
+                    "is fixed for cvv2 and icvv; leave it out",
+                ));
             }
             _ => return Err(invalid("kind", "must be cvv, cvv2 or icvv")),
         };
@@ -287,7 +292,11 @@ impl EnrollmentResponse {
     pub fn from_status(status: &EnrollmentStatus) -> Self {
         EnrollmentResponse {
             card_number: status.card.masked_pan.clone(),
-            enrollment: if status.enrolled { "enrolled" } else { "not_enrolled" },
+            enrollment: if status.enrolled {
+                "enrolled"
+            } else {
+                "not_enrolled"
+            },
             changed: status.changed,
             enrolled_at: status.enrolled_at.and_then(rfc3339),
             programme: status.card.programme.clone(),
@@ -311,7 +320,11 @@ impl VerificationResponse {
     /// From the domain's verification.
     pub fn from_verification(v: &Verification) -> Self {
         VerificationResponse {
-            result: if v.reason.approved() { "approved" } else { "declined" },
+            result: if v.reason.approved() {
+                "approved"
+            } else {
+                "declined"
+            },
             reason: match v.reason {
                 Reason::Match => "match",
                 Reason::Mismatch => "mismatch",
@@ -385,7 +398,10 @@ pub struct KeysResponse {
 pub fn rfc3339(unix_seconds: i64) -> Option<String> {
     time::OffsetDateTime::from_unix_timestamp(unix_seconds)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
 }
 
 /// RFC 3339 UTC text of Unix milliseconds (second precision).
@@ -410,19 +426,30 @@ mod tests {
         let luhn: CardRequest =
             parse(r#"{"cardNumber":"4123450000000004","expiryDate":"3012"}"#).unwrap();
         let err = luhn.card().unwrap_err();
-        assert!(matches!(err, DomainError::Invalid { field: "cardNumber", .. }));
+        assert!(matches!(
+            err,
+            DomainError::Invalid {
+                field: "cardNumber",
+                ..
+            }
+        ));
         assert!(!err.to_string().contains("4123"));
         let expiry: CardRequest =
             parse(r#"{"cardNumber":"4123450000000001","expiryDate":"3013"}"#).unwrap();
         assert!(matches!(
             expiry.card().unwrap_err(),
-            DomainError::Invalid { field: "expiryDate", .. }
+            DomainError::Invalid {
+                field: "expiryDate",
+                ..
+            }
         ));
         assert!(
             parse::<CardRequest>(r#"{"cardNumber":"4123450000000001","expiryDate":"3012","x":1}"#)
                 .is_err()
         );
-        assert!(parse::<CardRequest>(r#"{"cardNumber":4123450000000001,"expiryDate":"3012"}"#).is_err());
+        assert!(
+            parse::<CardRequest>(r#"{"cardNumber":4123450000000001,"expiryDate":"3012"}"#).is_err()
+        );
     }
 
     #[test]
@@ -434,32 +461,40 @@ mod tests {
         let (_, count, channel) = r.parse().unwrap();
         assert_eq!(count, ValueCount::try_from(24).unwrap());
         assert_eq!(channel, Some(Channel::Web));
-        let r: DynamicValuesRequest = parse(
-            r#"{"cardNumber":"4123450000000001","expiryDate":"3012","numberOfValues":25}"#,
-        )
-        .unwrap();
+        let r: DynamicValuesRequest =
+            parse(r#"{"cardNumber":"4123450000000001","expiryDate":"3012","numberOfValues":25}"#)
+                .unwrap();
         assert!(matches!(
             r.parse().unwrap_err(),
-            DomainError::Invalid { field: "numberOfValues", .. }
+            DomainError::Invalid {
+                field: "numberOfValues",
+                ..
+            }
         ));
-        let s: SecurityCodeRequest = parse(
-            r#"{"cardNumber":"4123450000000001","expiryDate":"3012","kind":"cvv"}"#,
-        )
-        .unwrap();
+        let s: SecurityCodeRequest =
+            parse(r#"{"cardNumber":"4123450000000001","expiryDate":"3012","kind":"cvv"}"#).unwrap();
         assert!(matches!(
             s.parse().unwrap_err(),
-            DomainError::Invalid { field: "serviceCode", .. }
+            DomainError::Invalid {
+                field: "serviceCode",
+                ..
+            }
         ));
-        let s: SecurityCodeRequest = parse(
-            r#"{"cardNumber":"4123450000000001","expiryDate":"3012","kind":"cvc3"}"#,
-        )
-        .unwrap();
-        assert!(matches!(s.parse().unwrap_err(), DomainError::Invalid { field: "kind", .. }));
+        let s: SecurityCodeRequest =
+            parse(r#"{"cardNumber":"4123450000000001","expiryDate":"3012","kind":"cvc3"}"#)
+                .unwrap();
+        assert!(matches!(
+            s.parse().unwrap_err(),
+            DomainError::Invalid { field: "kind", .. }
+        ));
     }
 
     #[test]
     fn times_are_rfc3339_utc() {
         assert_eq!(rfc3339(1_767_225_600).unwrap(), "2026-01-01T00:00:00Z");
-        assert_eq!(rfc3339_ms(1_767_225_600_999).unwrap(), "2026-01-01T00:00:00Z");
+        assert_eq!(
+            rfc3339_ms(1_767_225_600_999).unwrap(),
+            "2026-01-01T00:00:00Z"
+        );
     }
 }

@@ -56,7 +56,11 @@ pub struct ErrorBody {
 
 impl ApiError {
     /// An error with its status, code and message.
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
+    pub fn new(
+        status: StatusCode,
+        code: &'static str,
+        message: impl Into<Cow<'static, str>>,
+    ) -> Self {
         ApiError {
             status,
             code,
@@ -178,9 +182,10 @@ impl IntoResponse for ApiError {
             self.status,
             StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
         ) {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS));
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_SECONDS),
+            );
         }
         response.extensions_mut().insert(ErrorCode(self.code));
         if let Some(detail) = self.detail {
@@ -296,16 +301,31 @@ mod tests {
             (DomainError::ProgrammeNotAllowed, 403, "forbidden_programme"),
             (DomainError::DuplicateRequest, 409, "duplicate_request"),
             (
-                DomainError::Invalid { field: "cardNumber", reason: "fails the Luhn check" },
+                DomainError::Invalid {
+                    field: "cardNumber",
+                    reason: "fails the Luhn check",
+                },
                 422,
                 "invalid_card_number",
             ),
-            (DomainError::Hsm(HsmError::Busy { millis: 1 }), 503, "hsm_busy"),
-            (DomainError::Hsm(HsmError::KeyNotFound { label: "k".into() }), 503, "key_unavailable"),
+            (
+                DomainError::Hsm(HsmError::Busy { millis: 1 }),
+                503,
+                "hsm_busy",
+            ),
+            (
+                DomainError::Hsm(HsmError::KeyNotFound { label: "k".into() }),
+                503,
+                "key_unavailable",
+            ),
         ];
         for (error, status, code) in cases {
             let api = ApiError::from(&error);
-            assert_eq!((api.status().as_u16(), api.code()), (status, code), "{error:?}");
+            assert_eq!(
+                (api.status().as_u16(), api.code()),
+                (status, code),
+                "{error:?}"
+            );
         }
     }
 }

@@ -149,7 +149,8 @@ impl Metrics {
     pub fn sessions(&self, in_use: usize, max: usize) {
         self.sessions_in_use
             .set(i64::try_from(in_use).unwrap_or(i64::MAX));
-        self.sessions_max.set(i64::try_from(max).unwrap_or(i64::MAX));
+        self.sessions_max
+            .set(i64::try_from(max).unwrap_or(i64::MAX));
     }
 
     /// The text exposition format.
@@ -181,14 +182,25 @@ mod tests {
     #[test]
     fn exposition_has_the_families_and_labels() {
         let m = Metrics::new();
-        m.request("/cards/cvv2/verification", "POST", 200, "", Duration::from_millis(3));
+        m.request(
+            "/cards/cvv2/verification",
+            "POST",
+            200,
+            "",
+            Duration::from_millis(3),
+        );
         m.hsm_call("tdcvv2_verify", Duration::from_micros(800), true);
         m.sessions(1, 4);
         let text = m.encode().unwrap();
         assert!(text.contains(
             "dcvv_http_requests_total{route=\"/cards/cvv2/verification\",method=\"POST\",status=\"200\",code=\"\"} 1"
         ), "{text}");
-        assert!(text.contains("dcvv_hsm_call_duration_seconds_count{operation=\"tdcvv2_verify\",outcome=\"ok\"} 1"), "{text}");
+        assert!(
+            text.contains(
+                "dcvv_hsm_call_duration_seconds_count{operation=\"tdcvv2_verify\",outcome=\"ok\"} 1"
+            ),
+            "{text}"
+        );
         assert!(text.contains("dcvv_hsm_sessions_max 4"), "{text}");
     }
 }

@@ -33,7 +33,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use tower::ServiceBuilder;
 use tower::limit::GlobalConcurrencyLimitLayer;
-use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId as ServerRequestId, SetRequestIdLayer};
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId as ServerRequestId, SetRequestIdLayer,
+};
 use tower_http::trace::TraceLayer;
 
 use crate::config::ServerSettings;

@@ -107,7 +107,11 @@ mod tests {
         let json = serde_json::to_value(&doc).unwrap();
         assert!(json["openapi"].as_str().unwrap().starts_with("3."));
         let schema = &json["components"]["schemas"]["DynamicValuesRequest"];
-        assert_eq!(schema["additionalProperties"], serde_json::json!(false), "{schema}");
+        assert_eq!(
+            schema["additionalProperties"],
+            serde_json::json!(false),
+            "{schema}"
+        );
         assert!(schema["properties"]["cardNumber"].is_object(), "{schema}");
     }
 }

@@ -254,8 +254,8 @@ impl SignatureHeaders {
         .then(|| timestamp.parse::<u64>().ok())
         .flatten()
         .ok_or(HeaderError::Malformed(TIMESTAMP))?;
-        let request_id =
-            RequestId::parse(header(headers, REQUEST_ID)?).ok_or(HeaderError::Malformed(REQUEST_ID))?;
+        let request_id = RequestId::parse(header(headers, REQUEST_ID)?)
+            .ok_or(HeaderError::Malformed(REQUEST_ID))?;
         let signature = header(headers, SIGNATURE)?;
         let mut tag = [0u8; 32];
         match BASE64.decode(signature) {
@@ -340,7 +340,10 @@ mod tests {
         assert_eq!(format!("{:?}", secret()), "ClientSecret(***)");
         let generated = ClientSecret::generate().unwrap();
         assert_eq!(generated.expose().len(), 43);
-        assert_ne!(generated.expose(), ClientSecret::generate().unwrap().expose());
+        assert_ne!(
+            generated.expose(),
+            ClientSecret::generate().unwrap().expose()
+        );
     }
 
     #[test]

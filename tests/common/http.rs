@@ -17,9 +17,9 @@ use dcvv_gateway::domain::Tdcvv2Profile;
 use dcvv_gateway::domain::programme::{Programme, Programmes};
 use dcvv_gateway::domain::service::{Clock, ProgrammeAccess, ServiceSettings};
 use dcvv_gateway::hsm::{KeyKind, KeyLabel};
+use dcvv_gateway::http::Gateway;
 use dcvv_gateway::http::clients::{ClientSettings, Scope, SecretSource};
 use dcvv_gateway::http::signature::{ClientSecret, RequestToSign, ResponseToSign};
-use dcvv_gateway::http::Gateway;
 use dcvv_gateway::store::StoreSettings;
 use serde_json::Value;
 use zeroize::Zeroizing;
@@ -162,7 +162,11 @@ static REQUEST_IDS: AtomicU32 = AtomicU32::new(0);
 
 /// A request id no other request of this process used.
 pub fn fresh_id() -> String {
-    format!("t{}x{}", std::process::id(), REQUEST_IDS.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "t{}x{}",
+        std::process::id(),
+        REQUEST_IDS.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 pub fn programme(name: &str, prefixes: &[&str], o: &Options) -> Programme {
@@ -189,10 +193,19 @@ impl TestGateway {
             SecretSource::File(path)
         };
         let clients = Clients {
-            main: TestClient { apikey: "cms".into(), secret: random_secret() },
+            main: TestClient {
+                apikey: "cms".into(),
+                secret: random_secret(),
+            },
             main_second: random_secret(),
-            verifier: TestClient { apikey: "acquirer-switch".into(), secret: random_secret() },
-            other_programme: TestClient { apikey: "other-bank".into(), secret: random_secret() },
+            verifier: TestClient {
+                apikey: "acquirer-switch".into(),
+                secret: random_secret(),
+            },
+            other_programme: TestClient {
+                apikey: "other-bank".into(),
+                secret: random_secret(),
+            },
         };
         let all_scopes: HashSet<Scope> = [
             Scope::DynamicValues,
@@ -232,7 +245,10 @@ impl TestGateway {
             server: ServerSettings {
                 listen: "127.0.0.1:0".parse().unwrap(),
                 transport: match &options.tls {
-                    Some((cert, key)) => Transport::Tls { cert: cert.clone(), key: key.clone() },
+                    Some((cert, key)) => Transport::Tls {
+                        cert: cert.clone(),
+                        key: key.clone(),
+                    },
                     None => Transport::InsecureHttp,
                 },
                 request_timeout: Duration::from_secs(10),
@@ -258,9 +274,13 @@ impl TestGateway {
             clients: client_settings,
         };
         let clock = Arc::new(TestClock(AtomicU64::new(T0 * 1000)));
-        let gateway = Gateway::build(&settings, Arc::clone(&*HSM), clock.clone() as Arc<dyn Clock>)
-            .await
-            .unwrap();
+        let gateway = Gateway::build(
+            &settings,
+            Arc::clone(&*HSM),
+            clock.clone() as Arc<dyn Clock>,
+        )
+        .await
+        .unwrap();
         let state = gateway.state();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -273,7 +293,11 @@ impl TestGateway {
                 .await
                 .unwrap();
         });
-        let scheme = if options.tls.is_some() { "https" } else { "http" };
+        let scheme = if options.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         TestGateway {
             url: format!("{scheme}://127.0.0.1:{port}"),
             clock,
@@ -343,13 +367,26 @@ impl TestGateway {
 
     /// A correctly signed request as `client`, at the gateway's clock; checks the
     /// response signature whenever the gateway signed.
-    pub async fn call_as(&self, client: &TestClient, method: &str, path: &str, body: &Value) -> Answer {
-        let bytes = if body.is_null() { Vec::new() } else { serde_json::to_vec(body).unwrap() };
+    pub async fn call_as(
+        &self,
+        client: &TestClient,
+        method: &str,
+        path: &str,
+        body: &Value,
+    ) -> Answer {
+        let bytes = if body.is_null() {
+            Vec::new()
+        } else {
+            serde_json::to_vec(body).unwrap()
+        };
         let id = fresh_id();
         let headers = self.signed_headers(client, &id, self.clock.now_ms(), method, path, &bytes);
         let answer = self.send_raw(method, path, &headers, bytes).await;
         if answer.headers.contains_key("signature") {
-            assert!(verify_response(client, &id, &answer), "response signature must verify");
+            assert!(
+                verify_response(client, &id, &answer),
+                "response signature must verify"
+            );
         }
         answer
     }
@@ -364,7 +401,9 @@ impl TestGateway {
     pub async fn snapshot(&self) -> BTreeMap<String, Vec<String>> {
         use sqlx::Row;
         let url = format!("sqlite://{}?mode=ro", self.db.display());
-        let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url).await.unwrap();
+        let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
+            .await
+            .unwrap();
         let tables: Vec<String> = sqlx::query_scalar(
             "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE '\\_sqlx%' ESCAPE '\\' AND name <> 'heartbeat'",
         )
@@ -412,9 +451,11 @@ impl TestGateway {
 /// Checks a response's signature as a client would.
 pub fn verify_response(client: &TestClient, request_id: &str, answer: &Answer) -> bool {
     let header = |name: &str| answer.headers.get(name).and_then(|v| v.to_str().ok());
-    let (Some(ts), Some(id), Some(sig)) =
-        (header("timestamp"), header("x-client-request-id"), header("signature"))
-    else {
+    let (Some(ts), Some(id), Some(sig)) = (
+        header("timestamp"),
+        header("x-client-request-id"),
+        header("signature"),
+    ) else {
         return false;
     };
     if id != request_id {
