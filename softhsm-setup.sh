@@ -501,11 +501,11 @@ if [ "$mode" = run ]; then
 
   # three dynamic CVV2 values for the demo card (enrols it)
   target/release/dcvv-gateway call --url $url --apikey $demo_client --secret-env DCVV_CLIENT_SECRET --cacert .softhsm/tls/ca.pem \\
-    POST /cards/pin/dynamic-values --data '{"cardNumber":"4123450000000003","expiryDate":"3012","numberOfValues":3}'
+    POST /cards/pin/dynamic-values --data '{"cardNumber":"4123450000000001","expiryDate":"3012","numberOfValues":3}'
 
   # verify the first one (the "dcvv2" field): approved / match, then declined / code_already_used
   target/release/dcvv-gateway call --url $url --apikey $demo_client --secret-env DCVV_CLIENT_SECRET --cacert .softhsm/tls/ca.pem \\
-    POST /cards/cvv2/verification --data '{"cardNumber":"4123450000000003","expiryDate":"3012","cvv2":"<the dcvv2 from above>"}'
+    POST /cards/cvv2/verification --data '{"cardNumber":"4123450000000001","expiryDate":"3012","cvv2":"<the dcvv2 from above>"}'
 
   More (enrolment, static CVV2, the API, signing your own requests): README.md, "Quick start".
   Ctrl-C or SIGTERM stops the gateway after in-flight requests finish.
