@@ -115,6 +115,10 @@ pub static TOKEN: LazyLock<TestToken> = LazyLock::new(|| {
     let tmp = dir.join(format!("softhsm2.conf.{}", std::process::id()));
     std::fs::write(&tmp, text).unwrap();
     std::fs::rename(&tmp, &conf).unwrap();
+    // Deleting a token while another process initializes one makes that
+    // initialization fail now and then: pruning and creating hold one lock.
+    let lock = std::fs::File::create(dir.join("tokens.lock")).unwrap();
+    lock.lock().unwrap();
     prune_dead_tokens(&dir, &conf);
 
     let label = format!("t{}-{}", std::process::id(), &random_hex(4));
@@ -134,6 +138,7 @@ pub static TOKEN: LazyLock<TestToken> = LazyLock::new(|| {
         .env("SOFTHSM2_CONF", &conf)
         .output()
         .expect("softhsm2-util (install SoftHSM: ./softhsm-setup.sh --deps-only)");
+    drop(lock);
     assert!(
         out.status.success(),
         "softhsm2-util failed: {}",
@@ -247,7 +252,11 @@ pub fn raw_session() -> cryptoki::session::Session {
         .get_slots_with_initialized_token()
         .unwrap()
         .into_iter()
-        .find(|s| ctx.get_token_info(*s).unwrap().label().trim_end() == token.label)
+        // A slot whose token another process is deleting cannot be read: skip it.
+        .find(|s| {
+            ctx.get_token_info(*s)
+                .is_ok_and(|info| info.label().trim_end() == token.label)
+        })
         .unwrap();
     let session = ctx.open_rw_session(slot).unwrap();
     let pin = std::fs::read_to_string(&token.pin_file).unwrap();
