@@ -633,10 +633,10 @@ fn check_args(args: &HttpBenchArgs) -> Result<(), CallError> {
     if !(args.seconds.is_finite() && args.seconds > 0.0 && args.seconds <= 3600.0) {
         return Err(CallError::Target("--seconds: more than 0, at most 3600"));
     }
-    if let Some(rate) = args.rate {
-        if !(rate.is_finite() && rate > 0.0 && rate <= 1_000_000.0) {
-            return Err(CallError::Target("--rate: more than 0, at most 1000000"));
-        }
+    if let Some(rate) = args.rate
+        && !(rate.is_finite() && rate > 0.0 && rate <= 1_000_000.0)
+    {
+        return Err(CallError::Target("--rate: more than 0, at most 1000000"));
     }
     Ok(())
 }

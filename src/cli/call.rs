@@ -786,12 +786,12 @@ mod tests {
         assert!(unset.contains("DCVV_TEST_SURELY_UNSET_VAR_7F3A"), "{unset}");
         // PATH is set in every test environment and is no valid secret (too
         // long or with `:`/spaces is irrelevant: the point is its value is not shown).
-        if let Ok(path) = std::env::var("PATH") {
-            if let Err(e) = Credentials::from_env("cms-demo", "PATH") {
-                let text = e.to_string();
-                assert!(text.contains("PATH"), "{text}");
-                assert!(!text.contains(&path), "{text}");
-            }
+        if let Ok(path) = std::env::var("PATH")
+            && let Err(e) = Credentials::from_env("cms-demo", "PATH")
+        {
+            let text = e.to_string();
+            assert!(text.contains("PATH"), "{text}");
+            assert!(!text.contains(&path), "{text}");
         }
     }
 

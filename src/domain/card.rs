@@ -57,7 +57,7 @@ impl Pan {
                 }
             })
             .sum();
-        sum % 10 == 0
+        sum.is_multiple_of(10)
     }
 
     /// First 6 and last 4 digits, the rest as `*` (DESIGN 7.1).

@@ -91,10 +91,10 @@ impl Programmes {
                     return Err(ProgrammeError::DuplicatePrefix(prefix.clone()));
                 }
             }
-            if let Some(a) = &p.key_association {
-                if !associations.insert(a.as_str()) {
-                    return Err(ProgrammeError::DuplicateAssociation(a.clone()));
-                }
+            if let Some(a) = &p.key_association
+                && !associations.insert(a.as_str())
+            {
+                return Err(ProgrammeError::DuplicateAssociation(a.clone()));
             }
         }
         Ok(Programmes(list))

@@ -34,10 +34,10 @@ fn parse_card(
         Some(text) => text.parse::<Psn>()?,
         None => Psn::NONE,
     };
-    if let Some(a) = key_association {
-        if a.is_empty() || a.len() > 64 {
-            return Err(invalid("keyAssociation", "must be 1 to 64 characters"));
-        }
+    if let Some(a) = key_association
+        && (a.is_empty() || a.len() > 64)
+    {
+        return Err(invalid("keyAssociation", "must be 1 to 64 characters"));
     }
     Ok(CardData {
         pan,

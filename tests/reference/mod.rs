@@ -21,7 +21,7 @@ pub enum MkOption {
 
 /// Packs hex digits ("0"–"9", "A"–"F") two per byte. `digits` has an even length.
 pub fn pack(digits: &str) -> Vec<u8> {
-    assert!(digits.len() % 2 == 0, "odd number of digits");
+    assert!(digits.len().is_multiple_of(2), "odd number of digits");
     hex::decode(digits).unwrap()
 }
 
