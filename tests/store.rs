@@ -560,6 +560,53 @@ async fn concurrent_claims_of_one_window_have_exactly_one_winner() {
     assert_eq!(t.count("used_windows").await, 1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_commits_are_each_durable_when_they_return() {
+    // Group commit: many requests share one durable commit, yet each commit returns
+    // only once its change can be read from another connection, and a rolled-back
+    // transaction in the middle of the group keeps nothing of its own.
+    let t = TestStore::new().await;
+    let path = t.path();
+    let tasks: Vec<_> = (0..64_u8)
+        .map(|i| {
+            let store = t.store.clone();
+            let path = path.clone();
+            tokio::spawn(async move {
+                let mut tx = store.begin().await.unwrap();
+                tx.claim_request("client-a", &format!("req-{i}"), T0, T0 + 900)
+                    .await
+                    .unwrap();
+                tx.enroll(&card(i), &enrollment("visa", T0)).await.unwrap();
+                if i % 8 == 7 {
+                    tx.rollback().await.unwrap();
+                    return;
+                }
+                tx.commit().await.unwrap();
+                let mut conn = raw(&path).await;
+                let seen: i64 =
+                    sqlx::query_scalar("SELECT COUNT(*) FROM enrollments WHERE card_id = $1")
+                        .bind(card(i).0.as_slice())
+                        .fetch_one(&mut conn)
+                        .await
+                        .unwrap();
+                assert_eq!(
+                    seen, 1,
+                    "request {i} returned before its change was durable"
+                );
+                conn.close().await.unwrap();
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(t.count("enrollments").await, 56);
+    assert_eq!(t.count("seen_requests").await, 56);
+    for i in (7..64).step_by(8) {
+        assert_eq!(t.store.enrollment(&card(i)).await.unwrap(), None, "{i}");
+    }
+}
+
 // ---- cleanup ----
 
 #[tokio::test]

@@ -56,13 +56,13 @@ pub struct Enrollment {
     pub enrolled_at: i64,
 }
 
-/// Handle to the store. Cheap to clone: every clone shares one connection pool.
+/// Handle to the store. Cheap to clone: every clone shares one backend.
 ///
-/// On SQLite the pool holds exactly one connection. SQLite has one writer at a time
-/// anyway; one connection makes the gateway's transactions queue in-process (for
-/// [`StoreSettings::acquire_timeout`]) instead of failing on the file lock. Two
-/// gateway processes must not share one SQLite file: use PostgreSQL for several
-/// instances (DESIGN 6).
+/// On SQLite the backend is one connection behind a fair queue, and transactions
+/// are committed in groups (see the `sqlite` module): SQLite has one writer at a
+/// time anyway, and one durable commit for the requests of a moment is what makes
+/// the store keep up. Two gateway processes must not share one SQLite file: use
+/// PostgreSQL for several instances (DESIGN 6).
 ///
 /// While a task holds a [`StoreTx`] the connection is taken: it must use the
 /// transaction's own methods, not this handle's, or it waits for itself until the
@@ -77,7 +77,7 @@ pub struct Store {
 #[derive(Clone)]
 enum Backend {
     Sqlite {
-        pool: sqlx::SqlitePool,
+        writer: Arc<sqlite::Writer>,
         path: Arc<Path>,
     },
 }
@@ -85,22 +85,27 @@ enum Backend {
 impl fmt::Debug for Store {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.backend {
-            Backend::Sqlite { pool, path } => f
+            Backend::Sqlite { writer, path } => f
                 .debug_struct("Store")
                 .field("backend", &"sqlite")
                 .field("path", path)
-                .field("closed", &pool.is_closed())
+                .field("closed", &writer.is_closed())
                 .finish(),
         }
     }
 }
 
-/// Runs `$body` with `$pool` bound to the backend's connection pool (an executor).
-/// The body is expanded once per backend, so the same SQL text serves all of them.
+/// Runs `$body` with `$pool` bound to an executor outside any request's
+/// transaction (on SQLite: the one connection, taken for the duration). The body
+/// is expanded once per backend, so the same SQL text serves all of them.
 macro_rules! with_pool {
     ($store:expr, |$pool:ident| $body:expr) => {
         match &$store.backend {
-            Backend::Sqlite { pool: $pool, .. } => $body,
+            Backend::Sqlite { writer, .. } => {
+                let mut guard = writer.lock().await?;
+                let $pool = guard.executor()?;
+                $body
+            }
         }
     };
 }
@@ -116,10 +121,10 @@ impl Store {
     /// no permission, locked), [`StoreError::Migrate`] when the schema cannot be
     /// brought up to date (also for a file written by a newer gateway).
     pub async fn open_sqlite(settings: &StoreSettings) -> StoreResult<Store> {
-        let pool = sqlite::open(settings).await?;
+        let writer = sqlite::open(settings).await?;
         Ok(Store {
             backend: Backend::Sqlite {
-                pool,
+                writer,
                 path: Arc::from(settings.sqlite_path.as_path()),
             },
         })
@@ -174,18 +179,16 @@ impl Store {
 
     /// Begins a transaction: all state changes of one request happen in one.
     ///
-    /// On SQLite this takes the write lock at once (`BEGIN IMMEDIATE`), so waiting for
-    /// the lock happens here, under the timeout, and never half-way through.
+    /// On SQLite the first transaction of a batch takes the file's write lock at once
+    /// (`BEGIN IMMEDIATE`), so waiting for it happens here, under the timeout, and
+    /// never half-way through; each request's transaction is a savepoint in the batch.
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] when no connection or lock is free within the
     /// acquire timeout, or the store is closed.
     pub async fn begin(&self) -> StoreResult<StoreTx> {
         match &self.backend {
-            Backend::Sqlite { pool, .. } => {
-                let tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-                Ok(StoreTx::sqlite(tx))
-            }
+            Backend::Sqlite { writer, .. } => Ok(StoreTx::sqlite(writer.begin().await?)),
         }
     }
 
@@ -205,7 +208,9 @@ impl Store {
     /// Closes the pool (graceful shutdown): waits for the connection to come back,
     /// then closes it. Every later call fails with [`StoreError::Unavailable`].
     pub async fn close(&self) {
-        with_pool!(self, |pool| pool.close().await);
+        match &self.backend {
+            Backend::Sqlite { writer, .. } => writer.close().await,
+        }
     }
 }
 

@@ -7,6 +7,7 @@
 
 use std::fmt;
 
+use super::sqlite::SqliteTx;
 use super::{CardId, Enrollment, StoreError, StoreResult, enrollment_from_row, sql};
 
 /// A transaction on the store. See [`Store::begin`](super::Store::begin).
@@ -17,7 +18,7 @@ pub struct StoreTx {
 /// One variant per backend; a PostgreSQL variant joins `Sqlite` here and in
 /// `with_conn!`.
 enum TxInner {
-    Sqlite(sqlx::Transaction<'static, sqlx::Sqlite>),
+    Sqlite(SqliteTx),
 }
 
 impl fmt::Debug for StoreTx {
@@ -37,7 +38,7 @@ macro_rules! with_conn {
     ($tx:expr, |$conn:ident| $body:expr) => {
         match &mut $tx.inner {
             TxInner::Sqlite(tx) => {
-                let $conn = &mut **tx;
+                let $conn = tx.executor()?;
                 $body
             }
         }
@@ -45,7 +46,7 @@ macro_rules! with_conn {
 }
 
 impl StoreTx {
-    pub(super) fn sqlite(tx: sqlx::Transaction<'static, sqlx::Sqlite>) -> Self {
+    pub(super) fn sqlite(tx: SqliteTx) -> Self {
         Self {
             inner: TxInner::Sqlite(tx),
         }
