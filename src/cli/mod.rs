@@ -1,5 +1,6 @@
 //! The command line: the key ceremony (`keys ...`), the policy check
-//! (`hsm check`), the engine benchmark (`bench engine`) and `serve`.
+//! (`hsm check`), `serve`, the signed client for people and scripts (`call`) and
+//! the benchmarks (`bench engine`, `bench http` against a running gateway).
 //!
 //! Output on stdout is the commands' contract (tooling parses `keys list --json`);
 //! logs go to stderr. Every error is one line and a non-zero exit; no command

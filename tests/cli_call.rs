@@ -1,0 +1,138 @@
+//! `dcvv-gateway call` against a real gateway (issue 3, item 6): the binary signs
+//! the request, the gateway (TLS, this process's SoftHSM token, a SQLite file)
+//! accepts it, and the command checks the response signature. This is the README's
+//! walk from set-up to a first dynamic value, run as a test.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use common::http::{EXPIRY, Options, PAN, TestGateway};
+use serde_json::Value;
+
+struct Run {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    /// The JSON body `call` printed after its status line.
+    fn body(&self) -> Value {
+        let (_status, body) = self
+            .stdout
+            .split_once('\n')
+            .unwrap_or_else(|| panic!("no body: {}\n{}", self.stdout, self.stderr));
+        serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {}", self.stdout))
+    }
+}
+
+/// Runs `call` with the secret in `DCVV_TEST_SECRET`, off the runtime's threads.
+async fn call(gw: &TestGateway, ca: &Path, secret: &str, args: &[&str]) -> Run {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_dcvv-gateway"));
+    command
+        .args([
+            "call",
+            "--url",
+            &gw.url,
+            "--apikey",
+            &gw.clients.main.apikey,
+        ])
+        .args(["--secret-env", "DCVV_TEST_SECRET", "--cacert"])
+        .arg(ca)
+        .args(args)
+        .env("DCVV_TEST_SECRET", secret);
+    let out = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    Run {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_gets_dynamic_values_and_verifies_one_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let (cert_path, key_path, ca) = (
+        dir.path().join("server.pem"),
+        dir.path().join("server.key"),
+        dir.path().join("ca.pem"),
+    );
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
+    std::fs::write(&ca, cert.cert.pem()).unwrap();
+    let gw = TestGateway::start(Options {
+        tls: Some((cert_path, key_path)),
+        ..Options::default()
+    })
+    .await;
+    // `call` stamps requests with the real time; the gateway's clock must agree.
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    gw.clock.set_seconds(now.as_secs());
+    let secret = gw.clients.main.secret.clone();
+
+    let card = format!(r#"{{"cardNumber":"{PAN}","expiryDate":"{EXPIRY}""#);
+    let values = call(
+        &gw,
+        &ca,
+        &secret,
+        &[
+            "--data",
+            &format!(r#"{card},"numberOfValues":2}}"#),
+            "POST",
+            "/cards/pin/dynamic-values",
+        ],
+    )
+    .await;
+    assert!(values.ok, "{}\n{}", values.stdout, values.stderr);
+    assert!(values.stdout.starts_with("HTTP/"), "{}", values.stdout);
+    assert!(
+        values.stderr.contains("response signature: verified"),
+        "{}",
+        values.stderr
+    );
+    let body = values.body();
+    let list = body["values"].as_array().unwrap();
+    assert_eq!(list.len(), 2, "{body}");
+    let first = list[0]["dcvv2"].as_str().unwrap().to_owned();
+
+    // The first value is the current one: it verifies, through a body file.
+    let request = dir.path().join("verify.json");
+    std::fs::write(&request, format!(r#"{card},"cvv2":"{first}"}}"#)).unwrap();
+    let verified = call(
+        &gw,
+        &ca,
+        &secret,
+        &[
+            "--data-file",
+            request.to_str().unwrap(),
+            "POST",
+            "/cards/cvv2/verification",
+        ],
+    )
+    .await;
+    assert!(verified.ok, "{}\n{}", verified.stdout, verified.stderr);
+    assert_eq!(verified.body()["result"], "approved", "{}", verified.stdout);
+
+    // Another client's secret: the gateway's 401, printed, and a failing exit status.
+    let wrong = call(&gw, &ca, &gw.clients.verifier.secret, &["GET", "/keys"]).await;
+    assert!(!wrong.ok);
+    assert_eq!(
+        wrong.body()["code"],
+        "invalid_signature",
+        "{}",
+        wrong.stdout
+    );
+    // The secret never reaches the output.
+    for run in [&values, &verified, &wrong] {
+        assert!(!run.stdout.contains(&secret) && !run.stderr.contains(&secret));
+    }
+    gw.stop().await;
+}
