@@ -268,17 +268,9 @@ fn conforming_keys_pass_hsm_check() {
     let c = Ceremony::new();
     let kinds = ["cvk", "imk-dcvv", "imk-tdcvv2", "pan-index", "audit-seal"];
     for kind in kinds {
-        assert!(
-            c.run(&[
-                "keys",
-                "generate",
-                "--kind",
-                kind,
-                "--label",
-                &format!("chk-{kind}")
-            ])
-            .0
-        );
+        let label = format!("chk-{kind}");
+        let (ok, stdout, stderr) = c.run(&["keys", "generate", "--kind", kind, "--label", &label]);
+        assert!(ok, "keys generate --kind {kind}: {stdout}\n{stderr}");
     }
     let (ok, stdout, stderr) = c.run(&["hsm", "check"]);
     assert!(ok, "{stdout}\n{stderr}");

@@ -725,11 +725,14 @@ fn load_module(path: &Path) -> HsmResult<Pkcs11> {
 
 fn find_token(ctx: &Pkcs11, label: &str) -> HsmResult<Slot> {
     let mut found = Vec::new();
-    for slot in ctx.get_slots_with_initialized_token()? {
-        // A slot that cannot describe its token is not the one we want; it must
-        // not stop us finding ours.
+    // Slot by slot: `get_slots_with_initialized_token` fails as a whole when one
+    // slot cannot describe its token (SoftHSM while another process creates or
+    // deletes a token), and a slot that cannot describe its token is not ours.
+    for slot in ctx.get_slots_with_token()? {
         match ctx.get_token_info(slot) {
-            Ok(info) if info.label().trim_end() == label => found.push(slot),
+            Ok(info) if info.token_initialized() && info.label().trim_end() == label => {
+                found.push(slot)
+            }
             Ok(_) => {}
             Err(e) => {
                 tracing::warn!(error = %HsmError::from(e), "skipping a slot whose token cannot be read")

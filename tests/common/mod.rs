@@ -259,13 +259,15 @@ pub fn raw_session() -> cryptoki::session::Session {
         Err(e) => panic!("{e}"),
     }
     let slot = ctx
-        .get_slots_with_initialized_token()
+        .get_slots_with_token()
         .unwrap()
         .into_iter()
-        // A slot whose token another process is deleting cannot be read: skip it.
+        // A slot whose token another process is creating or deleting cannot be
+        // read: skip it (asking for initialized tokens would fail on it).
         .find(|s| {
-            ctx.get_token_info(*s)
-                .is_ok_and(|info| info.label().trim_end() == token.label)
+            ctx.get_token_info(*s).is_ok_and(|info| {
+                info.token_initialized() && info.label().trim_end() == token.label
+            })
         })
         .unwrap();
     let session = ctx.open_rw_session(slot).unwrap();
