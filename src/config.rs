@@ -444,8 +444,7 @@ fn programme(p: RawProgramme) -> Result<Programme, ConfigError> {
 /// One previous key version (key rotation): a kind the programme uses, a label,
 /// and the RFC 3339 instant its grace period ends (exclusive).
 fn previous_key(at: &str, raw: &RawPrevious) -> Result<PreviousKey, ConfigError> {
-    let kind =
-        rotation::rotating_kind(&raw.kind).map_err(|e| err(format!("{at}.kind: {e}")))?;
+    let kind = rotation::rotating_kind(&raw.kind).map_err(|e| err(format!("{at}.kind: {e}")))?;
     let label = label(&format!("{at}.label"), &raw.label)?;
     let instant = time::OffsetDateTime::parse(
         &raw.accept_until,
@@ -711,7 +710,16 @@ mod tests {
             1_803_859_200_000 + (11 * 3600 + 30 * 60) * 1000 + 500
         );
         // Without previous tables nothing rotates.
-        assert!(load(FULL).unwrap().programmes.iter().next().unwrap().previous.is_empty());
+        assert!(
+            load(FULL)
+                .unwrap()
+                .programmes
+                .iter()
+                .next()
+                .unwrap()
+                .previous
+                .is_empty()
+        );
     }
 
     #[test]
@@ -734,7 +742,10 @@ mod tests {
         let time = refused(
             "[[programmes.previous]]\nkind = \"cvk\"\nlabel = \"cvk-demo-v0\"\naccept_until = \"next tuesday\"",
         );
-        assert!(time.contains("programmes.demo.previous[0].accept_until"), "{time}");
+        assert!(
+            time.contains("programmes.demo.previous[0].accept_until"),
+            "{time}"
+        );
         assert!(time.contains("RFC 3339"), "{time}");
         let date_only = refused(
             "[[programmes.previous]]\nkind = \"cvk\"\nlabel = \"cvk-demo-v0\"\naccept_until = 2027-03-01",
@@ -743,11 +754,17 @@ mod tests {
         let label = refused(
             "[[programmes.previous]]\nkind = \"cvk\"\nlabel = \"cvk demo\"\naccept_until = 2027-03-01T00:00:00Z",
         );
-        assert!(label.contains("programmes.demo.previous[0].label"), "{label}");
+        assert!(
+            label.contains("programmes.demo.previous[0].label"),
+            "{label}"
+        );
         let twice = refused(&format!(
             "{ROTATED}\n[[programmes.previous]]\nkind = \"cvk\"\nlabel = \"cvk-demo-v0\"\naccept_until = 2027-04-01T00:00:00Z"
         ));
-        assert!(twice.contains("programmes.demo.previous[2].label"), "{twice}");
+        assert!(
+            twice.contains("programmes.demo.previous[2].label"),
+            "{twice}"
+        );
         let unknown = refused(
             "[[programmes.previous]]\nkind = \"cvk\"\nlabel = \"cvk-demo-v0\"\naccept_until = 2027-03-01T00:00:00Z\nversion = 1",
         );

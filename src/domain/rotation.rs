@@ -246,8 +246,8 @@ pub fn key_usages(programmes: &Programmes) -> BTreeMap<String, Vec<KeyUsage>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::programme::Programme;
     use crate::domain::Tdcvv2Profile;
+    use crate::domain::programme::Programme;
 
     fn label(s: &str) -> KeyLabel {
         s.parse().unwrap()
@@ -339,10 +339,7 @@ mod tests {
     fn no_match_names_the_current_key_and_errors_stop_the_search() {
         let previous = [prev(KeyKind::Cvk, "cvk-v1", 10)];
         let all = candidates(&label("cvk-v2"), KeyKind::Cvk, &previous, 0);
-        let none = first_match(&all, |l| {
-            Ok::<_, ()>((None::<()>, l.to_string()))
-        })
-        .unwrap();
+        let none = first_match(&all, |l| Ok::<_, ()>((None::<()>, l.to_string()))).unwrap();
         assert!(none.matched.is_none());
         assert_eq!(none.key.role, KeyRole::Current);
         assert_eq!(none.check_value, "cvk-v2");
@@ -378,10 +375,7 @@ mod tests {
                     prev(KeyKind::Cvk, "cvk-v2", 1)
                 ]
             ),
-            Err((
-                1,
-                RotationError::SameAsCurrent("cvk-v2".into(), "cvk")
-            ))
+            Err((1, RotationError::SameAsCurrent("cvk-v2".into(), "cvk")))
         );
         assert_eq!(
             validate(

@@ -782,7 +782,8 @@ fn static_cvv2_match<H: CardCrypto>(
     candidate: &SecurityCode,
 ) -> Result<rotation::Tried<(), Kcv>, DomainError> {
     rotation::first_match(cvks, |cvk| {
-        let issued = engine.static_code(cvk, pan, expiry, StaticCodeKind::Cvv2, CodeLength::THREE)?;
+        let issued =
+            engine.static_code(cvk, pan, expiry, StaticCodeKind::Cvv2, CodeLength::THREE)?;
         Ok((issued.code.matches(candidate).then_some(()), issued.kcv))
     })
 }

@@ -17,8 +17,9 @@ use super::AppState;
 use super::auth::Authenticated;
 use super::dto::{
     CardRequest, Cvv2VerificationRequest, DcvvVerificationRequest, DynamicValue,
-    DynamicValuesRequest, DynamicValuesResponse, EnrollmentResponse, KeyEntry, KeyUsedBy, KeysResponse,
-    SecurityCodeRequest, SecurityCodeResponse, VerificationResponse, rfc3339, rfc3339_ms,
+    DynamicValuesRequest, DynamicValuesResponse, EnrollmentResponse, KeyEntry, KeyUsedBy,
+    KeysResponse, SecurityCodeRequest, SecurityCodeResponse, VerificationResponse, rfc3339,
+    rfc3339_ms,
 };
 use super::error::{ApiError, ErrorBody};
 
@@ -274,7 +275,11 @@ pub async fn keys(
         .into_iter()
         .map(|k| {
             // A CVK's KA‖KA twin is used with its CVK.
-            let main = k.label.strip_suffix(":ka").filter(|_| k.role == "single-des").unwrap_or(&k.label);
+            let main = k
+                .label
+                .strip_suffix(":ka")
+                .filter(|_| k.role == "single-des")
+                .unwrap_or(&k.label);
             (in_use.contains(main), usages.get(main), k)
         })
         .map(|(in_use, usages, k)| KeyEntry {
@@ -285,9 +290,7 @@ pub async fn keys(
                 .map(|u| KeyUsedBy {
                     programme: u.programme.clone(),
                     role: u.role.as_str(),
-                    accept_until: u
-                        .accept_until_ms
-                        .and_then(rfc3339_ms),
+                    accept_until: u.accept_until_ms.and_then(rfc3339_ms),
                 })
                 .collect(),
             kind: k.kind.as_str(),
