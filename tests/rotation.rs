@@ -573,6 +573,60 @@ async fn previous_keys_are_checked_at_start_like_current_ones() {
             && text.contains("CKA_EXTRACTABLE is true"),
         "{text}"
     );
+    // Other tests of this process (under `cargo test`) serve from this token.
+    destroy_objects(wide.as_str());
+    destroy_objects(&wide.single_des_twin());
+}
+
+/// Destroys every token object labelled `label`, behind the gateway's back.
+fn destroy_objects(label: &str) {
+    use cryptoki::object::Attribute;
+    let session = common::raw_session();
+    let handles = session
+        .find_objects(&[Attribute::Label(label.as_bytes().to_vec())])
+        .unwrap();
+    assert!(!handles.is_empty(), "no object {label}");
+    for handle in handles {
+        session.destroy_object(handle).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_previous_key_destroyed_during_its_grace_period_fails_closed() {
+    let v2 = ceremony();
+    let gw = TestGateway::start(Options::default())
+        .await
+        .restart_with(rotation_config(&v2, UNTIL, &Options::default()))
+        .await
+        .unwrap();
+    gw.clock.set_seconds(T0 + 10);
+    assert_eq!(verify(&gw, PAN2, &static_cvv2(K)).await, approved("static"));
+    destroy_objects(KEYS.cvk.as_str());
+    destroy_objects(&KEYS.cvk.single_des_twin());
+    // The current key matching needs no previous key.
+    assert_eq!(
+        verify(&gw, PAN2, &static_cvv2(V2_CVK)).await,
+        approved("static")
+    );
+    // A code the current key does not make needs v1, which is gone: 503, not a decline.
+    let body = json!({"cardNumber": PAN2, "expiryDate": EXPIRY, "cvv2": static_cvv2(K)});
+    let answer = gw.call("POST", VERIFY, &body).await;
+    assert_eq!(
+        (answer.status, answer.code()),
+        (503, "key_unavailable".into())
+    );
+    let ready = gw.send_raw("GET", "/readyz", &[], vec![]).await;
+    assert_eq!(ready.status, 503);
+    assert_eq!(ready.json()["keys"], "missing_or_refused");
+    // Once the grace period is over, nothing needs v1 any more.
+    gw.clock.set_seconds(UNTIL);
+    let ready = gw.send_raw("GET", "/readyz", &[], vec![]).await;
+    assert_eq!(ready.status, 200);
+    assert_eq!(
+        verify(&gw, PAN2, &static_cvv2(K)).await,
+        declined("mismatch", "static")
+    );
+    gw.stop().await;
 }
 
 /// A config file for the CLI with the demo programme on v2 and v1 previous.
@@ -646,5 +700,102 @@ fn keys_list_shows_roles_and_serve_refuses_a_bad_previous_key() {
     assert!(
         stderr.starts_with("error: configuration: programmes.demo.previous[0].label: "),
         "{stderr}"
+    );
+}
+
+#[test]
+fn serve_logs_a_previous_key_whose_grace_period_has_ended_and_starts() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::config_file(dir.path());
+    let secret = dir.path().join("client.secret");
+    std::fs::write(&secret, "s".repeat(43)).unwrap();
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+allow_insecure_http = true
+
+[store]
+sqlite_path = "{db}"
+
+[keys]
+pan_index = "{pan_index}"
+
+[[programmes]]
+name = "demo"
+bin_prefixes = ["412345"]
+cvk = "{cvk}"
+imk_dcvv = "{imk_dcvv}"
+imk_tdcvv2 = "{imk_tdcvv2}"
+window_seconds = 300
+
+[[programmes.previous]]
+kind = "cvk"
+label = "cvk-long-gone-v0"
+accept_until = 2020-01-01T00:00:00Z
+
+[[clients]]
+apikey = "cms"
+secrets = [{{ file = "{secret}" }}]
+scopes = ["keys"]
+programmes = ["*"]
+"#,
+        db = dir.path().join("gateway.db").display(),
+        pan_index = KEYS.pan_index,
+        cvk = KEYS.cvk,
+        imk_dcvv = KEYS.imk_dcvv,
+        imk_tdcvv2 = KEYS.imk_tdcvv2,
+        secret = secret.display(),
+    ));
+    std::fs::write(&config, text).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dcvv-gateway"))
+        .arg("--config")
+        .arg(&config)
+        .arg("serve")
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines: Vec<String> = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    // Plain HTTP: the gateway says so once it serves.
+    while !lines.iter().any(|l| l.contains("serving plain HTTP")) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => lines.push(line),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the gateway did not start: {lines:#?}");
+            }
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let line = lines
+        .iter()
+        .find(|l| l.contains("previous key not loaded"))
+        .unwrap_or_else(|| panic!("not logged: {lines:#?}"));
+    assert!(line.contains(" INFO "), "{line}");
+    assert!(
+        line.contains("programme=demo")
+            && line.contains("kind=cvk")
+            && line.contains("label=cvk-long-gone-v0"),
+        "{line}"
     );
 }
