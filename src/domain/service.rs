@@ -555,7 +555,9 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
 
     /// Authorization-time CVV2 check: the dynamic rules for an enrolled card
     /// (windows, single use, failure limit; its static CVV2 is declined), the
-    /// static CVV2 otherwise (DESIGN 2.4, 4, 7.5).
+    /// static CVV2 otherwise (DESIGN 2.4, 4, 7.5). Each check tries the current
+    /// key, then previous versions in their grace period ([`rotation`]); it is
+    /// one attempt for the failure limit however many keys it tried.
     ///
     /// # Errors
     /// As [`CardService::dynamic_values`]. A decline is `Ok`.
@@ -723,7 +725,8 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
         })
     }
 
-    /// Contactless dCVV check (DESIGN 2.3).
+    /// Contactless dCVV check (DESIGN 2.3), under the current IMK-dCVV, then
+    /// previous versions in their grace period ([`rotation`]).
     ///
     /// # Errors
     /// As [`CardService::dynamic_values`]. A decline is `Ok`.
