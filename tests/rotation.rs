@@ -247,11 +247,13 @@ async fn codes_made_under_v1_verify_until_the_grace_period_ends_and_new_codes_co
     assert_eq!(verify_dcvv(&gw, &dcvv(V2_IMK_DCVV)).await, approved("dcvv"));
     assert_eq!(previous_matches(&gw).await, 3, "one per v1 approval");
     // The enrolled card's static CVV2, v1 or v2, is still refused as such.
-    let enrolled_static = reference::cvv(&key(K), PAN, EXPIRY, "000", 3).1;
-    assert_eq!(
-        verify(&gw, PAN, &enrolled_static).await,
-        declined("static_cvv2_disabled", "static")
-    );
+    for cvk in [K, V2_CVK] {
+        let enrolled_static = reference::cvv(&key(cvk), PAN, EXPIRY, "000", 3).1;
+        assert_eq!(
+            verify(&gw, PAN, &enrolled_static).await,
+            declined("static_cvv2_disabled", "static")
+        );
+    }
 
     // The last second of the grace period: v1 codes still verify.
     gw.clock.set_seconds(UNTIL - 1);
