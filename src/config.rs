@@ -16,6 +16,7 @@ use serde::Deserialize;
 
 use crate::domain::Tdcvv2Profile;
 use crate::domain::programme::{Programme, Programmes};
+use crate::domain::rotation::{self, PreviousKey};
 use crate::domain::service::{ProgrammeAccess, ServiceSettings};
 use crate::hsm::{HsmSettings, KeyLabel, PinSource};
 use crate::http::clients::{ClientSettings, Scope, SecretSource};
@@ -149,6 +150,19 @@ struct RawProgramme {
     failure_limit: u32,
     #[serde(default = "default_failure_period")]
     failure_period_seconds: u32,
+    /// Previous key versions in their grace period (key rotation).
+    #[serde(default)]
+    previous: Vec<RawPrevious>,
+}
+
+/// One `[[programmes.previous]]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrevious {
+    kind: String,
+    label: String,
+    /// RFC 3339 instant (a TOML datetime or a string), exclusive.
+    accept_until: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -397,17 +411,57 @@ fn programme(p: RawProgramme) -> Result<Programme, ConfigError> {
     if p.name.is_empty() || p.name == "*" {
         return Err(err("programmes.name: a non-empty name other than \"*\""));
     }
-    Ok(Programme {
+    let previous = p
+        .previous
+        .iter()
+        .enumerate()
+        .map(|(i, raw)| previous_key(&at(&format!("previous[{i}]")), raw))
+        .collect::<Result<Vec<_>, _>>()?;
+    let programme = Programme {
         cvk: label(&at("cvk"), &p.cvk)?,
         imk_dcvv: label(&at("imk_dcvv"), &p.imk_dcvv)?,
         imk_tdcvv2: label(&at("imk_tdcvv2"), &p.imk_tdcvv2)?,
-        name: p.name,
+        previous,
+        name: p.name.clone(),
         bin_prefixes: p.bin_prefixes,
         key_association: p.key_association,
         profile,
         single_use: p.single_use,
         failure_limit: NonZeroU32::new(p.failure_limit),
         failure_period_seconds: p.failure_period_seconds,
+    };
+    rotation::validate(&programme.current_keys(), &programme.previous).map_err(|(i, e)| {
+        let field = if matches!(e, rotation::RotationError::KindNotUsed(_)) {
+            "kind"
+        } else {
+            "label"
+        };
+        err(format!("{}: {e}", at(&format!("previous[{i}].{field}"))))
+    })?;
+    Ok(programme)
+}
+
+/// One previous key version (key rotation): a kind the programme uses, a label,
+/// and the RFC 3339 instant its grace period ends (exclusive).
+fn previous_key(at: &str, raw: &RawPrevious) -> Result<PreviousKey, ConfigError> {
+    let kind = rotation::rotating_kind(&raw.kind).map_err(|e| err(format!("{at}.kind: {e}")))?;
+    let label = label(&format!("{at}.label"), &raw.label)?;
+    let instant = time::OffsetDateTime::parse(
+        &raw.accept_until,
+        &time::format_description::well_known::Rfc3339,
+    )
+    .map_err(|_| {
+        err(format!(
+            "{at}.accept_until: {:?} is not an RFC 3339 instant (e.g. 2027-03-01T00:00:00Z)",
+            raw.accept_until
+        ))
+    })?;
+    let accept_until_ms = u64::try_from(instant.unix_timestamp_nanos() / 1_000_000)
+        .map_err(|_| err(format!("{at}.accept_until: before 1970")))?;
+    Ok(PreviousKey {
+        kind,
+        label,
+        accept_until_ms,
     })
 }
 
@@ -465,6 +519,7 @@ fn client(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hsm::KeyKind;
     use crate::http::clients::{Scope, SecretSource};
 
     fn load(text: &str) -> Result<Settings, ConfigError> {
@@ -613,5 +668,108 @@ mod tests {
             "bin_prefixes = [\"412345\", \"412345\"]",
         );
         assert!(load(&twice).unwrap_err().to_string().contains("412345"));
+    }
+
+    const ROTATED: &str = r#"
+        [[programmes.previous]]
+        kind = "imk-tdcvv2"
+        label = "imk-tdcvv2-demo-v1"
+        accept_until = 2027-03-01T00:00:00Z
+        [[programmes.previous]]
+        kind = "cvk"
+        label = "cvk-demo-v0"
+        accept_until = "2027-03-01T12:30:00.5+01:00"
+    "#;
+
+    fn rotated(previous: &str) -> String {
+        FULL.replace(
+            "imk_tdcvv2 = \"imk-tdcvv2-demo-v1\"",
+            "imk_tdcvv2 = \"imk-tdcvv2-demo-v2\"",
+        )
+        .replace(
+            "window_seconds = 300",
+            &format!("window_seconds = 300\n{previous}"),
+        )
+    }
+
+    #[test]
+    fn previous_keys_parse_with_their_grace_period() {
+        let s = load(&rotated(ROTATED)).unwrap();
+        let demo = s.programmes.iter().next().unwrap();
+        assert_eq!(demo.imk_tdcvv2.as_str(), "imk-tdcvv2-demo-v2");
+        assert_eq!(demo.previous.len(), 2);
+        let first = &demo.previous[0];
+        assert_eq!(first.kind, KeyKind::ImkTdcvv2);
+        assert_eq!(first.label.as_str(), "imk-tdcvv2-demo-v1");
+        // 2027-03-01T00:00:00Z, from a TOML datetime.
+        assert_eq!(first.accept_until_ms, 1_803_859_200_000);
+        // From a string with an offset and a fraction: 11:30:00.5Z.
+        assert_eq!(demo.previous[1].kind, KeyKind::Cvk);
+        assert_eq!(
+            demo.previous[1].accept_until_ms,
+            1_803_859_200_000 + (11 * 3600 + 30 * 60) * 1000 + 500
+        );
+        // Without previous tables nothing rotates.
+        assert!(
+            load(FULL)
+                .unwrap()
+                .programmes
+                .iter()
+                .next()
+                .unwrap()
+                .previous
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn bad_previous_keys_are_refused_naming_the_field() {
+        let refused = |previous: &str| {
+            let e = load(&rotated(previous)).unwrap_err().to_string();
+            assert!(!e.contains('\n'), "one line: {e}");
+            e
+        };
+        let same = refused(
+            "[[programmes.previous]]\nkind = \"imk-tdcvv2\"\nlabel = \"imk-tdcvv2-demo-v2\"\naccept_until = 2027-03-01T00:00:00Z",
+        );
+        assert!(same.contains("programmes.demo.previous[0].label"), "{same}");
+        assert!(same.contains("current"), "{same}");
+        let kind = refused(
+            "[[programmes.previous]]\nkind = \"pan-index\"\nlabel = \"pan-index-v0\"\naccept_until = 2027-03-01T00:00:00Z",
+        );
+        assert!(kind.contains("programmes.demo.previous[0].kind"), "{kind}");
+        assert!(kind.contains("pan-index"), "{kind}");
+        let time = refused(
+            "[[programmes.previous]]\nkind = \"cvk\"\nlabel = \"cvk-demo-v0\"\naccept_until = \"next tuesday\"",
+        );
+        assert!(
+            time.contains("programmes.demo.previous[0].accept_until"),
+            "{time}"
+        );
+        assert!(time.contains("RFC 3339"), "{time}");
+        let date_only = refused(
+            "[[programmes.previous]]\nkind = \"cvk\"\nlabel = \"cvk-demo-v0\"\naccept_until = 2027-03-01",
+        );
+        assert!(date_only.contains("accept_until"), "{date_only}");
+        let label = refused(
+            "[[programmes.previous]]\nkind = \"cvk\"\nlabel = \"cvk demo\"\naccept_until = 2027-03-01T00:00:00Z",
+        );
+        assert!(
+            label.contains("programmes.demo.previous[0].label"),
+            "{label}"
+        );
+        let twice = refused(&format!(
+            "{ROTATED}\n[[programmes.previous]]\nkind = \"cvk\"\nlabel = \"cvk-demo-v0\"\naccept_until = 2027-04-01T00:00:00Z"
+        ));
+        assert!(
+            twice.contains("programmes.demo.previous[2].label"),
+            "{twice}"
+        );
+        let unknown = refused(
+            "[[programmes.previous]]\nkind = \"cvk\"\nlabel = \"cvk-demo-v0\"\naccept_until = 2027-03-01T00:00:00Z\nversion = 1",
+        );
+        assert!(unknown.contains("version"), "{unknown}");
+        let missing = refused("[[programmes.previous]]\nkind = \"cvk\"\nlabel = \"cvk-demo-v0\"");
+        assert!(missing.contains("accept_until"), "{missing}");
     }
 }

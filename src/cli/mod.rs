@@ -13,6 +13,7 @@ mod bench;
 mod bench_http;
 mod call;
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,6 +21,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::config::Settings;
+use crate::domain::programme::Programmes;
+use crate::domain::rotation;
 use crate::hsm::{Component, CreatedKey, HsmError, KeyKind, KeyLabel, KeyListing, Token};
 
 /// dcvv-gateway: card security codes computed inside a PKCS#11 HSM.
@@ -162,7 +165,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Serve => {
             crate::http::serve_blocking(settings).map_err(|e| CliError::Io(e.to_string()))
         }
-        Command::Keys(cmd) => with_token(&settings, |token| keys(token, cmd)),
+        Command::Keys(cmd) => with_token(&settings, |token| keys(token, cmd, &settings.programmes)),
         Command::Hsm(HsmCommand::Check) => with_token(&settings, check),
         Command::Bench(BenchCommand::Engine { seconds, json }) => {
             with_token(&settings, |token| bench::engine(token, seconds, json))
@@ -183,7 +186,7 @@ fn with_token(
     Ok(closed?)
 }
 
-fn keys(token: &Token, cmd: KeysCommand) -> Result<(), CliError> {
+fn keys(token: &Token, cmd: KeysCommand, programmes: &Programmes) -> Result<(), CliError> {
     match cmd {
         KeysCommand::Generate { kind, label } => {
             let (kind, label) = parse_kind_label(&kind, &label)?;
@@ -207,6 +210,14 @@ fn keys(token: &Token, cmd: KeysCommand) -> Result<(), CliError> {
         }
         KeysCommand::List { json } => {
             let keys = token.list_keys()?;
+            let usages = rotation::key_usages(programmes);
+            let keys: Vec<Listed<'_>> = keys
+                .iter()
+                .map(|key| Listed {
+                    used_by: used_by(&usages, key),
+                    key,
+                })
+                .collect();
             if json {
                 let text = serde_json::to_string(&keys).map_err(|e| CliError::Io(e.to_string()))?;
                 // A closed stdout (e.g. `| head`) is not an error worth reporting.
@@ -311,24 +322,81 @@ fn attribute_summary(key: &KeyListing) -> String {
     )
 }
 
-fn print_table(keys: &[KeyListing]) {
+/// A key of `keys list` with the configured programmes' use of it (key rotation).
+#[derive(serde::Serialize)]
+struct Listed<'a> {
+    #[serde(flatten)]
+    key: &'a KeyListing,
+    /// `{programme, role: current | previous, accept_until}` per programme naming it.
+    used_by: Vec<UsedBy>,
+}
+
+#[derive(serde::Serialize)]
+struct UsedBy {
+    programme: String,
+    role: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    accept_until: Option<String>,
+}
+
+fn used_by(usages: &BTreeMap<String, Vec<rotation::KeyUsage>>, key: &KeyListing) -> Vec<UsedBy> {
+    // A CVK's KA‖KA twin (`LABEL:ka`) is used with its CVK.
+    let main = key
+        .label
+        .strip_suffix(":ka")
+        .filter(|_| key.role == "single-des")
+        .unwrap_or(&key.label);
+    usages
+        .get(main)
+        .into_iter()
+        .flatten()
+        .map(|u| UsedBy {
+            programme: u.programme.clone(),
+            role: u.role.as_str(),
+            accept_until: u.accept_until_ms.and_then(rfc3339_ms),
+        })
+        .collect()
+}
+
+/// RFC 3339 UTC text of Unix milliseconds (second precision).
+fn rfc3339_ms(ms: u64) -> Option<String> {
+    let seconds = i64::try_from(ms / 1000).ok()?;
+    time::OffsetDateTime::from_unix_timestamp(seconds)
+        .ok()?
+        .format(&time::format_description::well_known::Rfc3339)
+        .ok()
+}
+
+fn print_table(keys: &[Listed<'_>]) {
     let mut out = std::io::stdout().lock();
     // A closed stdout (e.g. `| head`) is not an error worth reporting.
     let _ = writeln!(
         out,
-        "{:<28} {:<11} {:<10} {:>3} {:<6} {:<8} ATTRIBUTES",
+        "{:<28} {:<11} {:<10} {:>3} {:<6} {:<8} ATTRIBUTES / USED BY",
         "LABEL", "KIND", "ROLE", "VER", "KCV", "POLICY"
     );
-    for k in keys {
+    for Listed { key: k, used_by } in keys {
         let kcv = k.kcv.map_or_else(|| "-".to_owned(), |c| c.to_string());
         let policy = if k.violations.is_empty() {
             "ok"
         } else {
             "TOO-WIDE"
         };
+        let used: Vec<String> = used_by
+            .iter()
+            .map(|u| match &u.accept_until {
+                Some(until) => format!("{}:{}(until={until})", u.programme, u.role),
+                None => format!("{}:{}", u.programme, u.role),
+            })
+            .collect();
+        let used = if used.is_empty() {
+            String::new()
+        } else {
+            format!(" used-by={}", used.join(","))
+        };
         let _ = writeln!(
             out,
-            "{:<28} {:<11} {:<10} {:>3} {:<6} {:<8} {}",
+            "{:<28} {:<11} {:<10} {:>3} {:<6} {:<8} {}{used}",
             k.label,
             k.kind.as_str(),
             k.role,

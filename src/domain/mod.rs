@@ -8,6 +8,7 @@ pub mod blocks;
 pub mod card;
 pub mod engine;
 pub mod programme;
+pub mod rotation;
 pub mod service;
 
 pub use blocks::CardKeyMethod;

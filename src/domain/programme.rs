@@ -6,9 +6,10 @@
 use std::collections::HashSet;
 use std::num::NonZeroU32;
 
-use crate::hsm::KeyLabel;
+use crate::hsm::{KeyKind, KeyLabel};
 
 use super::card::{Pan, Tdcvv2Profile};
+use super::rotation::PreviousKey;
 
 /// One card programme.
 #[derive(Clone, Debug)]
@@ -33,12 +34,24 @@ pub struct Programme {
     pub failure_limit: Option<NonZeroU32>,
     /// Length of the rolling failure period.
     pub failure_period_seconds: u32,
+    /// Previous key versions verification still accepts during their grace
+    /// period (key rotation, [`super::rotation`]); empty when nothing rotates.
+    pub previous: Vec<PreviousKey>,
 }
 
 impl Programme {
     /// Every key label the programme uses, for start-up and readiness checks.
     pub fn key_labels(&self) -> [&KeyLabel; 3] {
         [&self.cvk, &self.imk_dcvv, &self.imk_tdcvv2]
+    }
+
+    /// The current key of each kind the programme uses.
+    pub fn current_keys(&self) -> [(KeyKind, &KeyLabel); 3] {
+        [
+            (KeyKind::Cvk, &self.cvk),
+            (KeyKind::ImkDcvv, &self.imk_dcvv),
+            (KeyKind::ImkTdcvv2, &self.imk_tdcvv2),
+        ]
     }
 }
 
@@ -148,6 +161,7 @@ mod tests {
             single_use: true,
             failure_limit: NonZeroU32::new(5),
             failure_period_seconds: 86_400,
+            previous: Vec::new(),
         }
     }
 

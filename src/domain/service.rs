@@ -24,6 +24,7 @@ use super::DomainError;
 use super::card::{Atc, CodeLength, Expiry, Pan, Psn, SecurityCode, ServiceCode};
 use super::engine::{Engine, StaticCodeKind, WindowCode};
 use super::programme::{Programme, Programmes};
+use super::rotation::{self, KeyRole};
 
 /// Domain separation of the PAN-index HMAC input (DESIGN 6: the store keys
 /// cards by a keyed hash of the PAN, never the PAN).
@@ -47,10 +48,16 @@ impl Clock for SystemClock {
     }
 }
 
-/// Told about every token call the service makes (metrics).
+/// Told about every token call the service makes, and about verifications
+/// approved with a previous key version (metrics).
 pub trait HsmObserver: Send + Sync + std::fmt::Debug {
     /// One call: its operation name, how long it took, whether it succeeded.
     fn hsm_call(&self, operation: &'static str, elapsed: Duration, ok: bool);
+
+    /// A verification of the programme's card was approved with a previous key
+    /// version (key rotation): operators watch this fall to zero before the
+    /// grace period ends.
+    fn previous_key_match(&self, _programme: &str) {}
 }
 
 /// An observer that does nothing.
@@ -210,8 +217,11 @@ pub struct Verification {
     pub reason: Reason,
     /// How it was checked.
     pub method: Method,
-    /// The key used.
+    /// The key that matched (a previous version during a rotation), or the
+    /// current key when none did.
     pub key: KeyUse,
+    /// Whether `key` is the programme's current key or a previous version.
+    pub key_role: KeyRole,
 }
 
 /// A static code for embossing.
@@ -280,11 +290,19 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
         &self.clock
     }
 
-    /// Labels of every key the service uses.
+    /// Labels of every key the service uses now: the PAN-index key, each
+    /// programme's current keys, and previous keys still in their grace period.
     pub fn keys_in_use(&self) -> HashSet<String> {
+        let now_ms = self.now_ms();
         let mut labels = HashSet::from([self.settings.pan_index_key.to_string()]);
         for p in self.programmes.iter() {
             labels.extend(p.key_labels().map(ToString::to_string));
+            labels.extend(
+                p.previous
+                    .iter()
+                    .filter(|k| k.accepts_at(now_ms))
+                    .map(|k| k.label.to_string()),
+            );
         }
         labels
     }
@@ -300,16 +318,25 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
     }
 
     /// Checks that every key the service uses is present and within its
-    /// policy: the PAN-index key and each programme's keys (start-up, readiness).
+    /// policy: the PAN-index key, each programme's keys, and previous key
+    /// versions still in their grace period (start-up, readiness). A previous
+    /// key whose grace period has ended is not checked: it may be destroyed.
     ///
     /// # Errors
     /// The first key's error.
     pub async fn check_keys(&self) -> Result<(), DomainError> {
+        let now_ms = self.now_ms();
         let mut wanted = vec![(self.settings.pan_index_key.clone(), KeyKind::PanIndex)];
         for p in self.programmes.iter() {
             wanted.push((p.cvk.clone(), KeyKind::Cvk));
             wanted.push((p.imk_dcvv.clone(), KeyKind::ImkDcvv));
             wanted.push((p.imk_tdcvv2.clone(), KeyKind::ImkTdcvv2));
+            wanted.extend(
+                p.previous
+                    .iter()
+                    .filter(|k| k.accepts_at(now_ms))
+                    .map(|k| (k.label.clone(), k.kind)),
+            );
         }
         self.on_token("key_check", move |engine| {
             for (label, kind) in &wanted {
@@ -528,7 +555,9 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
 
     /// Authorization-time CVV2 check: the dynamic rules for an enrolled card
     /// (windows, single use, failure limit; its static CVV2 is declined), the
-    /// static CVV2 otherwise (DESIGN 2.4, 4, 7.5).
+    /// static CVV2 otherwise (DESIGN 2.4, 4, 7.5). Each check tries the current
+    /// key, then previous versions in their grace period ([`rotation`]); it is
+    /// one attempt for the failure limit however many keys it tried.
     ///
     /// # Errors
     /// As [`CardService::dynamic_values`]. A decline is `Ok`.
@@ -541,56 +570,69 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
         let programme = self.admit(caller, card, true)?;
         let card_id = self.card_id(&card.pan).await?;
         let context = Self::context(card, &programme);
+        let now_ms = self.now_ms();
+        // Current key first, then previous versions in their grace period (rotation).
+        let cvks = rotation::candidates(&programme.cvk, KeyKind::Cvk, &programme.previous, now_ms);
         if self.store.enrollment(&card_id).await?.is_none() {
-            let (cvk, pan, expiry) = (programme.cvk.clone(), card.pan.clone(), card.expiry);
-            let issued = self
+            let (pan, expiry, candidate) = (card.pan.clone(), card.expiry, cvv2);
+            let tried = self
                 .on_token("cvv2_static", move |engine| {
-                    engine.static_code(&cvk, &pan, expiry, StaticCodeKind::Cvv2, CodeLength::THREE)
+                    static_cvv2_match(engine, &cvks, &pan, expiry, &candidate)
                 })
                 .await?;
             let tx = self.begin(caller, self.now_seconds()).await?;
             tx.commit().await?;
-            let reason = if issued.code.matches(&cvv2) {
+            let reason = if tried.matched.is_some() {
                 Reason::Match
             } else {
                 Reason::Mismatch
             };
+            self.count_previous_match(&programme, reason, tried.key.role);
             return Ok(Verification {
                 card: context,
                 reason,
                 method: Method::Static,
                 key: KeyUse {
-                    label: programme.cvk.clone(),
-                    kcv: issued.kcv,
+                    label: tried.key.label,
+                    kcv: tried.check_value,
                 },
+                key_role: tried.key.role,
             });
         }
 
-        let now_ms = self.now_ms();
-        let (imk, cvk, pan, expiry, profile, candidate) = (
-            programme.imk_tdcvv2.clone(),
-            programme.cvk.clone(),
-            card.pan.clone(),
-            card.expiry,
-            programme.profile,
-            cvv2,
+        let imks = rotation::candidates(
+            &programme.imk_tdcvv2,
+            KeyKind::ImkTdcvv2,
+            &programme.previous,
+            now_ms,
         );
-        let (matched, kcv, is_static) = self
+        let (pan, expiry, profile, candidate) =
+            (card.pan.clone(), card.expiry, programme.profile, cvv2);
+        let (tried, is_static) = self
             .on_token("tdcvv2_verify", move |engine| {
-                let kcv = engine.hsm().key_check_value(&imk, KeyKind::ImkTdcvv2)?;
-                let matched =
-                    engine.tdcvv2_verify(&imk, &pan, expiry, profile, now_ms / 1000, &candidate)?;
+                let tried = rotation::first_match(&imks, |imk| {
+                    let kcv = engine.hsm().key_check_value(imk, KeyKind::ImkTdcvv2)?;
+                    let matched = engine.tdcvv2_verify(
+                        imk,
+                        &pan,
+                        expiry,
+                        profile,
+                        now_ms / 1000,
+                        &candidate,
+                    )?;
+                    Ok::<_, DomainError>((matched, kcv))
+                })?;
                 // Only a mismatch needs the static CVV2, to name the decline.
-                let is_static = match matched {
+                let is_static = match tried.matched {
                     Some(_) => false,
-                    None => engine
-                        .static_code(&cvk, &pan, expiry, StaticCodeKind::Cvv2, CodeLength::THREE)?
-                        .code
-                        .matches(&candidate),
+                    None => static_cvv2_match(engine, &cvks, &pan, expiry, &candidate)?
+                        .matched
+                        .is_some(),
                 };
-                Ok((matched, kcv, is_static))
+                Ok((tried, is_static))
             })
             .await?;
+        let matched = tried.matched;
 
         let now = self.now_seconds();
         let mut tx = self.begin(caller, now).await?;
@@ -629,6 +671,7 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
             }
         };
         tx.commit().await?;
+        self.count_previous_match(&programme, reason, tried.key.role);
         Ok(Verification {
             card: context,
             reason,
@@ -638,10 +681,18 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
                 Method::Dynamic
             },
             key: KeyUse {
-                label: programme.imk_tdcvv2.clone(),
-                kcv,
+                label: tried.key.label,
+                kcv: tried.check_value,
             },
+            key_role: tried.key.role,
         })
+    }
+
+    /// Counts an approval with a previous key version (metrics).
+    fn count_previous_match(&self, programme: &Programme, reason: Reason, role: KeyRole) {
+        if reason.approved() && role == KeyRole::Previous {
+            self.observer.previous_key_match(&programme.name);
+        }
     }
 
     /// Static CVV / CVV2 / iCVV for embossing (DESIGN 2.1).
@@ -674,7 +725,8 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
         })
     }
 
-    /// Contactless dCVV check (DESIGN 2.3).
+    /// Contactless dCVV check (DESIGN 2.3), under the current IMK-dCVV, then
+    /// previous versions in their grace period ([`rotation`]).
     ///
     /// # Errors
     /// As [`CardService::dynamic_values`]. A decline is `Ok`.
@@ -687,28 +739,56 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
         dcvv: SecurityCode,
     ) -> Result<Verification, DomainError> {
         let programme = self.admit(caller, card, true)?;
-        let (imk, pan, expiry) = (programme.imk_dcvv.clone(), card.pan.clone(), card.expiry);
-        let issued = self
+        let imks = rotation::candidates(
+            &programme.imk_dcvv,
+            KeyKind::ImkDcvv,
+            &programme.previous,
+            self.now_ms(),
+        );
+        let (pan, expiry) = (card.pan.clone(), card.expiry);
+        let tried = self
             .on_token("dcvv_verify", move |engine| {
-                engine.dcvv(&imk, &pan, expiry, service_code, atc)
+                rotation::first_match(&imks, |imk| {
+                    let issued = engine.dcvv(imk, &pan, expiry, service_code, atc)?;
+                    Ok::<_, DomainError>((issued.code.matches(&dcvv).then_some(()), issued.kcv))
+                })
             })
             .await?;
         let tx = self.begin(caller, self.now_seconds()).await?;
         tx.commit().await?;
+        let reason = if tried.matched.is_some() {
+            Reason::Match
+        } else {
+            Reason::Mismatch
+        };
+        self.count_previous_match(&programme, reason, tried.key.role);
         Ok(Verification {
             card: Self::context(card, &programme),
-            reason: if issued.code.matches(&dcvv) {
-                Reason::Match
-            } else {
-                Reason::Mismatch
-            },
+            reason,
             method: Method::Dcvv,
             key: KeyUse {
-                label: programme.imk_dcvv.clone(),
-                kcv: issued.kcv,
+                label: tried.key.label,
+                kcv: tried.check_value,
             },
+            key_role: tried.key.role,
         })
     }
+}
+
+/// Checks a static CVV2 under each candidate CVK (current first, then previous
+/// versions in their grace period), stopping at the first match.
+fn static_cvv2_match<H: CardCrypto>(
+    engine: &Engine<H>,
+    cvks: &rotation::Candidates,
+    pan: &Pan,
+    expiry: Expiry,
+    candidate: &SecurityCode,
+) -> Result<rotation::Tried<(), Kcv>, DomainError> {
+    rotation::first_match(cvks, |cvk| {
+        let issued =
+            engine.static_code(cvk, pan, expiry, StaticCodeKind::Cvv2, CodeLength::THREE)?;
+        Ok((issued.code.matches(candidate).then_some(()), issued.kcv))
+    })
 }
 
 /// A card is valid through the last day of its expiry month (UTC).

@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 
 use crate::domain::DomainError;
 use crate::domain::StaticCodeKind;
+use crate::domain::rotation;
 use crate::domain::service::Caller;
 use crate::hsm;
 
@@ -16,8 +17,9 @@ use super::AppState;
 use super::auth::Authenticated;
 use super::dto::{
     CardRequest, Cvv2VerificationRequest, DcvvVerificationRequest, DynamicValue,
-    DynamicValuesRequest, DynamicValuesResponse, EnrollmentResponse, KeyEntry, KeysResponse,
-    SecurityCodeRequest, SecurityCodeResponse, VerificationResponse, rfc3339, rfc3339_ms,
+    DynamicValuesRequest, DynamicValuesResponse, EnrollmentResponse, KeyEntry, KeyUsedBy,
+    KeysResponse, SecurityCodeRequest, SecurityCodeResponse, VerificationResponse, rfc3339,
+    rfc3339_ms,
 };
 use super::error::{ApiError, ErrorBody};
 
@@ -247,7 +249,8 @@ pub async fn verify_dcvv(
     Ok(Json(VerificationResponse::from_verification(&verification)))
 }
 
-/// Key inventory (admin scope): label, kind, version, KCV, attribute compliance.
+/// Key inventory (admin scope): label, kind, version, KCV, attribute compliance,
+/// and which programmes use each key as `current` or `previous` (key rotation).
 #[utoipa::path(
     get, path = "/keys", tag = "keys",
     responses((status = 200, body = KeysResponse), (status = "4XX", body = ErrorBody), (status = 503, body = ErrorBody)),
@@ -267,10 +270,29 @@ pub async fn keys(
         .await
         .map_err(|e| fail(&auth)(DomainError::Hsm(e)))?;
     let in_use = state.service().keys_in_use();
+    let usages = rotation::key_usages(state.service().programmes());
     let keys = listing
         .into_iter()
-        .map(|k| KeyEntry {
-            in_use: in_use.contains(&k.label),
+        .map(|k| {
+            // A CVK's KA‖KA twin is used with its CVK.
+            let main = k
+                .label
+                .strip_suffix(":ka")
+                .filter(|_| k.role == "single-des")
+                .unwrap_or(&k.label);
+            (in_use.contains(main), usages.get(main), k)
+        })
+        .map(|(in_use, usages, k)| KeyEntry {
+            in_use,
+            used_by: usages
+                .into_iter()
+                .flatten()
+                .map(|u| KeyUsedBy {
+                    programme: u.programme.clone(),
+                    role: u.role.as_str(),
+                    accept_until: u.accept_until_ms.and_then(rfc3339_ms),
+                })
+                .collect(),
             kind: k.kind.as_str(),
             role: k.role,
             version: k.version,

@@ -372,8 +372,12 @@ pub struct KeyEntry {
     /// KCV, where the token lets it be computed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key_check_value: Option<String>,
-    /// Whether a configured programme uses this label.
+    /// Whether the gateway uses this key now: the PAN-index key, a programme's
+    /// current key, or a previous version still in its grace period (for a CVK's
+    /// `single-des` twin, as its CVK).
     pub in_use: bool,
+    /// Each programme that names this key, and as what (empty when none does).
+    pub used_by: Vec<KeyUsedBy>,
     /// Attributes wider than the kind's policy (empty when compliant).
     pub violations: Vec<String>,
     /// CKA_SENSITIVE.
@@ -382,6 +386,21 @@ pub struct KeyEntry {
     pub extractable: bool,
     /// CKA_MODIFIABLE.
     pub modifiable: bool,
+}
+
+/// How one programme uses a key (key rotation).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyUsedBy {
+    /// The programme's name.
+    pub programme: String,
+    /// `current` (generation and verification) or `previous` (verification
+    /// only, until `acceptUntil`).
+    pub role: &'static str,
+    /// For a previous key: the end of its grace period, RFC 3339 UTC,
+    /// exclusive (a verification at or after it no longer tries this key).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accept_until: Option<String>,
 }
 
 /// Answer of `GET /keys`.

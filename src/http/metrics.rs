@@ -1,9 +1,10 @@
 //! Prometheus metrics (`GET /metrics`): requests by route, method, status and
 //! error code; request latency by route and outcome; token call latency by
-//! operation; HSM session-pool use; requests in flight.
+//! operation; HSM session-pool use; requests in flight; verifications approved
+//! with a previous key version, by programme (key rotation).
 //!
-//! Labels are route templates, methods, statuses, stable error codes and
-//! operation names — never a PAN, a code, a client secret or a request id.
+//! Labels are route templates, methods, statuses, stable error codes, operation
+//! and programme names — never a PAN, a code, a client secret or a request id.
 
 use std::time::Duration;
 
@@ -36,6 +37,11 @@ struct HsmLabels {
     outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProgrammeLabels {
+    programme: String,
+}
+
 fn latency_buckets() -> impl Iterator<Item = f64> {
     [
         0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.024, 2.048,
@@ -54,6 +60,7 @@ pub struct Metrics {
     sessions_in_use: Gauge<i64, std::sync::atomic::AtomicI64>,
     sessions_max: Gauge<i64, std::sync::atomic::AtomicI64>,
     in_flight: Gauge<i64, std::sync::atomic::AtomicI64>,
+    previous_key_matches: Family<ProgrammeLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -106,6 +113,12 @@ impl Metrics {
             "Card API requests being served now",
             in_flight.clone(),
         );
+        let previous_key_matches = Family::<ProgrammeLabels, Counter>::default();
+        registry.register(
+            "previous_key_matches",
+            "Verifications approved with a previous key version during its grace period, by programme",
+            previous_key_matches.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -114,6 +127,7 @@ impl Metrics {
             sessions_in_use,
             sessions_max,
             in_flight,
+            previous_key_matches,
         }
     }
 
@@ -173,6 +187,14 @@ impl HsmObserver for Metrics {
             })
             .observe(elapsed.as_secs_f64());
     }
+
+    fn previous_key_match(&self, programme: &str) {
+        self.previous_key_matches
+            .get_or_create(&ProgrammeLabels {
+                programme: programme.to_owned(),
+            })
+            .inc();
+    }
 }
 
 #[cfg(test)]
@@ -202,5 +224,12 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("dcvv_hsm_sessions_max 4"), "{text}");
+        m.previous_key_match("demo");
+        m.previous_key_match("demo");
+        let text = m.encode().unwrap();
+        assert!(
+            text.contains("dcvv_previous_key_matches_total{programme=\"demo\"} 2"),
+            "{text}"
+        );
     }
 }

@@ -61,6 +61,7 @@ impl Modify for SignatureScheme {
         dto::SecurityCodeResponse,
         dto::KeysResponse,
         dto::KeyEntry,
+        dto::KeyUsedBy,
         error::ErrorBody,
         health::Health,
         health::Readiness,
@@ -113,5 +114,12 @@ mod tests {
             "{schema}"
         );
         assert!(schema["properties"]["cardNumber"].is_object(), "{schema}");
+        // Key rotation: the inventory says which programme uses a key, and as what.
+        let entry = &json["components"]["schemas"]["KeyEntry"];
+        assert!(entry["properties"]["usedBy"].is_object(), "{entry}");
+        let used_by = &json["components"]["schemas"]["KeyUsedBy"];
+        for field in ["programme", "role", "acceptUntil"] {
+            assert!(used_by["properties"][field].is_object(), "{used_by}");
+        }
     }
 }

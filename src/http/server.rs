@@ -73,6 +73,7 @@ impl Gateway {
         if settings.programmes.iter().next().is_none() {
             return Err(StartError::Incomplete("the config names no [[programmes]]"));
         }
+        log_ended_grace_periods(settings, clock.now_ms());
         let clients = Clients::load(&settings.clients)?;
         let store = Store::open_sqlite(&settings.store).await?;
         let metrics = Arc::new(Metrics::new());
@@ -156,6 +157,22 @@ impl Gateway {
         self.state.service().store().close().await;
         tracing::info!("drained, stopping");
         Ok(served?)
+    }
+}
+
+/// Key rotation: a previous key whose grace period has already ended is not
+/// loaded (not checked in the token, never tried); say so once, at start.
+fn log_ended_grace_periods(settings: &Settings, now_ms: u64) {
+    for p in settings.programmes.iter() {
+        for key in p.previous.iter().filter(|k| !k.accepts_at(now_ms)) {
+            tracing::info!(
+                programme = %p.name,
+                kind = %key.kind,
+                label = %key.label,
+                "previous key not loaded: its grace period (accept_until) has ended; \
+                 remove it from the programme's config"
+            );
+        }
     }
 }
 

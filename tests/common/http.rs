@@ -181,6 +181,7 @@ pub fn programme(name: &str, prefixes: &[&str], o: &Options) -> Programme {
         single_use: o.single_use,
         failure_limit: NonZeroU32::new(o.failure_limit),
         failure_period_seconds: 86_400,
+        previous: Vec::new(),
     }
 }
 
@@ -486,4 +487,102 @@ pub fn card(extra: Value) -> Value {
         map.extend(more);
     }
     body
+}
+
+/// Restarting a gateway on the same store with another configuration (key
+/// rotation tests): what an operator does after editing `[[programmes]]`.
+impl TestGateway {
+    /// Stops this gateway (drains it) and builds a new one over the same token,
+    /// SQLite file, clients, clock and temporary directory, with `programmes` in
+    /// place of the configured ones. `Err` is the start-up refusal, e.g. a
+    /// previous key missing from the token.
+    pub async fn restart_with(
+        mut self,
+        programmes: Vec<Programme>,
+    ) -> Result<TestGateway, dcvv_gateway::http::server::StartError> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(served) = self.served.take() {
+            served.await.unwrap();
+        }
+        let all_scopes: HashSet<Scope> = [
+            Scope::DynamicValues,
+            Scope::Enrollment,
+            Scope::Cvv2Verification,
+            Scope::SecurityCodes,
+            Scope::DcvvVerification,
+            Scope::Keys,
+        ]
+        .into();
+        // The secret files `start` wrote.
+        let file = |name: &str| SecretSource::File(self._dir.path().join(name));
+        let client_settings = vec![
+            ClientSettings {
+                apikey: self.clients.main.apikey.clone(),
+                secrets: vec![file("main"), file("main-2")],
+                scopes: all_scopes.clone(),
+                access: ProgrammeAccess::Only(["test".to_owned()].into()),
+            },
+            ClientSettings {
+                apikey: self.clients.verifier.apikey.clone(),
+                secrets: vec![file("verifier")],
+                scopes: [Scope::Cvv2Verification].into(),
+                access: ProgrammeAccess::All,
+            },
+            ClientSettings {
+                apikey: self.clients.other_programme.apikey.clone(),
+                secrets: vec![file("other")],
+                scopes: all_scopes,
+                access: ProgrammeAccess::Only(["other".to_owned()].into()),
+            },
+        ];
+        let defaults = Options::default();
+        let settings = Settings {
+            hsm: hsm_settings(),
+            server: ServerSettings {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                transport: Transport::InsecureHttp,
+                request_timeout: Duration::from_secs(10),
+                body_limit: defaults.body_limit,
+                max_in_flight: defaults.max_in_flight,
+                shutdown_grace: Duration::from_secs(5),
+                max_skew: Duration::from_secs(300),
+                cleanup_interval: Duration::from_secs(3600),
+            },
+            store: StoreSettings {
+                sqlite_path: self.db.clone(),
+                acquire_timeout: Duration::from_secs(2),
+            },
+            service: ServiceSettings {
+                pan_index_key: KEYS.pan_index.clone(),
+                replay_window_seconds: 900,
+            },
+            programmes: Programmes::new(programmes).unwrap(),
+            clients: client_settings,
+        };
+        let gateway = Gateway::build(
+            &settings,
+            Arc::clone(&*HSM),
+            self.clock.clone() as Arc<dyn Clock>,
+        )
+        .await?;
+        let state = gateway.state();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let served = tokio::spawn(async move {
+            gateway
+                .serve(listener, async move {
+                    let _ = rx.await;
+                })
+                .await
+                .unwrap();
+        });
+        self.url = format!("http://127.0.0.1:{port}");
+        self.state = state;
+        self.shutdown = Some(tx);
+        self.served = Some(served);
+        Ok(self)
+    }
 }
