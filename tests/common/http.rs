@@ -203,6 +203,13 @@ pub fn programme(name: &str, prefixes: &[&str], o: &Options) -> Programme {
 
 impl TestGateway {
     pub async fn start(options: Options) -> TestGateway {
+        Self::try_start(options).await.unwrap()
+    }
+
+    /// As [`TestGateway::start`], returning the gateway's refusal to start.
+    pub async fn try_start(
+        options: Options,
+    ) -> Result<TestGateway, dcvv_gateway::http::server::StartError> {
         let dir = tempfile::tempdir().unwrap();
         let secret_file = |name: &str, value: &str| {
             let path = dir.path().join(name);
@@ -307,8 +314,7 @@ impl TestGateway {
             Arc::clone(&*HSM),
             clock.clone() as Arc<dyn Clock>,
         )
-        .await
-        .unwrap();
+        .await?;
         let state = gateway.state();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -326,7 +332,7 @@ impl TestGateway {
         } else {
             "http"
         };
-        TestGateway {
+        Ok(TestGateway {
             url: format!("{scheme}://127.0.0.1:{port}"),
             clock,
             clients,
@@ -337,7 +343,7 @@ impl TestGateway {
             shutdown: Some(tx),
             served: Some(served),
             _dir: dir,
-        }
+        })
     }
 
     /// Sends raw bytes with exactly these headers (no signing).
