@@ -614,13 +614,31 @@ mod tests {
     #[test]
     fn audit_settings_are_checked_by_name() {
         let bad = format!("{FULL}\n[audit]\nseal_every_records = 0\n");
-        assert!(load(&bad).unwrap_err().to_string().contains("seal_every_records"));
+        assert!(
+            load(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("seal_every_records")
+        );
         let bad = format!("{FULL}\n[audit]\nmax_file_bytes = 10\n");
-        assert!(load(&bad).unwrap_err().to_string().contains("max_file_bytes"));
+        assert!(
+            load(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("max_file_bytes")
+        );
         let bad = format!("{FULL}\n[audit]\nseal_key = \"no spaces allowed\"\n");
-        assert!(load(&bad).unwrap_err().to_string().contains("audit.seal_key"));
+        assert!(
+            load(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("audit.seal_key")
+        );
         let ok = format!("{FULL}\n[audit]\ndirectory = \"/var/log/dcvv\"\n");
-        assert_eq!(load(&ok).unwrap().audit.directory, Path::new("/var/log/dcvv"));
+        assert_eq!(
+            load(&ok).unwrap().audit.directory,
+            Path::new("/var/log/dcvv")
+        );
     }
 
     #[test]

@@ -94,7 +94,7 @@ fn write_lines(path: &Path, lines: &[String]) {
 }
 
 /// What an attacker without the seal key can do: rewrite records from index
-/// `from` on with correct seqs, prevs and hashes.
+/// `from` on with correct prevs and hashes (seqs unchanged).
 fn rechain(lines: &mut [String], from: usize) {
     let mut prev = if from == 0 {
         GENESIS.to_owned()
@@ -102,21 +102,13 @@ fn rechain(lines: &mut [String], from: usize) {
         let f: Fields = serde_json::from_str(&lines[from - 1]).unwrap();
         f["hash"].as_str().unwrap().to_owned()
     };
-    let mut seq = if from == 0 {
-        1
-    } else {
-        let f: Fields = serde_json::from_str(&lines[from - 1]).unwrap();
-        f["seq"].as_u64().unwrap() + 1
-    };
     for line in lines.iter_mut().skip(from) {
         let mut f: Fields = serde_json::from_str(line).unwrap();
-        f.insert("seq".into(), seq.into());
         f.insert("prev".into(), prev.clone().into());
         let hash = record::hash_of(&f);
         f.insert("hash".into(), hash.clone().into());
         *line = String::from_utf8(record::canonical(&f)).unwrap();
         prev = hash;
-        seq += 1;
     }
 }
 
@@ -139,8 +131,8 @@ async fn every_request_has_exactly_one_record_and_none_holds_card_data() {
     .await;
     let mut expected: BTreeMap<String, (u16, &str, &str)> = BTreeMap::new();
     let send = async |client: &common::http::TestClient,
-                          path: &str,
-                          body: &Value|
+                      path: &str,
+                      body: &Value|
            -> (String, common::http::Answer) {
         let bytes = serde_json::to_vec(body).unwrap();
         let id = fresh_id();
@@ -149,7 +141,12 @@ async fn every_request_has_exactly_one_record_and_none_holds_card_data() {
     };
     let main = gw.clients.main.clone();
 
-    let (id, generated) = send(&main, DYNAMIC, &card(json!({"numberOfValues": 3, "channel": "W"}))).await;
+    let (id, generated) = send(
+        &main,
+        DYNAMIC,
+        &card(json!({"numberOfValues": 3, "channel": "W"})),
+    )
+    .await;
     assert_eq!(generated.status, 200);
     expected.insert(id.clone(), (200, "ok", ""));
     let generated = generated.json();
@@ -170,7 +167,12 @@ async fn every_request_has_exactly_one_record_and_none_holds_card_data() {
     let (id, declined) = send(&main, VERIFY, &card(json!({"cvv2": wrong}))).await;
     assert_eq!(declined.json()["result"], "declined");
     expected.insert(id, (200, "declined", ""));
-    let (id, embossed) = send(&main, "/cards/security-codes", &card(json!({"kind": "cvv2"}))).await;
+    let (id, embossed) = send(
+        &main,
+        "/cards/security-codes",
+        &card(json!({"kind": "cvv2"})),
+    )
+    .await;
     assert_eq!(embossed.status, 200);
     let static_code = embossed.json()["securityCode"].as_str().unwrap().to_owned();
     expected.insert(id, (200, "ok", ""));
@@ -183,7 +185,10 @@ async fn every_request_has_exactly_one_record_and_none_holds_card_data() {
     let flipped = if signature.starts_with('A') { "B" } else { "A" };
     headers[3].1 = format!("{flipped}{}", &signature[1..]);
     let refused = gw.send_raw("POST", ENQUIRY, &headers, bytes.clone()).await;
-    assert_eq!((refused.status, refused.code().as_str()), (401, "invalid_signature"));
+    assert_eq!(
+        (refused.status, refused.code().as_str()),
+        (401, "invalid_signature")
+    );
     expected.insert(id, (401, "refused", "invalid_signature"));
 
     // 409: the same signed request twice (one id, two records).
@@ -196,8 +201,16 @@ async fn every_request_has_exactly_one_record_and_none_holds_card_data() {
 
     // 422: a PAN that fails the Luhn check; 403: a scope the client lacks; 404.
     let bad_pan = "4123456789012340";
-    let (id, invalid) = send(&main, ENQUIRY, &json!({"cardNumber": bad_pan, "expiryDate": EXPIRY})).await;
-    assert_eq!((invalid.status, invalid.code().as_str()), (422, "invalid_card_number"));
+    let (id, invalid) = send(
+        &main,
+        ENQUIRY,
+        &json!({"cardNumber": bad_pan, "expiryDate": EXPIRY}),
+    )
+    .await;
+    assert_eq!(
+        (invalid.status, invalid.code().as_str()),
+        (422, "invalid_card_number")
+    );
     expected.insert(id, (422, "refused", "invalid_card_number"));
     let verifier = gw.clients.verifier.clone();
     let (id, forbidden) = send(&verifier, DYNAMIC, &card(json!({}))).await;
@@ -214,7 +227,10 @@ async fn every_request_has_exactly_one_record_and_none_holds_card_data() {
     let records = requests(&audit_dir);
     assert_eq!(records.len(), expected.len() + 3, "{records:#?}");
     for (id, (status, outcome, code)) in &expected {
-        let mine: Vec<&Fields> = records.iter().filter(|r| r["request_id"] == id.as_str()).collect();
+        let mine: Vec<&Fields> = records
+            .iter()
+            .filter(|r| r["request_id"] == id.as_str())
+            .collect();
         assert_eq!(mine.len(), 1, "exactly one record for {id}");
         let r = mine[0];
         assert_eq!(r["status"], *status, "{r:?}");
@@ -223,12 +239,21 @@ async fn every_request_has_exactly_one_record_and_none_holds_card_data() {
             assert_eq!(r["error_code"], *code, "{r:?}");
         }
     }
-    let replayed: Vec<&Fields> = records.iter().filter(|r| r["request_id"] == json!(headers[2].1)).collect();
+    let replayed: Vec<&Fields> = records
+        .iter()
+        .filter(|r| r["request_id"] == json!(headers[2].1))
+        .collect();
     assert_eq!(
-        replayed.iter().map(|r| r["status"].as_u64().unwrap()).collect::<Vec<_>>(),
+        replayed
+            .iter()
+            .map(|r| r["status"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
         vec![200, 409]
     );
-    let dynamic = records.iter().find(|r| r["request_id"] == dynamic_id.as_str()).unwrap();
+    let dynamic = records
+        .iter()
+        .find(|r| r["request_id"] == dynamic_id.as_str())
+        .unwrap();
     assert_eq!(dynamic["masked_pan"], "412345******2349");
     assert_eq!(dynamic["programme"], "test");
     assert_eq!(dynamic["channel"], "W");
@@ -237,30 +262,54 @@ async fn every_request_has_exactly_one_record_and_none_holds_card_data() {
     assert_eq!(dynamic["authenticated"], true);
     assert_eq!(dynamic["operation"], DYNAMIC);
     assert!(dynamic["peer"].as_str().unwrap().starts_with("127.0.0.1:"));
-    let approved = records.iter().find(|r| r["request_id"] == approved_id.as_str()).unwrap();
+    let approved = records
+        .iter()
+        .find(|r| r["request_id"] == approved_id.as_str())
+        .unwrap();
     assert_eq!(approved["reason"], "match");
     let unsigned = records.iter().find(|r| r["status"] == 401).unwrap();
-    assert_eq!((unsigned["client"].clone(), unsigned["authenticated"].clone()), (json!("cms"), json!(false)));
+    assert_eq!(
+        (
+            unsigned["client"].clone(),
+            unsigned["authenticated"].clone()
+        ),
+        (json!("cms"), json!(false))
+    );
     let lost = records.iter().find(|r| r["status"] == 404).unwrap();
-    assert_eq!(lost["operation"], "unmatched", "a raw path is never recorded");
+    assert_eq!(
+        lost["operation"], "unmatched",
+        "a raw path is never recorded"
+    );
 
     // No clear PAN (good or bad), code value, secret or signature anywhere.
     for (path, _) in trail(&audit_dir) {
         let text = std::fs::read_to_string(&path).unwrap();
-        for needle in [PAN, bad_pan, secret.as_str(), signature.as_str(), replay_signature.as_str()] {
+        for needle in [
+            PAN,
+            bad_pan,
+            secret.as_str(),
+            signature.as_str(),
+            replay_signature.as_str(),
+        ] {
             assert!(!text.contains(needle), "{} holds {needle}", path.display());
         }
     }
     for record in all_records(&audit_dir) {
         for value in record.values() {
             if let Value::String(s) = value {
-                assert!(!codes.contains(s) && *s != static_code, "a code value in {record:?}");
+                assert!(
+                    !codes.contains(s) && *s != static_code,
+                    "a code value in {record:?}"
+                );
             }
         }
     }
     let (ok, stdout, stderr) = verify(&[&audit_dir], &["--require-sealed"]);
     assert!(ok, "{stdout}{stderr}");
-    assert!(stdout.contains("every record is covered by a seal"), "{stdout}");
+    assert!(
+        stdout.contains("every record is covered by a seal"),
+        "{stdout}"
+    );
 }
 
 /// A sealed trail over several files: seals every 4 records, files of 4 KiB.
@@ -289,7 +338,10 @@ async fn audit_verify_passes_a_good_trail_and_catches_each_kind_of_tampering() {
     assert!(files.len() >= 3, "rotation by size: {files:?}");
     let (ok, stdout, stderr) = verify(&[good.path()], &["--require-sealed"]);
     assert!(ok, "{stdout}{stderr}");
-    assert!(stdout.starts_with(&format!("ok: {} file(s), ", files.len())), "{stdout}");
+    assert!(
+        stdout.starts_with(&format!("ok: {} file(s), ", files.len())),
+        "{stdout}"
+    );
 
     // Each case works on its own copy; `at` is the first file's name in it.
     let case = |edit: &dyn Fn(&Path)| {
@@ -335,7 +387,13 @@ async fn audit_verify_passes_a_good_trail_and_catches_each_kind_of_tampering() {
         lines.remove(4);
         write_lines(&first(dir), &lines);
     });
-    assert_caught(&[d.path()], &[], &first(d.path()), 5, "deleted, inserted or reordered");
+    assert_caught(
+        &[d.path()],
+        &[],
+        &first(d.path()),
+        5,
+        "deleted, inserted or reordered",
+    );
 
     // Two records swapped.
     let d = case(&|dir| {
@@ -343,7 +401,13 @@ async fn audit_verify_passes_a_good_trail_and_catches_each_kind_of_tampering() {
         lines.swap(3, 4);
         write_lines(&first(dir), &lines);
     });
-    assert_caught(&[d.path()], &[], &first(d.path()), 4, "deleted, inserted or reordered");
+    assert_caught(
+        &[d.path()],
+        &[],
+        &first(d.path()),
+        4,
+        "deleted, inserted or reordered",
+    );
 
     // An inserted record (a copy of an earlier one).
     let d = case(&|dir| {
@@ -352,7 +416,13 @@ async fn audit_verify_passes_a_good_trail_and_catches_each_kind_of_tampering() {
         lines.insert(5, copy);
         write_lines(&first(dir), &lines);
     });
-    assert_caught(&[d.path()], &[], &first(d.path()), 6, "deleted, inserted or reordered");
+    assert_caught(
+        &[d.path()],
+        &[],
+        &first(d.path()),
+        6,
+        "deleted, inserted or reordered",
+    );
 
     // A file cut in the middle of a line.
     let d = case(&|dir| {
@@ -375,9 +445,21 @@ async fn audit_verify_passes_a_good_trail_and_catches_each_kind_of_tampering() {
     let (ok, _, stderr) = verify(&[d.path()], &[]);
     assert!(ok && stderr.contains("not sealed"), "{stderr}");
     let last = file(d.path(), files.len() - 1);
-    let tail: Vec<Fields> = lines_of(&last).iter().map(|l| serde_json::from_str(l).unwrap()).collect();
-    let unsealed_from = tail.iter().rposition(|r| r["kind"] == "seal").map_or(1, |i| i + 2);
-    assert_caught(&[d.path()], &["--require-sealed"], &last, unsealed_from, "not covered by a seal");
+    let tail: Vec<Fields> = lines_of(&last)
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let unsealed_from = tail
+        .iter()
+        .rposition(|r| r["kind"] == "seal")
+        .map_or(1, |i| i + 2);
+    assert_caught(
+        &[d.path()],
+        &["--require-sealed"],
+        &last,
+        unsealed_from,
+        "not covered by a seal",
+    );
 
     // An edit with the whole chain recomputed after it: hashes are consistent,
     // but the next seal no longer verifies in the token.
@@ -389,26 +471,59 @@ async fn audit_verify_passes_a_good_trail_and_catches_each_kind_of_tampering() {
         rechain(&mut lines, 1);
         write_lines(&first(dir), &lines);
     });
-    let records: Vec<Fields> = lines_of(&first(d.path())).iter().map(|l| serde_json::from_str(l).unwrap()).collect();
-    let seal_line = records.iter().skip(1).position(|r| r["kind"] == "seal").unwrap() + 2;
-    assert_caught(&[d.path()], &[], &first(d.path()), seal_line, "seal does not verify");
+    let records: Vec<Fields> = lines_of(&first(d.path()))
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let seal_line = records
+        .iter()
+        .skip(1)
+        .position(|r| r["kind"] == "seal")
+        .unwrap()
+        + 2;
+    assert_caught(
+        &[d.path()],
+        &[],
+        &first(d.path()),
+        seal_line,
+        "seal does not verify",
+    );
 
     // A forged seal: a made-up MAC, the chain recomputed around it.
     let d = case(&|dir| {
         let mut lines = lines_of(&first(dir));
-        let i = lines.iter().position(|l| l.contains("\"kind\":\"seal\"")).unwrap();
+        let i = lines
+            .iter()
+            .position(|l| l.contains("\"kind\":\"seal\""))
+            .unwrap();
         let mut f: Fields = serde_json::from_str(&lines[i]).unwrap();
         f.insert("mac".into(), "ab".repeat(32).into());
         lines[i] = String::from_utf8(record::canonical(&f)).unwrap();
         rechain(&mut lines, i);
         write_lines(&first(dir), &lines);
     });
-    let forged = lines_of(&first(d.path())).iter().position(|l| l.contains("\"kind\":\"seal\"")).unwrap() + 1;
-    assert_caught(&[d.path()], &[], &first(d.path()), forged, "seal does not verify");
+    let forged = lines_of(&first(d.path()))
+        .iter()
+        .position(|l| l.contains("\"kind\":\"seal\""))
+        .unwrap()
+        + 1;
+    assert_caught(
+        &[d.path()],
+        &[],
+        &first(d.path()),
+        forged,
+        "seal does not verify",
+    );
 
     // A file of the rotation removed.
     let d = case(&|dir| std::fs::remove_file(file(dir, 1)).unwrap());
-    assert_caught(&[d.path()], &[], &file(d.path(), 2), 1, "deleted, inserted or reordered");
+    assert_caught(
+        &[d.path()],
+        &[],
+        &file(d.path(), 2),
+        1,
+        "deleted, inserted or reordered",
+    );
 
     // Two files of the rotation given in the wrong order.
     let d = copy_dir(good.path());
@@ -428,7 +543,10 @@ async fn audit_verify_passes_a_good_trail_and_catches_each_kind_of_tampering() {
     let d = case(&|dir| std::fs::remove_file(first(dir)).unwrap());
     assert_caught(&[d.path()], &[], &file(d.path(), 1), 1, "genesis");
     let (ok, stdout, stderr) = verify(&[d.path()], &["--partial"]);
-    assert!(ok, "--partial verifies from the first file present: {stdout}{stderr}");
+    assert!(
+        ok,
+        "--partial verifies from the first file present: {stdout}{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -443,7 +561,10 @@ async fn rotation_and_restarts_keep_one_chain_and_the_directory_is_locked() {
     let gw = TestGateway::start(options.clone()).await;
     // A second gateway on the same directory is refused.
     let second = TestGateway::try_start(options.clone()).await;
-    let refusal = second.err().expect("a second writer must be refused").to_string();
+    let refusal = second
+        .err()
+        .expect("a second writer must be refused")
+        .to_string();
     assert!(refusal.contains("another gateway process"), "{refusal}");
     for _ in 0..25 {
         assert_eq!(gw.call("POST", ENQUIRY, &card(json!({}))).await.status, 200);
@@ -460,14 +581,24 @@ async fn rotation_and_restarts_keep_one_chain_and_the_directory_is_locked() {
     let mut prev = GENESIS.to_owned();
     let mut seq = 1;
     for (i, (path, records)) in files.iter().enumerate() {
-        assert!(std::fs::metadata(path).unwrap().len() < 4096 + 2048, "rotated by size");
+        assert!(
+            std::fs::metadata(path).unwrap().len() < 4096 + 2048,
+            "rotated by size"
+        );
         let named = parse_file_name(path.file_name().unwrap().to_str().unwrap()).unwrap();
         assert_eq!(named, records[0]["seq"].as_u64().unwrap());
         if i + 1 < files.len() {
-            assert_eq!(records.last().unwrap()["kind"], "seal", "a rotated file ends sealed");
+            assert_eq!(
+                records.last().unwrap()["kind"],
+                "seal",
+                "a rotated file ends sealed"
+            );
         }
         for r in records {
-            assert_eq!((r["seq"].as_u64().unwrap(), r["prev"].as_str().unwrap()), (seq, prev.as_str()));
+            assert_eq!(
+                (r["seq"].as_u64().unwrap(), r["prev"].as_str().unwrap()),
+                (seq, prev.as_str())
+            );
             prev = r["hash"].as_str().unwrap().to_owned();
             seq += 1;
         }
@@ -500,8 +631,16 @@ async fn concurrent_requests_share_fsyncs_and_every_record_is_chained() {
             let client = gw.clients.main.clone();
             let path = if i % 2 == 0 { ENQUIRY } else { "/keys" };
             let method = if i % 2 == 0 { "POST" } else { "GET" };
-            let body = if i % 2 == 0 { card(json!({})) } else { Value::Null };
-            let bytes = if body.is_null() { vec![] } else { serde_json::to_vec(&body).unwrap() };
+            let body = if i % 2 == 0 {
+                card(json!({}))
+            } else {
+                Value::Null
+            };
+            let bytes = if body.is_null() {
+                vec![]
+            } else {
+                serde_json::to_vec(&body).unwrap()
+            };
             let id = fresh_id();
             let headers = gw.signed_headers(&client, &id, gw.clock.now_ms(), method, path, &bytes);
             (id, gw.send_raw(method, path, &headers, bytes).await.status)
@@ -528,9 +667,19 @@ async fn concurrent_requests_share_fsyncs_and_every_record_is_chained() {
     let records = requests(&dir);
     assert_eq!(records.len(), 200);
     for id in &ids {
-        assert_eq!(records.iter().filter(|r| r["request_id"] == id.as_str()).count(), 1, "{id}");
+        assert_eq!(
+            records
+                .iter()
+                .filter(|r| r["request_id"] == id.as_str())
+                .count(),
+            1,
+            "{id}"
+        );
     }
-    assert!(batches < 200.0, "group commit: {batches} batches for 200 records");
+    assert!(
+        batches < 200.0,
+        "group commit: {batches} batches for 200 records"
+    );
     let (ok, stdout, stderr) = verify(&[&dir], &["--require-sealed"]);
     assert!(ok, "{stdout}{stderr}");
 }
@@ -599,25 +748,42 @@ async fn a_full_disk_fails_closed_with_503_and_the_trail_recovers_without_a_rest
         accepted += 1;
         assert!(accepted < 100, "the full disk was never noticed");
     };
-    assert_eq!((failed.status, failed.code().as_str()), (503, "audit_unavailable"));
+    assert_eq!(
+        (failed.status, failed.code().as_str()),
+        (503, "audit_unavailable")
+    );
     assert_eq!(failed.headers["retry-after"], "1");
     assert!(!failed.headers.contains_key("signature"));
     let (status, ready) = readiness(&gw).await;
     assert_eq!(status, 503);
-    assert_eq!(ready["audit"], "down: no space left on the trail's device", "{ready}");
+    assert_eq!(
+        ready["audit"], "down: no space left on the trail's device",
+        "{ready}"
+    );
     assert_eq!(ready["store"], "ok");
 
     // While the trail is down nothing runs: no state change, signed or not.
     let before = gw.snapshot().await;
     let other_card = json!({"cardNumber": "4123450000000001", "expiryDate": EXPIRY});
     let refused = gw.call("POST", ENROL, &other_card).await;
-    assert_eq!((refused.status, refused.code().as_str()), (503, "audit_unavailable"));
+    assert_eq!(
+        (refused.status, refused.code().as_str()),
+        (503, "audit_unavailable")
+    );
     let dynamic = gw.call("POST", DYNAMIC, &other_card).await;
     assert_eq!(dynamic.status, 503);
     let unsigned = gw.send_raw("POST", ENQUIRY, &[], vec![]).await;
-    assert_eq!((unsigned.status, unsigned.code().as_str()), (503, "audit_unavailable"));
-    assert_eq!(gw.snapshot().await, before, "a refused request changed the store");
-    let metrics = String::from_utf8(gw.send_raw("GET", "/metrics", &[], vec![]).await.body).unwrap();
+    assert_eq!(
+        (unsigned.status, unsigned.code().as_str()),
+        (503, "audit_unavailable")
+    );
+    assert_eq!(
+        gw.snapshot().await,
+        before,
+        "a refused request changed the store"
+    );
+    let metrics =
+        String::from_utf8(gw.send_raw("GET", "/metrics", &[], vec![]).await.body).unwrap();
     assert!(metrics.contains("dcvv_audit_trail_down 1"), "{metrics}");
 
     // Space again: the gateway recovers by itself.
@@ -638,14 +804,24 @@ async fn a_full_disk_fails_closed_with_503_and_the_trail_recovers_without_a_rest
     gw.stop().await;
 
     let records = all_records(&dir);
-    let recovered = records.iter().find(|r| r.get("event") == Some(&json!("trail_recovered"))).unwrap();
-    assert!(recovered["refused_requests"].as_u64().unwrap() >= 3, "{recovered:?}");
+    let recovered = records
+        .iter()
+        .find(|r| r.get("event") == Some(&json!("trail_recovered")))
+        .unwrap();
+    assert!(
+        recovered["refused_requests"].as_u64().unwrap() >= 3,
+        "{recovered:?}"
+    );
     let statuses: Vec<u64> = records
         .iter()
         .filter(|r| r["kind"] == "request")
         .map(|r| r["status"].as_u64().unwrap())
         .collect();
-    assert_eq!(statuses, vec![200; accepted + 1], "the accepted requests and the one after recovery");
+    assert_eq!(
+        statuses,
+        vec![200; accepted + 1],
+        "the accepted requests and the one after recovery"
+    );
     let (ok, stdout, stderr) = verify(&[&dir], &["--require-sealed"]);
     assert!(ok, "no partial line left behind: {stdout}{stderr}");
 }

@@ -195,7 +195,9 @@ fn verify_file(
         {
             return Err(fail(
                 line,
-                format!("file name says the first seq is {promised}, the record has {seq} (file renamed?)"),
+                format!(
+                    "file name says the first seq is {promised}, the record has {seq} (file renamed?)"
+                ),
             ));
         }
         match head.as_ref() {
@@ -204,7 +206,9 @@ fn verify_file(
                 if seq != 1 || prev != GENESIS {
                     return Err(fail(
                         line,
-                        format!("the trail does not start at genesis (seq {seq}): earlier records or files are missing (--partial to verify from here)"),
+                        format!(
+                            "the trail does not start at genesis (seq {seq}): earlier records or files are missing (--partial to verify from here)"
+                        ),
                     ));
                 }
             }

@@ -68,11 +68,11 @@ impl AuditObserver for NoAuditObserver {
     fn refused(&self) {}
 }
 
+/// Where a submitter waits for its record's seq.
+type Reply = tokio::sync::oneshot::Sender<Result<u64, AuditError>>;
+
 enum Job {
-    Record(
-        Box<RequestFacts>,
-        tokio::sync::oneshot::Sender<Result<u64, AuditError>>,
-    ),
+    Record(Box<RequestFacts>, Reply),
     Close(tokio::sync::oneshot::Sender<()>),
 }
 
@@ -241,7 +241,10 @@ fn find_head(dir: &Path) -> Result<((u64, String), PathBuf), AuditError> {
             continue;
         };
         let seq = fields.get("seq").and_then(Value::as_u64);
-        let hash = fields.get("hash").and_then(Value::as_str).map(str::to_owned);
+        let hash = fields
+            .get("hash")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
         let (Some(seq), Some(hash)) = (seq, hash) else {
             return Err(AuditError::Corrupt(path.clone()));
         };
@@ -374,13 +377,7 @@ impl Writer {
         let _ = reply.send(());
     }
 
-    fn commit(
-        &mut self,
-        batch: Vec<(
-            Box<RequestFacts>,
-            tokio::sync::oneshot::Sender<Result<u64, AuditError>>,
-        )>,
-    ) {
+    fn commit(&mut self, batch: Vec<(Box<RequestFacts>, Reply)>) {
         if let Some(reason) = self.down_reason() {
             for (_, reply) in batch {
                 self.health.refused.fetch_add(1, Ordering::SeqCst);
@@ -491,7 +488,11 @@ impl Writer {
             Err(e) => {
                 // Best effort: leave no partial line behind (a later start
                 // truncates one anyway).
-                if file.set_len(before).and_then(|()| file.sync_data()).is_err() {
+                if file
+                    .set_len(before)
+                    .and_then(|()| file.sync_data())
+                    .is_err()
+                {
                     tracing::warn!("audit: could not truncate a partial write");
                 }
                 self.file = None;
@@ -511,7 +512,10 @@ impl Writer {
 
     /// Writes a `notice` record; a failure marks the trail down.
     fn notice(&mut self, event: &str, mut fields: Fields) -> bool {
-        fields.insert("time".into(), Value::from(record::time_text(record::now_ms())));
+        fields.insert(
+            "time".into(),
+            Value::from(record::time_text(record::now_ms())),
+        );
         fields.insert("event".into(), Value::from(event));
         self.append(vec![(fields, "notice")]).is_ok()
     }
@@ -549,7 +553,10 @@ impl Writer {
         };
         let (label, kcv) = self.sealer.key();
         let mut fields = Fields::new();
-        fields.insert("time".into(), Value::from(record::time_text(record::now_ms())));
+        fields.insert(
+            "time".into(),
+            Value::from(record::time_text(record::now_ms())),
+        );
         fields.insert("key_label".into(), Value::from(label.to_string()));
         fields.insert("key_kcv".into(), Value::from(kcv));
         fields.insert("mac".into(), Value::from(hex::encode(mac)));

@@ -103,7 +103,11 @@ impl<S: Send + Sync> FromRequestParts<S> for AuditNote {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        Ok(parts.extensions.get::<AuditNote>().cloned().unwrap_or_default())
+        Ok(parts
+            .extensions
+            .get::<AuditNote>()
+            .cloned()
+            .unwrap_or_default())
     }
 }
 

@@ -120,9 +120,9 @@ impl Metrics {
             in_flight.clone(),
         );
         let audit_records = Counter::default();
-        let audit_batch = Histogram::new(
-            [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0].into_iter(),
-        );
+        let audit_batch = Histogram::new([
+            1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+        ]);
         let audit_fsync = Histogram::new(latency_buckets());
         let audit_seals = Family::<SealLabels, Counter>::default();
         let audit_down = Gauge::default();
