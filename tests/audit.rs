@@ -825,3 +825,99 @@ async fn a_full_disk_fails_closed_with_503_and_the_trail_recovers_without_a_rest
     let (ok, stdout, stderr) = verify(&[&dir], &["--require-sealed"]);
     assert!(ok, "no partial line left behind: {stdout}{stderr}");
 }
+
+/// `chattr +i` on a file, undone when dropped (also when the test fails).
+struct Immutable(PathBuf);
+
+impl Immutable {
+    fn set(path: &Path) -> Immutable {
+        let out = Command::new("chattr").arg("+i").arg(path).output().unwrap();
+        assert!(
+            out.status.success(),
+            "this test makes the trail file immutable and must run as root on a file system \
+             with chattr (CI does): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Immutable(path.to_path_buf())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_immutable_trail_file_fails_closed_and_recovers_once_writable() {
+    let keep = tempfile::tempdir().unwrap();
+    let dir = keep.path().join("audit");
+    let gw = TestGateway::start(Options {
+        audit_dir: Some(dir.clone()),
+        ..Options::default()
+    })
+    .await;
+    assert_eq!(gw.call("POST", ENQUIRY, &card(json!({}))).await.status, 200);
+    let (file, _) = trail(&dir).pop().unwrap();
+    let lock = Immutable::set(&file);
+    let failed = gw.call("POST", ENQUIRY, &card(json!({}))).await;
+    assert_eq!(
+        (failed.status, failed.code().as_str()),
+        (503, "audit_unavailable")
+    );
+    let (status, ready) = readiness(&gw).await;
+    assert_eq!(
+        (status, ready["audit"].as_str().unwrap()),
+        (503, "down: permission denied on the trail's file")
+    );
+    let before = gw.snapshot().await;
+    let other_card = json!({"cardNumber": "4123450000000001", "expiryDate": EXPIRY});
+    assert_eq!(gw.call("POST", ENROL, &other_card).await.status, 503);
+    assert_eq!(gw.snapshot().await, before);
+    drop(lock);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while readiness(&gw).await.0 != 200 {
+        assert!(Instant::now() < deadline, "no recovery");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(gw.call("POST", ENROL, &other_card).await.status, 200);
+    gw.stop().await;
+    let requests = requests(&dir);
+    assert_eq!(requests.len(), 2, "only the requests whose answer was sent");
+    let (ok, stdout, stderr) = verify(&[&dir], &["--require-sealed"]);
+    assert!(ok, "{stdout}{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seals_come_by_time_too_and_a_partial_last_line_is_dropped_at_start() {
+    let keep = tempfile::tempdir().unwrap();
+    let dir = keep.path().join("audit");
+    let options = Options {
+        audit_dir: Some(dir.clone()),
+        seal_interval: Duration::from_secs(1),
+        ..Options::default()
+    };
+    let gw = TestGateway::start(options.clone()).await;
+    assert_eq!(gw.call("POST", ENQUIRY, &card(json!({}))).await.status, 200);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !all_records(&dir).iter().any(|r| r["kind"] == "seal") {
+        assert!(Instant::now() < deadline, "no seal after the interval");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (ok, stdout, stderr) = verify(&[&dir], &["--require-sealed"]);
+    assert!(ok, "sealed while running: {stdout}{stderr}");
+    gw.stop().await;
+
+    // A crash in the middle of a write leaves a partial line, never acknowledged.
+    let (file, _) = trail(&dir).pop().unwrap();
+    let mut text = std::fs::read(&file).unwrap();
+    text.extend_from_slice(b"{\"authenticated\":tr");
+    std::fs::write(&file, &text).unwrap();
+    assert!(!verify(&[&dir], &[]).0);
+    let gw = TestGateway::start(options).await;
+    assert_eq!(gw.call("POST", ENQUIRY, &card(json!({}))).await.status, 200);
+    gw.stop().await;
+    let (ok, stdout, stderr) = verify(&[&dir], &["--require-sealed"]);
+    assert!(ok, "{stdout}{stderr}");
+    assert_eq!(requests(&dir).len(), 2);
+}
