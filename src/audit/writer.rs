@@ -148,6 +148,7 @@ impl Trail {
             prev: head.1,
             unsealed: 0,
             last_seal: Instant::now(),
+            seal_backoff: None,
             down_since: None,
             _lock: lock,
         };
@@ -312,6 +313,9 @@ struct Writer {
     prev: String,
     unsealed: u64,
     last_seal: Instant,
+    /// After a failed seal, no new attempt before this (the token may be slow
+    /// to fail, and the writer must not stall every batch on it).
+    seal_backoff: Option<Instant>,
     down_since: Option<u64>,
     _lock: File,
 }
@@ -540,6 +544,9 @@ impl Writer {
     /// Appends a seal over the current head. A seal that cannot be made (token
     /// unavailable) is retried later; records stay chained meanwhile.
     fn seal(&mut self) {
+        if self.seal_backoff.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
         self.last_seal = Instant::now();
         let seq = self.next_seq;
         let message = seal_message(seq, &self.prev);
@@ -548,9 +555,11 @@ impl Writer {
             Err(e) => {
                 tracing::warn!(error = %e, "audit: could not seal (retried later)");
                 self.observer.seal(false);
+                self.seal_backoff = Some(Instant::now() + RETRY_INTERVAL * 2);
                 return;
             }
         };
+        self.seal_backoff = None;
         let (label, kcv) = self.sealer.key();
         let mut fields = Fields::new();
         fields.insert(
