@@ -591,6 +591,16 @@ impl Writer {
     }
 }
 
+impl Drop for Writer {
+    /// The writer is gone (closed at shutdown, or a bug): no record can be
+    /// written any more, so the trail is down from now on.
+    fn drop(&mut self) {
+        *self.health.reason.lock().unwrap_or_else(|p| p.into_inner()) =
+            "the audit writer has stopped".into();
+        self.health.down.store(true, Ordering::SeqCst);
+    }
+}
+
 /// A short, stable reason for `/readyz` and the notice.
 fn reason_of(e: &std::io::Error) -> String {
     match e.raw_os_error() {
