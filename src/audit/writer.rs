@@ -378,6 +378,9 @@ impl Writer {
         if self.down_since.is_none() && self.unsealed > 0 {
             self.seal();
         }
+        *self.health.reason.lock().unwrap_or_else(|p| p.into_inner()) =
+            "the audit trail is closed".into();
+        self.health.down.store(true, Ordering::SeqCst);
         let _ = reply.send(());
     }
 
@@ -608,5 +611,136 @@ fn reason_of(e: &std::io::Error) -> String {
         Some(30) => "the trail's file system is read-only".into(),
         Some(1 | 13) => "permission denied on the trail's file".into(),
         _ => format!("write failed: {}", e.kind()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::{SealChecker, VerifyOptions, verify_paths};
+    use crate::hsm::{HsmError, KeyLabel};
+    use hmac::{Hmac, Mac};
+
+    /// A software stand-in for the token's audit-seal key.
+    #[derive(Debug)]
+    struct SoftSealer(KeyLabel);
+
+    fn mac(message: &[u8]) -> Vec<u8> {
+        let mut m = Hmac::<sha2::Sha256>::new_from_slice(b"unit-test-seal-key").unwrap();
+        m.update(message);
+        m.finalize().into_bytes().to_vec()
+    }
+
+    impl Sealer for SoftSealer {
+        fn key(&self) -> (&KeyLabel, String) {
+            (&self.0, "ABCDEF".into())
+        }
+        fn seal(&self, message: &[u8]) -> Result<Vec<u8>, HsmError> {
+            Ok(mac(message))
+        }
+    }
+
+    impl SealChecker for SoftSealer {
+        fn check(&self, _: &KeyLabel, message: &[u8], tag: &[u8]) -> Result<bool, HsmError> {
+            Ok(mac(message) == tag)
+        }
+    }
+
+    fn settings(dir: &Path) -> AuditSettings {
+        AuditSettings {
+            directory: dir.to_path_buf(),
+            seal_key: "audit-seal-v1".parse().unwrap(),
+            seal_every_records: 7,
+            seal_interval: Duration::from_secs(3600),
+            max_file_bytes: 4096,
+        }
+    }
+
+    fn sealer() -> Arc<SoftSealer> {
+        Arc::new(SoftSealer("audit-seal-v1".parse().unwrap()))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_appends_are_group_committed_into_one_sealed_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let trail =
+            Trail::open(&settings(dir.path()), sealer(), Arc::new(NoAuditObserver)).unwrap();
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..100 {
+            let trail = trail.clone();
+            tasks.spawn(async move {
+                trail
+                    .append(RequestFacts {
+                        request_id: format!("r{i}"),
+                        status: 200,
+                        ..RequestFacts::default()
+                    })
+                    .await
+                    .unwrap()
+            });
+        }
+        let mut seqs = Vec::new();
+        while let Some(seq) = tasks.join_next().await {
+            seqs.push(seq.unwrap());
+        }
+        seqs.sort_unstable();
+        seqs.dedup();
+        assert_eq!(seqs.len(), 100, "every record has its own seq");
+        // One at a time now: a file is rotated between batches.
+        for _ in 0..30 {
+            trail.append(RequestFacts::default()).await.unwrap();
+        }
+        trail.close().await;
+        assert!(
+            trail.down_reason().is_some(),
+            "a closed trail takes no record"
+        );
+        let summary = verify_paths(
+            &[dir.path().to_path_buf()],
+            sealer().as_ref(),
+            VerifyOptions {
+                require_sealed: true,
+                partial: false,
+            },
+        )
+        .unwrap();
+        assert!(summary.files >= 2, "{summary:?}");
+        // At most one seal per batch: a big batch gets one seal after it.
+        assert!(summary.seals >= 1, "{summary:?}");
+        assert_eq!(summary.records, 131 + summary.seals);
+        assert_eq!(summary.last_sealed_seq, summary.last_seq);
+    }
+
+    #[tokio::test]
+    async fn one_writer_per_directory_and_a_reopened_trail_continues_the_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let first =
+            Trail::open(&settings(dir.path()), sealer(), Arc::new(NoAuditObserver)).unwrap();
+        let second = Trail::open(&settings(dir.path()), sealer(), Arc::new(NoAuditObserver));
+        assert!(matches!(second, Err(AuditError::Locked(_))), "{second:?}");
+        first.append(RequestFacts::default()).await.unwrap();
+        first.close().await;
+        drop(first);
+        // The writer thread releases the lock when it ends.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let again = loop {
+            match Trail::open(&settings(dir.path()), sealer(), Arc::new(NoAuditObserver)) {
+                Ok(t) => break t,
+                Err(AuditError::Locked(_)) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        assert_eq!(again.append(RequestFacts::default()).await.unwrap(), 5);
+        again.close().await;
+        let checker = sealer();
+        let summary = verify_paths(
+            &[dir.path().to_path_buf()],
+            checker.as_ref(),
+            VerifyOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(summary.last_seq, Some(6), "{summary:?}");
     }
 }
