@@ -469,10 +469,11 @@ impl Writer {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         if self.file.is_none() {
             let new = !self.target.exists();
-            let mut file = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.target)?;
+            let mut options = OpenOptions::new();
+            options.create(true).append(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o640);
+            let mut file = options.open(&self.target)?;
             let len = file.seek(SeekFrom::End(0))?;
             if new {
                 File::open(&self.dir)?.sync_all()?;
