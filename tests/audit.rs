@@ -585,6 +585,10 @@ async fn rotation_and_restarts_keep_one_chain_and_the_directory_is_locked() {
             std::fs::metadata(path).unwrap().len() < 4096 + 2048,
             "rotated by size"
         );
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(path).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o640, "{}", path.display());
         let named = parse_file_name(path.file_name().unwrap().to_str().unwrap()).unwrap();
         assert_eq!(named, records[0]["seq"].as_u64().unwrap());
         if i + 1 < files.len() {
