@@ -68,6 +68,9 @@ pub enum AuditError {
     /// The record was not made durable in time.
     #[error("audit record not durable within {0:?}")]
     Timeout(Duration),
+    /// Too many records wait for the writer already.
+    #[error("audit writer queue is full")]
+    QueueFull,
     /// The writer has stopped.
     #[error("audit writer stopped")]
     Stopped,

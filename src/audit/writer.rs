@@ -200,7 +200,7 @@ impl Trail {
         self.jobs
             .try_send(Job::Record(Box::new(facts), tx))
             .map_err(|e| match e {
-                mpsc::TrySendError::Full(_) => AuditError::Timeout(Duration::ZERO),
+                mpsc::TrySendError::Full(_) => AuditError::QueueFull,
                 mpsc::TrySendError::Disconnected(_) => AuditError::Stopped,
             })?;
         match tokio::time::timeout(WRITE_TIMEOUT, rx).await {
@@ -401,7 +401,11 @@ impl Writer {
                 for (i, (_, reply)) in batch.into_iter().enumerate() {
                     let _ = reply.send(Ok(first + i as u64));
                 }
-                if self.unsealed >= self.settings.seal_every_records {
+                // By count, or by time under steady load (when the queue never
+                // falls idle long enough for the timer).
+                if self.unsealed >= self.settings.seal_every_records
+                    || self.last_seal.elapsed() >= self.settings.seal_interval
+                {
                     self.seal();
                 }
                 if self
