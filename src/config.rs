@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::audit::AuditSettings;
 use crate::domain::Tdcvv2Profile;
 use crate::domain::programme::{Programme, Programmes};
 use crate::domain::rotation::{self, PreviousKey};
@@ -46,6 +47,13 @@ cleanup_interval_seconds = 60
 
 [keys]
 pan_index = "pan-index-v1"
+
+[audit]
+directory = "audit"
+seal_key = "audit-seal-v1"
+seal_every_records = 1000
+seal_interval_seconds = 60
+max_file_bytes = 67108864
 "#;
 
 /// A configuration that could not be loaded; the message names the file or field.
@@ -65,6 +73,7 @@ struct RawConfig {
     signatures: RawSignatures,
     store: RawStore,
     keys: RawKeys,
+    audit: RawAudit,
     #[serde(default)]
     programmes: Vec<RawProgramme>,
     #[serde(default)]
@@ -108,6 +117,16 @@ struct RawStore {
     sqlite_path: PathBuf,
     acquire_timeout_ms: u64,
     cleanup_interval_seconds: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    directory: PathBuf,
+    seal_key: String,
+    seal_every_records: u64,
+    seal_interval_seconds: u64,
+    max_file_bytes: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -228,6 +247,8 @@ pub struct Settings {
     pub programmes: Programmes,
     /// API clients (secrets not yet read).
     pub clients: Vec<ClientSettings>,
+    /// The audit trail.
+    pub audit: AuditSettings,
 }
 
 fn relative_to(base: &Path, path: PathBuf) -> PathBuf {
@@ -288,6 +309,7 @@ impl Settings {
             pan_index_key: label("keys.pan_index", &raw.keys.pan_index)?,
             replay_window_seconds: raw.signatures.replay_window_seconds,
         };
+        let audit = audit_settings(raw.audit, base)?;
         let programmes = raw
             .programmes
             .into_iter()
@@ -308,8 +330,28 @@ impl Settings {
             service,
             programmes,
             clients,
+            audit,
         })
     }
+}
+
+fn audit_settings(a: RawAudit, base: &Path) -> Result<AuditSettings, ConfigError> {
+    if !(1..=1_000_000).contains(&a.seal_every_records) {
+        return Err(err("audit.seal_every_records: 1 to 1000000"));
+    }
+    if !(1..=86_400).contains(&a.seal_interval_seconds) {
+        return Err(err("audit.seal_interval_seconds: 1 to 86400"));
+    }
+    if !(4096..=1 << 40).contains(&a.max_file_bytes) {
+        return Err(err("audit.max_file_bytes: 4096 to 2^40"));
+    }
+    Ok(AuditSettings {
+        directory: relative_to(base, a.directory),
+        seal_key: label("audit.seal_key", &a.seal_key)?,
+        seal_every_records: a.seal_every_records,
+        seal_interval: Duration::from_secs(a.seal_interval_seconds),
+        max_file_bytes: a.max_file_bytes,
+    })
 }
 
 fn hsm_settings(h: RawHsm, base: &Path) -> Result<HsmSettings, ConfigError> {
@@ -619,6 +661,39 @@ mod tests {
         assert!(matches!(&client.secrets[0], SecretSource::File(p) if p.is_absolute()));
         assert!(client.scopes.contains(&Scope::Keys));
         assert_eq!(s.service.replay_window_seconds, 900);
+        assert!(s.audit.directory.is_absolute() && s.audit.directory.ends_with("audit"));
+        assert_eq!(s.audit.seal_key.as_str(), "audit-seal-v1");
+        assert_eq!(s.audit.seal_every_records, 1000);
+    }
+
+    #[test]
+    fn audit_settings_are_checked_by_name() {
+        let bad = format!("{FULL}\n[audit]\nseal_every_records = 0\n");
+        assert!(
+            load(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("seal_every_records")
+        );
+        let bad = format!("{FULL}\n[audit]\nmax_file_bytes = 10\n");
+        assert!(
+            load(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("max_file_bytes")
+        );
+        let bad = format!("{FULL}\n[audit]\nseal_key = \"no spaces allowed\"\n");
+        assert!(
+            load(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("audit.seal_key")
+        );
+        let ok = format!("{FULL}\n[audit]\ndirectory = \"/var/log/dcvv\"\n");
+        assert_eq!(
+            load(&ok).unwrap().audit.directory,
+            Path::new("/var/log/dcvv")
+        );
     }
 
     #[test]

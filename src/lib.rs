@@ -4,6 +4,7 @@
 //! Layers, one way: `http -> domain -> hsm`; `config` assembles each layer's
 //! settings; `cli` holds the key ceremony and the benchmark.
 
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod domain;

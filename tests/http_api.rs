@@ -347,7 +347,7 @@ async fn key_inventory_health_metrics_and_openapi() {
     assert_eq!(ready.status, 200);
     assert_eq!(
         ready.json(),
-        json!({"status": "ready", "hsm": "ok", "keys": "ok", "store": "ok"})
+        json!({"status": "ready", "hsm": "ok", "keys": "ok", "store": "ok", "audit": "ok"})
     );
 
     gw.call("POST", VALUES, &card(json!({}))).await;

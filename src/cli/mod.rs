@@ -1,6 +1,7 @@
 //! The command line: the key ceremony (`keys ...`), the policy check
 //! (`hsm check`), `serve`, the signed client for people and scripts (`call`) and
-//! the benchmarks (`bench engine`, `bench http` against a running gateway).
+//! the benchmarks (`bench engine`, `bench http` against a running gateway),
+//! and the audit trail's verifier (`audit verify`).
 //!
 //! Output on stdout is the commands' contract (tooling parses `keys list --json`);
 //! logs go to stderr. Every error is one line and a non-zero exit; no command
@@ -9,6 +10,7 @@
 // The CLI's output on stdout is its contract with people and scripts.
 #![allow(clippy::print_stdout)]
 
+mod audit;
 mod bench;
 mod bench_http;
 mod call;
@@ -51,6 +53,9 @@ enum Command {
     Serve,
     /// Send one HMAC-signed request to a running gateway and check the response's signature.
     Call(call::CallArgs),
+    /// The audit trail.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -171,6 +176,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             with_token(&settings, |token| bench::engine(token, seconds, json))
         }
         Command::Bench(BenchCommand::Http(args)) => bench_http::run(&settings, args),
+        Command::Audit(cmd) => with_token(&settings, |token| audit::run(token, cmd)),
     }
 }
 

@@ -498,6 +498,30 @@ impl Token {
         })
     }
 
+    /// Checks an HMAC-SHA256 under an audit-seal key, in the token (`C_Verify`):
+    /// `Ok(false)` when the token says the MAC does not match (audit seals, issue 4).
+    ///
+    /// # Errors
+    /// `KeyNotFound`, `WrongKeyKind`, `KeyPolicy`, `Busy`, or the token's error.
+    pub fn hmac_verify(
+        &self,
+        label: &KeyLabel,
+        kind: KeyKind,
+        data: &[u8],
+        mac: &[u8],
+    ) -> HsmResult<bool> {
+        self.with_session(|session| {
+            let key = self.key(label, kind)?;
+            match session.verify(&Mechanism::Sha256Hmac, key.main, data, mac) {
+                Ok(()) => Ok(true),
+                Err(CkError::Pkcs11(RvError::SignatureInvalid | RvError::SignatureLenRange, _)) => {
+                    Ok(false)
+                }
+                Err(e) => Err(e.into()),
+            }
+        })
+    }
+
     /// Resolves, checks against its policy, copies and caches a key; returns its
     /// KCV (DESIGN 2.5). The check runs once per process and again after a recovery.
     ///

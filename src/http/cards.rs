@@ -1,6 +1,7 @@
 //! Handlers of the signed API (DESIGN 4): parse the body into domain types
 //! once, call the card service, shape the answer. No business rule lives
-//! here; every rule is in [`crate::domain::service`].
+//! here; every rule is in [`crate::domain::service`]. Each handler tells the
+//! audit layer what it learnt ([`AuditNote`]): masked PAN, programme, key, result.
 
 use axum::Json;
 use axum::body::Bytes;
@@ -14,6 +15,7 @@ use crate::domain::service::Caller;
 use crate::hsm;
 
 use super::AppState;
+use super::audit::AuditNote;
 use super::auth::Authenticated;
 use super::dto::{
     CardRequest, Cvv2VerificationRequest, DcvvVerificationRequest, DynamicValue,
@@ -62,15 +64,22 @@ fn caller(auth: &Authenticated) -> Caller<'_> {
 pub async fn dynamic_values(
     State(state): State<AppState>,
     Extension(auth): Extension<Authenticated>,
+    note: AuditNote,
     body: Bytes,
 ) -> ApiResult<DynamicValuesResponse> {
     let request: DynamicValuesRequest = parse(&auth, &body)?;
-    let (card, count, _channel) = request.parse().map_err(fail(&auth))?;
+    let (card, count, channel) = request.parse().map_err(fail(&auth))?;
+    note.pan(&card.pan);
+    if let Some(channel) = channel {
+        note.channel(channel.letter());
+    }
     let generated = state
         .service()
         .dynamic_values(&caller(&auth), &card, count)
         .await
         .map_err(fail(&auth))?;
+    note.card(&generated.card);
+    note.key(&generated.key);
     let values: Vec<DynamicValue> = generated
         .values
         .iter()
@@ -108,16 +117,19 @@ fn seconds_text(unix_seconds: u64) -> String {
 async fn set_enrollment(
     state: AppState,
     auth: Authenticated,
+    note: AuditNote,
     body: Bytes,
     enrol: bool,
 ) -> ApiResult<EnrollmentResponse> {
     let request: CardRequest = parse(&auth, &body)?;
     let card = request.card().map_err(fail(&auth))?;
+    note.pan(&card.pan);
     let status = state
         .service()
         .set_enrollment(&caller(&auth), &card, enrol)
         .await
         .map_err(fail(&auth))?;
+    note.card(&status.card);
     Ok(Json(EnrollmentResponse::from_status(&status)))
 }
 
@@ -131,9 +143,10 @@ async fn set_enrollment(
 pub async fn enroll(
     State(state): State<AppState>,
     Extension(auth): Extension<Authenticated>,
+    note: AuditNote,
     body: Bytes,
 ) -> ApiResult<EnrollmentResponse> {
-    set_enrollment(state, auth, body, true).await
+    set_enrollment(state, auth, note, body, true).await
 }
 
 /// Unenrol a card (idempotent): its static CVV2 is accepted again.
@@ -146,9 +159,10 @@ pub async fn enroll(
 pub async fn unenroll(
     State(state): State<AppState>,
     Extension(auth): Extension<Authenticated>,
+    note: AuditNote,
     body: Bytes,
 ) -> ApiResult<EnrollmentResponse> {
-    set_enrollment(state, auth, body, false).await
+    set_enrollment(state, auth, note, body, false).await
 }
 
 /// Is the card enrolled in dynamic CVV2?
@@ -161,15 +175,18 @@ pub async fn unenroll(
 pub async fn enquiry(
     State(state): State<AppState>,
     Extension(auth): Extension<Authenticated>,
+    note: AuditNote,
     body: Bytes,
 ) -> ApiResult<EnrollmentResponse> {
     let request: CardRequest = parse(&auth, &body)?;
     let card = request.card().map_err(fail(&auth))?;
+    note.pan(&card.pan);
     let status = state
         .service()
         .enquiry(&caller(&auth), &card)
         .await
         .map_err(fail(&auth))?;
+    note.card(&status.card);
     Ok(Json(EnrollmentResponse::from_status(&status)))
 }
 
@@ -183,15 +200,20 @@ pub async fn enquiry(
 pub async fn verify_cvv2(
     State(state): State<AppState>,
     Extension(auth): Extension<Authenticated>,
+    note: AuditNote,
     body: Bytes,
 ) -> ApiResult<VerificationResponse> {
     let request: Cvv2VerificationRequest = parse(&auth, &body)?;
     let (card, cvv2) = request.parse().map_err(fail(&auth))?;
+    note.pan(&card.pan);
     let verification = state
         .service()
         .verify_cvv2(&caller(&auth), &card, cvv2)
         .await
         .map_err(fail(&auth))?;
+    note.card(&verification.card);
+    note.key(&verification.key);
+    note.verdict(verification.reason);
     Ok(Json(VerificationResponse::from_verification(&verification)))
 }
 
@@ -205,15 +227,19 @@ pub async fn verify_cvv2(
 pub async fn security_code(
     State(state): State<AppState>,
     Extension(auth): Extension<Authenticated>,
+    note: AuditNote,
     body: Bytes,
 ) -> ApiResult<SecurityCodeResponse> {
     let request: SecurityCodeRequest = parse(&auth, &body)?;
     let (card, kind, digits) = request.parse().map_err(fail(&auth))?;
+    note.pan(&card.pan);
     let issued = state
         .service()
         .security_code(&caller(&auth), &card, kind, digits)
         .await
         .map_err(fail(&auth))?;
+    note.card(&issued.card);
+    note.key(&issued.key);
     Ok(Json(SecurityCodeResponse {
         card_number: issued.card.masked_pan.clone(),
         kind: match kind {
@@ -237,15 +263,20 @@ pub async fn security_code(
 pub async fn verify_dcvv(
     State(state): State<AppState>,
     Extension(auth): Extension<Authenticated>,
+    note: AuditNote,
     body: Bytes,
 ) -> ApiResult<VerificationResponse> {
     let request: DcvvVerificationRequest = parse(&auth, &body)?;
     let (card, service_code, atc, dcvv) = request.parse().map_err(fail(&auth))?;
+    note.pan(&card.pan);
     let verification = state
         .service()
         .verify_dcvv(&caller(&auth), &card, service_code, atc, dcvv)
         .await
         .map_err(fail(&auth))?;
+    note.card(&verification.card);
+    note.key(&verification.key);
+    note.verdict(verification.reason);
     Ok(Json(VerificationResponse::from_verification(&verification)))
 }
 

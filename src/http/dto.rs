@@ -117,6 +117,17 @@ pub enum Channel {
     Web,
 }
 
+impl Channel {
+    /// The wire letter (recorded in the audit trail).
+    pub fn letter(self) -> &'static str {
+        match self {
+            Channel::Ivr => "I",
+            Channel::Atm => "A",
+            Channel::Web => "W",
+        }
+    }
+}
+
 impl DynamicValuesRequest {
     /// Parses the request.
     ///

@@ -1,6 +1,6 @@
 //! Unsigned operational routes: liveness, readiness (token session, login,
-//! every configured key present and within policy, store writable) and the
-//! Prometheus exposition.
+//! every configured key present and within policy, store writable, audit trail
+//! writable) and the Prometheus exposition.
 
 use std::sync::Arc;
 
@@ -33,6 +33,8 @@ pub struct Readiness {
     pub keys: &'static str,
     /// Store: `ok`, or why not.
     pub store: &'static str,
+    /// Audit trail: `ok`, or `down: <why>` (requests get 503 `audit_unavailable`).
+    pub audit: String,
 }
 
 /// The process answers.
@@ -81,7 +83,11 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readines
             "unavailable"
         }
     };
-    let ready = hsm == "ok" && keys == "ok" && store == "ok";
+    let audit = match state.trail().down_reason() {
+        None => "ok".to_owned(),
+        Some(reason) => format!("down: {reason}"),
+    };
+    let ready = hsm == "ok" && keys == "ok" && store == "ok" && audit == "ok";
     (
         if ready {
             StatusCode::OK
@@ -93,6 +99,7 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readines
             hsm,
             keys,
             store,
+            audit,
         }),
     )
 }

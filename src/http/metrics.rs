@@ -1,7 +1,8 @@
 //! Prometheus metrics (`GET /metrics`): requests by route, method, status and
 //! error code; request latency by route and outcome; token call latency by
 //! operation; HSM session-pool use; requests in flight; verifications approved
-//! with a previous key version, by programme (key rotation).
+//! with a previous key version, by programme (key rotation); the audit trail's
+//! records, batch sizes, write+fsync latency, seals and whether it is down.
 //!
 //! Labels are route templates, methods, statuses, stable error codes, operation
 //! and programme names — never a PAN, a code, a client secret or a request id.
@@ -15,6 +16,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::audit::AuditObserver;
 use crate::domain::service::HsmObserver;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -61,6 +63,17 @@ pub struct Metrics {
     sessions_max: Gauge<i64, std::sync::atomic::AtomicI64>,
     in_flight: Gauge<i64, std::sync::atomic::AtomicI64>,
     previous_key_matches: Family<ProgrammeLabels, Counter>,
+    audit_records: Counter,
+    audit_batch: Histogram,
+    audit_fsync: Histogram,
+    audit_seals: Family<SealLabels, Counter>,
+    audit_down: Gauge<i64, std::sync::atomic::AtomicI64>,
+    audit_refused: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SealLabels {
+    outcome: &'static str,
 }
 
 impl Default for Metrics {
@@ -119,8 +132,52 @@ impl Metrics {
             "Verifications approved with a previous key version during its grace period, by programme",
             previous_key_matches.clone(),
         );
+        let audit_records = Counter::default();
+        let audit_batch = Histogram::new([
+            1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+        ]);
+        let audit_fsync = Histogram::new(latency_buckets());
+        let audit_seals = Family::<SealLabels, Counter>::default();
+        let audit_down = Gauge::default();
+        let audit_refused = Counter::default();
+        registry.register(
+            "audit_records",
+            "Audit records made durable",
+            audit_records.clone(),
+        );
+        registry.register(
+            "audit_batch_records",
+            "Records per audit group commit (one write and one fsync each)",
+            audit_batch.clone(),
+        );
+        registry.register(
+            "audit_write_seconds",
+            "Write and fsync time of one audit batch",
+            audit_fsync.clone(),
+        );
+        registry.register(
+            "audit_seals",
+            "Audit seals by outcome (error: the token could not seal; retried)",
+            audit_seals.clone(),
+        );
+        registry.register(
+            "audit_trail_down",
+            "1 while the audit trail cannot be written (requests get 503 audit_unavailable)",
+            audit_down.clone(),
+        );
+        registry.register(
+            "audit_refused_requests",
+            "Requests refused with 503 because the audit trail was down",
+            audit_refused.clone(),
+        );
         Metrics {
             registry,
+            audit_records,
+            audit_batch,
+            audit_fsync,
+            audit_seals,
+            audit_down,
+            audit_refused,
             requests,
             latency,
             hsm,
@@ -175,6 +232,30 @@ impl Metrics {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
         Ok(text)
+    }
+}
+
+impl AuditObserver for Metrics {
+    fn batch(&self, records: usize, elapsed: Duration) {
+        self.audit_records.inc_by(records as u64);
+        self.audit_batch.observe(records as f64);
+        self.audit_fsync.observe(elapsed.as_secs_f64());
+    }
+
+    fn seal(&self, ok: bool) {
+        self.audit_seals
+            .get_or_create(&SealLabels {
+                outcome: if ok { "ok" } else { "error" },
+            })
+            .inc();
+    }
+
+    fn down(&self, down: bool) {
+        self.audit_down.set(i64::from(down));
+    }
+
+    fn refused(&self) {
+        self.audit_refused.inc();
     }
 }
 

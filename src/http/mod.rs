@@ -8,7 +8,11 @@
 //! in-flight limit sized to the HSM pool (429), and the signature layer
 //! ([`auth`]) that also enforces the body limit (413). Health, metrics and
 //! the OpenAPI document stay outside the limit so they answer under load.
+//! Between the log and the limit sits the audit layer ([`audit`]): every
+//! request but the operational GETs gets its durable audit record before its
+//! response leaves, or a 503 `audit_unavailable` instead.
 
+pub mod audit;
 pub mod auth;
 pub mod cards;
 pub mod clients;
@@ -38,6 +42,7 @@ use tower_http::request_id::{
 };
 use tower_http::trace::TraceLayer;
 
+use crate::audit::Trail;
 use crate::config::ServerSettings;
 use crate::domain::service::{CardService, Clock};
 use crate::hsm::Token;
@@ -79,6 +84,7 @@ struct Shared {
     clients: Clients,
     metrics: Arc<Metrics>,
     settings: ServerSettings,
+    trail: Trail,
 }
 
 /// Shared state of the handlers.
@@ -93,6 +99,7 @@ impl AppState {
         clients: Clients,
         metrics: Arc<Metrics>,
         settings: ServerSettings,
+        trail: Trail,
     ) -> Self {
         AppState(Arc::new(Shared {
             service,
@@ -100,7 +107,13 @@ impl AppState {
             clients,
             metrics,
             settings,
+            trail,
         }))
+    }
+
+    /// The audit trail.
+    pub fn trail(&self) -> &Trail {
+        &self.0.trail
     }
 
     /// The card service.
@@ -201,7 +214,8 @@ pub fn app(state: AppState) -> Router {
                 .layer(SetRequestIdLayer::x_request_id(ServerIds::new()))
                 .layer(PropagateRequestIdLayer::x_request_id())
                 .layer(TraceLayer::new_for_http())
-                .layer(middleware::from_fn_with_state(state.clone(), observe)),
+                .layer(middleware::from_fn_with_state(state.clone(), observe))
+                .layer(middleware::from_fn_with_state(state.clone(), audit::record)),
         )
         .with_state(state)
 }
@@ -236,7 +250,7 @@ async fn method_not_allowed(context: Option<axum::Extension<RequestContext>>) ->
 
 /// The route template of a path, or `unmatched` (metrics labels never carry
 /// arbitrary paths).
-fn route_label(path: &str) -> &'static str {
+pub(crate) fn route_label(path: &str) -> &'static str {
     ROUTES
         .iter()
         .find(|(_, p)| *p == path)

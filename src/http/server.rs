@@ -8,6 +8,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use crate::audit::{AuditError, AuditObserver, Sealer, TokenSealer, Trail};
 use crate::config::{Settings, Transport};
 use crate::domain::DomainError;
 use crate::domain::service::{CardService, Clock, SystemClock};
@@ -39,6 +40,9 @@ pub enum StartError {
     /// The store could not be opened or migrated.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The audit trail could not be opened (lock, directory, seal key).
+    #[error("refusing to start: {0}")]
+    Audit(#[from] AuditError),
     /// The certificate or key could not be loaded.
     #[error("TLS: {0}")]
     Tls(std::io::Error),
@@ -86,8 +90,16 @@ impl Gateway {
             Arc::clone(&metrics) as Arc<dyn crate::domain::service::HsmObserver>,
         );
         service.check_keys().await.map_err(StartError::Keys)?;
+        let trail = open_trail(settings, &token, &metrics).await?;
         Ok(Gateway {
-            state: AppState::new(service, token, clients, metrics, settings.server.clone()),
+            state: AppState::new(
+                service,
+                token,
+                clients,
+                metrics,
+                settings.server.clone(),
+                trail,
+            ),
             transport: settings.server.transport.clone(),
             cleanup_interval: settings.server.cleanup_interval,
             grace: settings.server.shutdown_grace,
@@ -154,6 +166,7 @@ impl Gateway {
             }
         };
         cleaner.abort();
+        self.state.trail().close().await;
         self.state.service().store().close().await;
         tracing::info!("drained, stopping");
         Ok(served?)
@@ -174,6 +187,25 @@ fn log_ended_grace_periods(settings: &Settings, now_ms: u64) {
             );
         }
     }
+}
+
+/// Loads the seal key (kind and policy checked) and opens the trail: its
+/// directory lock, chain head and writer thread.
+async fn open_trail(
+    settings: &Settings,
+    token: &Arc<Token>,
+    metrics: &Arc<Metrics>,
+) -> Result<Trail, StartError> {
+    let audit = settings.audit.clone();
+    let token = Arc::clone(token);
+    let observer = Arc::clone(metrics) as Arc<dyn AuditObserver>;
+    tokio::task::spawn_blocking(move || {
+        let sealer = TokenSealer::new(token, audit.seal_key.clone()).map_err(AuditError::from)?;
+        Trail::open(&audit, Arc::new(sealer) as Arc<dyn Sealer>, observer)
+    })
+    .await
+    .map_err(|e| StartError::Io(std::io::Error::other(e.to_string())))?
+    .map_err(StartError::Audit)
 }
 
 /// Deletes expired request ids, used windows and failures now and then.

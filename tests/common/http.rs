@@ -12,6 +12,7 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use base64::Engine as _;
+use dcvv_gateway::audit::AuditSettings;
 use dcvv_gateway::config::{ServerSettings, Settings, Transport};
 use dcvv_gateway::domain::Tdcvv2Profile;
 use dcvv_gateway::domain::programme::{Programme, Programmes};
@@ -46,6 +47,7 @@ pub struct TestKeys {
     pub imk_dcvv: KeyLabel,
     pub imk_tdcvv2: KeyLabel,
     pub pan_index: KeyLabel,
+    pub audit_seal: KeyLabel,
 }
 
 pub static KEYS: LazyLock<TestKeys> = LazyLock::new(|| TestKeys {
@@ -55,6 +57,11 @@ pub static KEYS: LazyLock<TestKeys> = LazyLock::new(|| TestKeys {
     pan_index: {
         let label = super::unique_label("pan-index");
         HSM.generate_key(KeyKind::PanIndex, &label).unwrap();
+        label
+    },
+    audit_seal: {
+        let label = super::unique_label("audit-seal");
+        HSM.generate_key(KeyKind::AuditSeal, &label).unwrap();
         label
     },
 });
@@ -86,6 +93,11 @@ pub struct Options {
     pub max_in_flight: usize,
     pub body_limit: usize,
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// The audit trail's directory (default: `audit/` in the gateway's temporary directory).
+    pub audit_dir: Option<PathBuf>,
+    pub seal_every_records: u64,
+    pub seal_interval: Duration,
+    pub max_file_bytes: u64,
 }
 
 impl Default for Options {
@@ -99,6 +111,10 @@ impl Default for Options {
             max_in_flight: 64,
             body_limit: 16 * 1024,
             tls: None,
+            audit_dir: None,
+            seal_every_records: 1000,
+            seal_interval: Duration::from_secs(60),
+            max_file_bytes: 64 << 20,
         }
     }
 }
@@ -147,6 +163,7 @@ pub struct TestGateway {
     pub clock: Arc<TestClock>,
     pub clients: Clients,
     pub db: PathBuf,
+    pub audit_dir: PathBuf,
     pub http: reqwest::Client,
     pub state: dcvv_gateway::http::AppState,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
@@ -187,6 +204,13 @@ pub fn programme(name: &str, prefixes: &[&str], o: &Options) -> Programme {
 
 impl TestGateway {
     pub async fn start(options: Options) -> TestGateway {
+        Self::try_start(options).await.unwrap()
+    }
+
+    /// As [`TestGateway::start`], returning the gateway's refusal to start.
+    pub async fn try_start(
+        options: Options,
+    ) -> Result<TestGateway, dcvv_gateway::http::server::StartError> {
         let dir = tempfile::tempdir().unwrap();
         let secret_file = |name: &str, value: &str| {
             let path = dir.path().join(name);
@@ -241,6 +265,10 @@ impl TestGateway {
             },
         ];
         let db = dir.path().join("gateway.db");
+        let audit_dir = options
+            .audit_dir
+            .clone()
+            .unwrap_or_else(|| dir.path().join("audit"));
         let settings = Settings {
             hsm: hsm_settings(),
             server: ServerSettings {
@@ -273,6 +301,13 @@ impl TestGateway {
             ])
             .unwrap(),
             clients: client_settings,
+            audit: AuditSettings {
+                directory: audit_dir.clone(),
+                seal_key: KEYS.audit_seal.clone(),
+                seal_every_records: options.seal_every_records,
+                seal_interval: options.seal_interval,
+                max_file_bytes: options.max_file_bytes,
+            },
         };
         let clock = Arc::new(TestClock(AtomicU64::new(T0 * 1000)));
         let gateway = Gateway::build(
@@ -280,8 +315,7 @@ impl TestGateway {
             Arc::clone(&*HSM),
             clock.clone() as Arc<dyn Clock>,
         )
-        .await
-        .unwrap();
+        .await?;
         let state = gateway.state();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -299,17 +333,18 @@ impl TestGateway {
         } else {
             "http"
         };
-        TestGateway {
+        Ok(TestGateway {
             url: format!("{scheme}://127.0.0.1:{port}"),
             clock,
             clients,
             db,
+            audit_dir,
             http: reqwest::Client::new(),
             state,
             shutdown: Some(tx),
             served: Some(served),
             _dir: dir,
-        }
+        })
     }
 
     /// Sends raw bytes with exactly these headers (no signing).
@@ -560,6 +595,14 @@ impl TestGateway {
             },
             programmes: Programmes::new(programmes).unwrap(),
             clients: client_settings,
+            // The same trail: the restarted gateway continues its chain.
+            audit: AuditSettings {
+                directory: self.audit_dir.clone(),
+                seal_key: KEYS.audit_seal.clone(),
+                seal_every_records: defaults.seal_every_records,
+                seal_interval: defaults.seal_interval,
+                max_file_bytes: defaults.max_file_bytes,
+            },
         };
         let gateway = Gateway::build(
             &settings,
