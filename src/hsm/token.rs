@@ -759,7 +759,8 @@ fn find_token(ctx: &Pkcs11, label: &str) -> HsmResult<Slot> {
             }
             Ok(_) => {}
             Err(e) => {
-                tracing::warn!(error = %HsmError::from(e), "skipping a slot whose token cannot be read")
+                // Routine while another process creates or deletes a token: not a warning.
+                tracing::debug!(error = %HsmError::from(e), "skipping a slot whose token cannot be read")
             }
         }
     }

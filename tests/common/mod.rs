@@ -121,16 +121,25 @@ pub static TOKEN: LazyLock<TestToken> = LazyLock::new(|| {
     lock.lock().unwrap();
     prune_dead_tokens(&dir, &conf);
 
-    let label = format!("t{}-{}", std::process::id(), &random_hex(4));
     let pin = random_hex(8);
     let so_pin = random_hex(8);
     // Seen failing once in a few hundred runs under load, without a message worth
     // acting on: a second attempt is cheap, and the last error is shown if all fail.
+    // Each attempt has its own label (a failed attempt can leave a token behind,
+    // and two tokens with one label make the lookup refuse both); each label is
+    // owned by this process first, so pruning deletes what an attempt left.
     let mut last_error = String::new();
+    let mut label = String::new();
     let created = (0..3).any(|attempt| {
         if attempt > 0 {
             std::thread::sleep(Duration::from_millis(200));
         }
+        label = format!("t{}-{}", std::process::id(), &random_hex(4));
+        std::fs::write(
+            dir.join("owners").join(&label),
+            std::process::id().to_string(),
+        )
+        .unwrap();
         let out = Command::new("softhsm2-util")
             .args([
                 "--init-token",
@@ -154,11 +163,6 @@ pub static TOKEN: LazyLock<TestToken> = LazyLock::new(|| {
     });
     drop(lock);
     assert!(created, "softhsm2-util --init-token failed: {last_error}");
-    std::fs::write(
-        dir.join("owners").join(&label),
-        std::process::id().to_string(),
-    )
-    .unwrap();
     let pin_file = dir.join(format!("{label}.pin"));
     std::fs::write(&pin_file, format!("{pin}\n")).unwrap();
     TestToken {
