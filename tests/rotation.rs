@@ -725,6 +725,10 @@ sqlite_path = "{db}"
 [keys]
 pan_index = "{pan_index}"
 
+[audit]
+directory = "{audit}"
+seal_key = "{audit_seal}"
+
 [[programmes]]
 name = "demo"
 bin_prefixes = ["412345"]
@@ -746,6 +750,8 @@ programmes = ["*"]
 "#,
         db = dir.path().join("gateway.db").display(),
         pan_index = KEYS.pan_index,
+        audit = dir.path().join("audit").display(),
+        audit_seal = KEYS.audit_seal,
         cvk = KEYS.cvk,
         imk_dcvv = KEYS.imk_dcvv,
         imk_tdcvv2 = KEYS.imk_tdcvv2,
