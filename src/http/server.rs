@@ -74,7 +74,7 @@ impl Gateway {
             return Err(StartError::Incomplete("the config names no [[programmes]]"));
         }
         let clients = Clients::load(&settings.clients)?;
-        let store = Store::open_sqlite(&settings.store).await?;
+        let store = Store::open(&settings.store).await?;
         let metrics = Arc::new(Metrics::new());
         let service = CardService::new(
             Arc::clone(&token),
