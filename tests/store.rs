@@ -802,6 +802,9 @@ async fn concurrent_failure_counts_under_the_card_lock_never_pass_the_limit(kind
                 let mut tx = store.begin().await.unwrap();
                 tx.lock_card(&card(3)).await.unwrap();
                 let blocked = tx.failures_since(&card(3), T0 - 86_400).await.unwrap() >= LIMIT;
+                // Widen the gap between count and record, as a slow request would:
+                // without the lock, racing checks would all count fewer than LIMIT.
+                tokio::time::sleep(Duration::from_millis(20)).await;
                 if !blocked {
                     tx.add_failure(&card(3), T0, T0 + 86_400).await.unwrap();
                 }
