@@ -39,14 +39,26 @@ async fn two_instances() -> (Fleet, Instance, Instance) {
 /// enrols the card).
 async fn current_value(instance: &Instance, pan: &str) -> String {
     let answer = instance.post(VALUES, &card(pan, json!({}))).await;
-    assert_eq!(answer.status, 200, "{}", String::from_utf8_lossy(&answer.body));
+    assert_eq!(
+        answer.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
     answer.json()["dcvv2"].as_str().unwrap().to_owned()
 }
 
 /// `(result, reason, method)` of a CVV2 verification through `instance`.
 async fn verify(instance: &Instance, pan: &str, cvv2: &str) -> (String, String, String) {
-    let answer = instance.post(VERIFY, &card(pan, json!({"cvv2": cvv2}))).await;
-    assert_eq!(answer.status, 200, "{}", String::from_utf8_lossy(&answer.body));
+    let answer = instance
+        .post(VERIFY, &card(pan, json!({"cvv2": cvv2})))
+        .await;
+    assert_eq!(
+        answer.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
     let v = answer.json();
     (
         v["result"].as_str().unwrap().to_owned(),
@@ -63,7 +75,12 @@ async fn a_request_id_used_on_one_instance_is_refused_on_the_other() {
     let id = fresh_id();
     let headers = a.headers(&id, "POST", ENQUIRY, &body);
     let first = a.send(ENQUIRY, &headers, body.clone()).await;
-    assert_eq!(first.status, 200, "{}", String::from_utf8_lossy(&first.body));
+    assert_eq!(
+        first.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&first.body)
+    );
 
     // The very same signed request, replayed on the other instance, and on the first.
     for instance in [&b, &a] {
@@ -75,12 +92,11 @@ async fn a_request_id_used_on_one_instance_is_refused_on_the_other() {
     assert_eq!(b.post(ENQUIRY, &card(&pan, json!({}))).await.status, 200);
 
     let mut db = fleet.db().await;
-    let seen: i64 =
-        sqlx::query_scalar("SELECT COUNT(*) FROM seen_requests WHERE request_id = $1")
-            .bind(&id)
-            .fetch_one(&mut db)
-            .await
-            .unwrap();
+    let seen: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM seen_requests WHERE request_id = $1")
+        .bind(&id)
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
     assert_eq!(seen, 1);
 }
 
@@ -96,7 +112,10 @@ async fn an_enrolment_through_one_instance_is_seen_by_the_other() {
     assert_eq!(issued.json()["securityCode"], static_cvv2.as_str());
     for instance in [&a, &b] {
         let (result, reason, method) = verify(instance, &pan, &static_cvv2).await;
-        assert_eq!((result.as_str(), reason.as_str(), method.as_str()), ("approved", "match", "static"));
+        assert_eq!(
+            (result.as_str(), reason.as_str(), method.as_str()),
+            ("approved", "match", "static")
+        );
     }
 
     let enrolled = a.post(ENROL, &card(&pan, json!({}))).await;
@@ -153,7 +172,12 @@ async fn concurrent_verifications_on_both_instances_approve_a_window_once() {
                 let headers = instance.headers(&fresh_id(), "POST", VERIFY, &body);
                 barrier.wait().await;
                 let answer = instance.send(VERIFY, &headers, body).await;
-                assert_eq!(answer.status, 200, "{}", String::from_utf8_lossy(&answer.body));
+                assert_eq!(
+                    answer.status,
+                    200,
+                    "{}",
+                    String::from_utf8_lossy(&answer.body)
+                );
                 answer.json()["reason"].as_str().unwrap().to_owned()
             })
         })
@@ -205,7 +229,12 @@ async fn the_failure_limit_holds_exactly_across_both_instances() {
                 let headers = instance.headers(&fresh_id(), "POST", VERIFY, &body);
                 barrier.wait().await;
                 let answer = instance.send(VERIFY, &headers, body).await;
-                assert_eq!(answer.status, 200, "{}", String::from_utf8_lossy(&answer.body));
+                assert_eq!(
+                    answer.status,
+                    200,
+                    "{}",
+                    String::from_utf8_lossy(&answer.body)
+                );
                 answer.json()["reason"].as_str().unwrap().to_owned()
             })
         })
@@ -228,6 +257,9 @@ async fn the_failure_limit_holds_exactly_across_both_instances() {
     // Blocked on both instances, even for the right value.
     for instance in [&a, &b] {
         let (result, reason, _) = verify(instance, &pan, &value).await;
-        assert_eq!((result.as_str(), reason.as_str()), ("declined", "too_many_failures"));
+        assert_eq!(
+            (result.as_str(), reason.as_str()),
+            ("declined", "too_many_failures")
+        );
     }
 }

@@ -234,7 +234,13 @@ impl Instance {
     }
 
     /// The signature headers of a request with this id, signed now.
-    pub fn headers(&self, id: &str, method: &str, path: &str, body: &[u8]) -> Vec<(String, String)> {
+    pub fn headers(
+        &self,
+        id: &str,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> Vec<(String, String)> {
         let timestamp_ms = now_ms();
         let secret = ClientSecret::new(Zeroizing::new(self.secret.clone())).unwrap();
         let tag = secret.sign(
@@ -259,10 +265,7 @@ impl Instance {
 
     /// Sends exactly these headers and body.
     pub async fn send(&self, path: &str, headers: &[(String, String)], body: Vec<u8>) -> Answer {
-        let mut request = self
-            .http
-            .post(format!("{}{path}", self.url))
-            .body(body);
+        let mut request = self.http.post(format!("{}{path}", self.url)).body(body);
         for (k, v) in headers {
             request = request.header(k.as_str(), v.as_str());
         }
