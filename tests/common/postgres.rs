@@ -8,7 +8,7 @@
 //! `runuser -u postgres --`. TCP logins need the password (SCRAM), which the tests
 //! hand to the gateway through `database_password_file`, as in production.
 //!
-//! A watchdog (`setsid sh -c …`, outside the test's process group so a killed test
+//! A watchdog (`setsid -f sh -c …`, outside the test's process group so a killed test
 //! does not take it along) waits for this process to exit, however it exits, then
 //! stops the server (`-m immediate`) and deletes the directory: no server outlives
 //! its test. Every test takes its own database (`fresh_database`).
@@ -203,13 +203,15 @@ impl PgCluster {
             data = self.data_dir().display(),
             root = self.root.display(),
         );
-        Command::new("setsid")
-            .args(["sh", "-c", &script])
+        // `setsid -f` forks the watchdog into its own session and returns at once.
+        let started = Command::new("setsid")
+            .args(["-f", "sh", "-c", &script])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .spawn()
+            .status()
             .expect("setsid (util-linux) to start the PostgreSQL watchdog");
+        assert!(started.success(), "setsid -f failed: {started}");
     }
 
     /// `pg_ctl start`, waiting until the server accepts connections.
