@@ -1171,6 +1171,47 @@ async fn postgres_stopped_server_is_unavailable_fast_and_the_store_recovers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_over_tls_with_a_verified_certificate() {
+    // `sslmode=verify-full` against the cluster's certificate: the store works, and
+    // the server sees its connections encrypted. A certificate from another CA is
+    // refused, so the check is real.
+    let database = PG.fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let with_ca = |ca: &Path| {
+        StoreSettings::postgres(
+            PostgresLocation {
+                url: DatabaseUrl::Value(format!(
+                    "{}?sslmode=verify-full&sslrootcert={}",
+                    PG.url(&database).replace("127.0.0.1", "localhost"),
+                    ca.display()
+                )),
+                password_file: Some(PG.password_file(dir.path())),
+            },
+            Duration::from_secs(2),
+            2,
+        )
+    };
+    let store = Store::open(&with_ca(&PG.ca_file())).await.unwrap();
+    store.probe(T0).await.unwrap();
+    let mut admin = PG.connect("postgres").await;
+    let encrypted: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+         WHERE a.application_name = 'dcvv-gateway' AND a.datname = $1 AND s.ssl",
+    )
+    .bind(&database)
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert!(encrypted >= 1, "no TLS connection of the store");
+    store.close().await;
+
+    let stranger = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let other_ca = dir.path().join("other-ca.pem");
+    fs::write(&other_ca, stranger.cert.pem()).unwrap();
+    assert!(Store::open(&with_ca(&other_ca)).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_open_is_unavailable_when_nothing_listens() {
     let dir = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")

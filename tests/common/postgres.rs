@@ -8,6 +8,10 @@
 //! `runuser -u postgres --`. TCP logins need the password (SCRAM), which the tests
 //! hand to the gateway through `database_password_file`, as in production.
 //!
+//! The server speaks TLS too (`ssl = on`, a self-signed certificate for `localhost`
+//! and `127.0.0.1` whose PEM is `ca_file()`), so URLs with `sslmode=verify-full`
+//! can be tested; sqlx's default (`prefer`) uses it as well.
+//!
 //! A watchdog (`setsid -f sh -c …`, outside the test's process group so a killed test
 //! does not take it along) waits for this process to exit, however it exits, then
 //! stops the server (`-m immediate`) and deletes the directory: no server outlives
@@ -142,12 +146,32 @@ impl PgCluster {
             ],
         );
         let _ = std::fs::remove_file(&pwfile);
+        let tls = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
+            .unwrap();
+        let (cert, key) = (
+            cluster.root.join("server.crt"),
+            cluster.root.join("server.key"),
+        );
+        std::fs::write(&cert, tls.cert.pem()).unwrap();
+        std::fs::write(cluster.ca_file(), tls.cert.pem()).unwrap();
+        std::fs::write(&key, tls.key_pair.serialize_pem()).unwrap();
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        if as_root {
+            let (uid, gid) = uid_of("postgres").unwrap();
+            for file in [&cert, &key] {
+                std::os::unix::fs::chown(file, Some(uid), Some(gid)).unwrap();
+            }
+        }
         // Settings for a test server: small, quick to stop; fsync stays on.
         let conf = format!(
             "\nport = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
-             max_connections = 200\nshared_buffers = 16MB\nlog_min_messages = warning\n",
+             max_connections = 200\nshared_buffers = 16MB\nlog_min_messages = warning\n\
+             ssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\n",
             cluster.port,
-            cluster.root.display()
+            cluster.root.display(),
+            cert.display(),
+            key.display()
         );
         let conf_path = data.join("postgresql.conf");
         let mut text = std::fs::read_to_string(&conf_path).unwrap();
@@ -246,6 +270,11 @@ impl PgCluster {
                 "stop",
             ],
         );
+    }
+
+    /// The PEM the server's TLS certificate verifies against (for `sslrootcert`).
+    pub fn ca_file(&self) -> PathBuf {
+        self.root.join("ca.pem")
     }
 
     /// The URL of `database` as the gateway is configured with it: no password.
