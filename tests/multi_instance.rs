@@ -98,6 +98,13 @@ async fn a_request_id_used_on_one_instance_is_refused_on_the_other() {
         .await
         .unwrap();
     assert_eq!(seen, 1);
+
+    // The gateways name the database in their log, never its password.
+    for instance in [&a, &b] {
+        let log = instance.log_text();
+        assert!(log.contains("store opened (postgres)"), "{log}");
+        assert!(!log.contains(common::postgres::PG.password()), "{}", instance.name);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
