@@ -103,7 +103,11 @@ async fn a_request_id_used_on_one_instance_is_refused_on_the_other() {
     for instance in [&a, &b] {
         let log = instance.log_text();
         assert!(log.contains("store opened (postgres)"), "{log}");
-        assert!(!log.contains(common::postgres::PG.password()), "{}", instance.name);
+        assert!(
+            !log.contains(common::postgres::PG.password()),
+            "{}",
+            instance.name
+        );
     }
 }
 

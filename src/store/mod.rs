@@ -357,6 +357,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn settings_debug_never_shows_a_password() {
+        let settings = StoreSettings::postgres(
+            PostgresLocation {
+                url: DatabaseUrl::Value("postgres://gw:hunter2@db:5432/dcvv?password=x2".into()),
+                password_file: None,
+            },
+            Duration::from_secs(1),
+            4,
+        );
+        let shown = format!("{settings:?}");
+        assert!(shown.contains("postgres://gw:***@db:5432/dcvv"), "{shown}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("x2"),
+            "{shown}"
+        );
+    }
+
+    #[test]
     fn card_id_debug_shows_only_a_prefix() {
         let mut bytes = [0xab_u8; 32];
         bytes[..4].copy_from_slice(&[0x01, 0x23, 0x45, 0x67]);
