@@ -11,7 +11,7 @@ mod common;
 mod reference;
 
 use common::http::{EXPIRY, K, key};
-use common::instances::{Fleet, Instance, fresh_id, now_ms, pan};
+use common::instances::{Fleet, Instance, fresh_id, luhn_digit, now_ms, pan};
 use serde_json::{Value, json};
 
 const VALUES: &str = "/cards/pin/dynamic-values";
@@ -272,5 +272,15 @@ async fn the_failure_limit_holds_exactly_across_both_instances() {
             (result.as_str(), reason.as_str()),
             ("declined", "too_many_failures")
         );
+    }
+}
+
+#[test]
+fn pans_are_luhn_valid_and_end_in_n() {
+    for n in [0, 1, 42, 999, 1000, 4711, 9999] {
+        let pan = pan(n);
+        assert_eq!(pan.len(), 16);
+        assert_eq!(&pan[12..], format!("{n:04}"));
+        assert_eq!(luhn_digit(&pan[..15]), pan.chars().last().unwrap());
     }
 }

@@ -64,9 +64,9 @@ async fn client(
 ) {
     let mut n = 0;
     while !stop.load(Ordering::SeqCst) {
-        let pan = pan(worker * 150 + n);
+        let pan = pan(worker * 1500 + n);
         n += 1;
-        assert!(n < 150, "worker {worker} ran out of cards");
+        assert!(n < 1500, "worker {worker} ran out of cards");
         let body = json!({"cardNumber": pan, "expiryDate": EXPIRY});
         let after_recovery = recovered.load(Ordering::SeqCst);
         let started = Instant::now();
@@ -274,7 +274,9 @@ async fn postgres_stopped_under_load_gives_fast_503_then_recovers_and_loses_noth
     );
     // And through the gateway: an approved value is refused from now on.
     if let Some(((masked_pan, window), _)) = outcomes.approvals.iter().next() {
-        let n = (0..1000).find(|&n| masked(&pan(n)) == *masked_pan).unwrap();
+        let n = (0..10_000)
+            .find(|&n| masked(&pan(n)) == *masked_pan)
+            .unwrap();
         let value = reference::tdcvv2(&key(K), &pan(n), EXPIRY, *window).1;
         let answer = gateway
             .post(

@@ -316,10 +316,15 @@ pub fn luhn_digit(digits: &str) -> char {
     char::from_digit((10 - sum % 10) % 10, 10).unwrap()
 }
 
-/// A Luhn-valid 16-digit PAN in BIN 412345 whose last four digits differ for
-/// every `n` below 1000 (so masked PANs tell cards apart in the database).
+/// A Luhn-valid 16-digit PAN in BIN 412345 whose last four digits are `n`
+/// (below 10000), so masked PANs tell cards apart in the database. The 12th
+/// digit is chosen to make the last one the Luhn check digit.
 pub fn pan(n: u32) -> String {
-    assert!(n < 1000);
-    let body = format!("412345{:09}", 100_000 + n);
-    format!("{body}{}", luhn_digit(&body))
+    assert!(n < 10_000);
+    let last4 = format!("{n:04}");
+    (0..10)
+        .map(|y| format!("41234500000{y}{}", &last4[..3]))
+        .find(|body| luhn_digit(body).to_digit(10) == last4[3..].parse().ok())
+        .map(|body| format!("{body}{}", &last4[3..]))
+        .unwrap()
 }
