@@ -16,7 +16,8 @@ usage() {
 Usage: ./softhsm-setup.sh [--deps-only | --run] [--help]
 
 Sets up a SoftHSM development token for dcvv-gateway:
-  1. installs SoftHSM v2 and OpenSSL if they are missing (apt-get on Debian/Ubuntu);
+  1. installs SoftHSM v2 and OpenSSL if they are missing, and the PostgreSQL server
+     binaries the tests start throwaway clusters from (apt-get on Debian/Ubuntu);
   2. creates .softhsm/ (git-ignored): token directory, softhsm2.conf, random user and SO
      PINs (mode 600), and .softhsm/env (exports SOFTHSM2_CONF);
   3. initializes the token labelled "dcvv-dev" if no token has that label;
@@ -30,7 +31,7 @@ Each step creates only what is missing; running it again changes nothing and say
 Secrets, PINs and private keys are never printed.
 
 Options:
-  --deps-only  install the dependencies (step 1) and stop
+  --deps-only  install the dependencies (step 1) and stop (what the tests need)
   --run        after setup, run the gateway (`serve`, HTTPS on 127.0.0.1:8443) in the
                foreground and print how to call it from a second terminal
   --help       print this help
@@ -100,6 +101,13 @@ Install it with your package manager, then run this script again:
   Debian / Ubuntu:    sudo apt-get install softhsm2
 EOF
                     ;;
+                postgresql) cat >&2 <<'EOF'
+softhsm-setup.sh: the PostgreSQL server binaries (initdb, pg_ctl) are not installed. The
+tests start throwaway PostgreSQL clusters from them (they look in /usr/lib/postgresql/*/bin,
+the Debian layout). Install them, then run this script again:
+  Debian / Ubuntu:    sudo apt-get install postgresql
+EOF
+                    ;;
                 openssl) cat >&2 <<'EOF'
 softhsm-setup.sh: the openssl command is not installed (it makes the development TLS
 certificates and the demo client secret). Install it with your package manager, then run
@@ -120,13 +128,28 @@ if ! command -v softhsm2-util >/dev/null 2>&1 || ! find_module >/dev/null; then
     missing_packages+=(softhsm2)
 fi
 command -v openssl >/dev/null 2>&1 || missing_packages+=(openssl)
+# PostgreSQL server binaries, for the tests' throwaway clusters (tests/common/postgres.rs
+# looks where Debian puts them). Debian's package also creates and starts a cluster of its
+# own on port 5432; the tests do not use it.
+find_pg_bin() {
+    local dir
+    for dir in /usr/lib/postgresql/*/bin; do
+        if [ -x "$dir/initdb" ] && [ -x "$dir/pg_ctl" ]; then
+            printf '%s\n' "$dir"
+            return 0
+        fi
+    done
+    return 1
+}
+find_pg_bin >/dev/null || missing_packages+=(postgresql)
 [ ${#missing_packages[@]} -eq 0 ] || install_packages "${missing_packages[@]}"
 command -v softhsm2-util >/dev/null 2>&1 || die "softhsm2-util is still missing after installing softhsm2"
 module=$(find_module) || die "libsofthsm2.so not found in any of: ${module_candidates[*]}"
 command -v openssl >/dev/null 2>&1 || die "openssl is still missing after installing openssl"
+pg_bin=$(find_pg_bin) || die "initdb and pg_ctl not found in /usr/lib/postgresql/*/bin after installing postgresql"
 
 if [ "$mode" = deps ]; then
-    say "Dependencies present: softhsm2-util, $module, $(command -v openssl)"
+    say "Dependencies present: softhsm2-util, $module, $(command -v openssl), PostgreSQL server in $pg_bin"
     command -v cargo >/dev/null 2>&1 || say "Note: cargo is not installed (https://rustup.rs); it is needed to build and test the gateway"
     exit 0
 fi

@@ -21,7 +21,7 @@ use crate::domain::rotation::{self, PreviousKey};
 use crate::domain::service::{ProgrammeAccess, ServiceSettings};
 use crate::hsm::{HsmSettings, KeyLabel, PinSource};
 use crate::http::clients::{ClientSettings, Scope, SecretSource};
-use crate::store::StoreSettings;
+use crate::store::{DatabaseUrl, PostgresLocation, StoreSettings};
 
 const DEFAULTS: &str = r#"
 [hsm]
@@ -41,8 +41,8 @@ max_skew_seconds = 300
 replay_window_seconds = 900
 
 [store]
-sqlite_path = "dcvv-gateway.db"
 acquire_timeout_ms = 2000
+max_connections = 10
 cleanup_interval_seconds = 60
 
 [keys]
@@ -114,7 +114,11 @@ struct RawSignatures {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawStore {
-    sqlite_path: PathBuf,
+    sqlite_path: Option<PathBuf>,
+    database_url: Option<String>,
+    database_url_env: Option<String>,
+    database_password_file: Option<PathBuf>,
+    max_connections: u32,
     acquire_timeout_ms: u64,
     cleanup_interval_seconds: u64,
 }
@@ -298,13 +302,7 @@ impl Settings {
                  or a request could be replayed after its id is forgotten",
             ));
         }
-        if !(1..=600_000).contains(&raw.store.acquire_timeout_ms) {
-            return Err(err("store.acquire_timeout_ms: 1 to 600000"));
-        }
-        let store = StoreSettings {
-            sqlite_path: relative_to(base, raw.store.sqlite_path),
-            acquire_timeout: Duration::from_millis(raw.store.acquire_timeout_ms),
-        };
+        let store = store_settings(raw.store, base)?;
         let service = ServiceSettings {
             pan_index_key: label("keys.pan_index", &raw.keys.pan_index)?,
             replay_window_seconds: raw.signatures.replay_window_seconds,
@@ -380,6 +378,64 @@ fn hsm_settings(h: RawHsm, base: &Path) -> Result<HsmSettings, ConfigError> {
         max_sessions: h.max_sessions,
         checkout_timeout: Duration::from_millis(h.checkout_timeout_ms),
     })
+}
+
+/// Default SQLite file when the config names no database.
+const DEFAULT_SQLITE_PATH: &str = "dcvv-gateway.db";
+
+fn store_settings(s: RawStore, base: &Path) -> Result<StoreSettings, ConfigError> {
+    if !(1..=600_000).contains(&s.acquire_timeout_ms) {
+        return Err(err("store.acquire_timeout_ms: 1 to 600000"));
+    }
+    if !(1..=1000).contains(&s.max_connections) {
+        return Err(err("store.max_connections: 1 to 1000"));
+    }
+    let acquire_timeout = Duration::from_millis(s.acquire_timeout_ms);
+    let url = match (s.database_url, s.database_url_env) {
+        (Some(_), Some(_)) => {
+            return Err(err("store: set database_url or database_url_env, not both"));
+        }
+        (Some(url), None) => {
+            if crate::store::url_has_password(&url) {
+                return Err(err(
+                    "store.database_url: holds a password; put the password in \
+                     database_password_file, or the whole URL in the environment \
+                     variable named by database_url_env",
+                ));
+            }
+            crate::store::check_url(&url).map_err(|e| err(format!("store.database_url: {e}")))?;
+            Some(DatabaseUrl::Value(url))
+        }
+        (None, Some(name)) if !name.is_empty() => Some(DatabaseUrl::Env(name)),
+        (None, Some(_)) => return Err(err("store.database_url_env: a variable name")),
+        (None, None) => None,
+    };
+    match (url, s.sqlite_path) {
+        (Some(_), Some(_)) => Err(err(
+            "store: set exactly one of sqlite_path (one gateway process) or \
+             database_url / database_url_env (PostgreSQL, several instances)",
+        )),
+        (Some(url), None) => Ok(StoreSettings::postgres(
+            PostgresLocation {
+                url,
+                password_file: s.database_password_file.map(|f| relative_to(base, f)),
+            },
+            acquire_timeout,
+            s.max_connections,
+        )),
+        (None, path) => {
+            if s.database_password_file.is_some() {
+                return Err(err(
+                    "store.database_password_file: only with database_url or database_url_env",
+                ));
+            }
+            let path = path.unwrap_or_else(|| PathBuf::from(DEFAULT_SQLITE_PATH));
+            Ok(StoreSettings::sqlite(
+                relative_to(base, path),
+                acquire_timeout,
+            ))
+        }
+    }
 }
 
 fn server_settings(
@@ -610,6 +666,83 @@ mod tests {
         assert!(load(&both).unwrap_err().to_string().contains("exactly one"));
         let none = MINIMAL.replace("pin_file = \"pin\"", "");
         assert!(load(&none).unwrap_err().to_string().contains("exactly one"));
+    }
+
+    #[test]
+    fn the_store_is_sqlite_by_default_and_postgres_by_url() {
+        use crate::store::StoreLocation;
+        let s = load(MINIMAL).unwrap();
+        let StoreLocation::Sqlite(path) = &s.store.location else {
+            panic!("SQLite by default")
+        };
+        assert!(path.is_absolute() && path.ends_with("dcvv-gateway.db"));
+
+        let pg = MINIMAL.replace(
+            "[server]",
+            "[store]\ndatabase_url = \"postgres://gw@db.example:5432/dcvv?sslmode=require\"\n\
+             database_password_file = \"db.pass\"\nmax_connections = 20\n[server]",
+        );
+        let s = load(&pg).unwrap();
+        assert_eq!(s.store.max_connections, 20);
+        let StoreLocation::Postgres(location) = &s.store.location else {
+            panic!("PostgreSQL expected")
+        };
+        assert_eq!(
+            location.url,
+            DatabaseUrl::Value("postgres://gw@db.example:5432/dcvv?sslmode=require".into())
+        );
+        assert!(location.password_file.as_ref().unwrap().is_absolute());
+
+        let env = MINIMAL.replace(
+            "[server]",
+            "[store]\ndatabase_url_env = \"DCVV_DATABASE_URL\"\n[server]",
+        );
+        let StoreLocation::Postgres(location) = load(&env).unwrap().store.location else {
+            panic!("PostgreSQL expected")
+        };
+        assert_eq!(location.url, DatabaseUrl::Env("DCVV_DATABASE_URL".into()));
+    }
+
+    #[test]
+    fn store_settings_are_refused_by_name() {
+        let with =
+            |store: &str| MINIMAL.replace("[server]", &format!("[store]\n{store}\n[server]"));
+        let both = with("sqlite_path = \"a.db\"\ndatabase_url = \"postgres://gw@db/dcvv\"");
+        assert!(load(&both).unwrap_err().to_string().contains("exactly one"));
+        let both_urls = with("database_url = \"postgres://gw@db/dcvv\"\ndatabase_url_env = \"X\"");
+        assert!(
+            load(&both_urls)
+                .unwrap_err()
+                .to_string()
+                .contains("not both")
+        );
+        let secret = with("database_url = \"postgres://gw:hunter2@db/dcvv\"");
+        let text = load(&secret).unwrap_err().to_string();
+        assert!(text.contains("database_password_file"), "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
+        let secret = with("database_url = \"postgres://gw@db/dcvv?password=hunter2\"");
+        assert!(load(&secret).is_err());
+        let not_pg = with("database_url = \"mysql://gw@db/dcvv\"");
+        assert!(
+            load(&not_pg)
+                .unwrap_err()
+                .to_string()
+                .contains("database_url")
+        );
+        let stray = with("database_password_file = \"db.pass\"");
+        assert!(
+            load(&stray)
+                .unwrap_err()
+                .to_string()
+                .contains("database_password_file")
+        );
+        let pool = with("database_url = \"postgres://gw@db/dcvv\"\nmax_connections = 0");
+        assert!(
+            load(&pool)
+                .unwrap_err()
+                .to_string()
+                .contains("max_connections")
+        );
     }
 
     #[test]

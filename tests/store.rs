@@ -1,13 +1,21 @@
-//! The persistence port against real SQLite files, one fresh file per test.
+//! The persistence port against real databases: every backend-neutral test runs
+//! twice, on a fresh SQLite file and on a fresh PostgreSQL database (a throwaway
+//! cluster of this test process, `tests/common/postgres.rs`); each test below is a
+//! module with a `sqlite` and a `postgres` test.
 //!
 //! What the store's callers rely on: schema creation and idempotent migrations,
 //! replay refusal with expiry, all-or-nothing transactions, idempotent enrolment,
 //! failure counting, single use of windows under concurrency, cleanup, durability of
 //! a commit across close and reopen, and `Unavailable` (never a bug report) when the
-//! file cannot be written, is locked past the timeout, or the store is closed.
-//! Rows are counted through a separate raw connection, not through the store.
+//! database cannot be written, is locked past the timeout, is stopped, or the store
+//! is closed. Rows are counted through a separate raw connection, not through the
+//! store. SQLite-only tests (read-only files, the file lock, the one connection)
+//! and PostgreSQL-only tests (server stopped and started, several stores on one
+//! database as several gateway processes would have) follow the shared ones.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
 
 use std::fs::{self, OpenOptions, Permissions};
 use std::os::unix::fs::PermissionsExt;
@@ -16,8 +24,12 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dcvv_gateway::store::{CardId, Enrollment, Store, StoreError, StoreSettings};
+use common::postgres::PG;
+use dcvv_gateway::store::{
+    CardId, DatabaseUrl, Enrollment, PostgresLocation, Store, StoreError, StoreSettings,
+};
 use proptest::prelude::*;
+use sqlx::postgres::PgConnection;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
 use sqlx::{ConnectOptions, Connection};
 use tempfile::TempDir;
@@ -31,23 +43,65 @@ const TABLES: [&str; 5] = [
     "heartbeat",
 ];
 
-/// A store on a new file in its own directory.
+/// Which backend a test runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Sqlite,
+    Postgres,
+}
+
+/// Generates, for each named `async fn name(kind: Kind)`, a module `name` with the
+/// tests `sqlite` and `postgres`.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sqlite() {
+                super::$name(super::Kind::Sqlite).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn postgres() {
+                super::$name(super::Kind::Postgres).await;
+            }
+        }
+    )*};
+}
+
+/// A store on a new SQLite file in its own directory, or a new PostgreSQL database.
 struct TestStore {
+    kind: Kind,
     dir: TempDir,
+    /// The PostgreSQL database's name (unused on SQLite).
+    database: String,
     store: Store,
 }
 
 impl TestStore {
-    async fn new() -> Self {
-        Self::with_timeout(Duration::from_secs(10)).await
+    async fn new(kind: Kind) -> Self {
+        Self::with_timeout(kind, Duration::from_secs(10)).await
     }
 
-    async fn with_timeout(acquire_timeout: Duration) -> Self {
+    async fn with_timeout(kind: Kind, acquire_timeout: Duration) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open_sqlite(&settings(dir.path(), acquire_timeout))
-            .await
-            .unwrap();
-        Self { dir, store }
+        let database = match kind {
+            Kind::Sqlite => String::new(),
+            Kind::Postgres => PG.fresh_database().await,
+        };
+        let settings = settings(kind, dir.path(), &database, acquire_timeout);
+        let store = Store::open(&settings).await.unwrap();
+        assert_eq!(
+            store.backend_name(),
+            match kind {
+                Kind::Sqlite => "sqlite",
+                Kind::Postgres => "postgres",
+            }
+        );
+        Self {
+            kind,
+            dir,
+            database,
+            store,
+        }
     }
 
     fn path(&self) -> PathBuf {
@@ -55,20 +109,29 @@ impl TestStore {
     }
 
     fn settings(&self) -> StoreSettings {
-        settings(self.dir.path(), Duration::from_secs(10))
+        settings(
+            self.kind,
+            self.dir.path(),
+            &self.database,
+            Duration::from_secs(10),
+        )
     }
 
     async fn reopen(&self) -> Store {
-        Store::open_sqlite(&self.settings()).await.unwrap()
+        Store::open(&self.settings()).await.unwrap()
+    }
+
+    async fn raw(&self) -> Raw {
+        match self.kind {
+            Kind::Sqlite => Raw::Sqlite(raw(&self.path()).await),
+            Kind::Postgres => Raw::Postgres(PG.connect(&self.database).await),
+        }
     }
 
     async fn count(&self, table: &str) -> i64 {
-        let mut conn = raw(&self.path()).await;
-        let n = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}"))
-            .fetch_one(&mut conn)
-            .await
-            .unwrap();
-        conn.close().await.unwrap();
+        let mut conn = self.raw().await;
+        let n = conn.scalar(&format!("SELECT COUNT(*) FROM {table}")).await;
+        conn.close().await;
         n
     }
 
@@ -81,14 +144,78 @@ impl TestStore {
     }
 }
 
+/// A second, independent connection to the same database, as another process
+/// would have.
+enum Raw {
+    Sqlite(SqliteConnection),
+    Postgres(PgConnection),
+}
+
+impl Raw {
+    /// The one BIGINT an SQL statement returns.
+    async fn scalar(&mut self, sql: &str) -> i64 {
+        match self {
+            Raw::Sqlite(conn) => sqlx::query_scalar(sql).fetch_one(conn).await.unwrap(),
+            Raw::Postgres(conn) => sqlx::query_scalar(sql).fetch_one(conn).await.unwrap(),
+        }
+    }
+
+    /// The number of enrolments of `card`.
+    async fn enrolled(&mut self, card: &CardId) -> i64 {
+        let sql = "SELECT COUNT(*) FROM enrollments WHERE card_id = $1";
+        match self {
+            Raw::Sqlite(conn) => sqlx::query_scalar(sql)
+                .bind(card.0.as_slice())
+                .fetch_one(conn)
+                .await
+                .unwrap(),
+            Raw::Postgres(conn) => sqlx::query_scalar(sql)
+                .bind(card.0.as_slice())
+                .fetch_one(conn)
+                .await
+                .unwrap(),
+        }
+    }
+
+    async fn execute(&mut self, sql: &str) {
+        match self {
+            Raw::Sqlite(conn) => drop(sqlx::query(sql).execute(conn).await.unwrap()),
+            Raw::Postgres(conn) => drop(sqlx::query(sql).execute(conn).await.unwrap()),
+        }
+    }
+
+    async fn close(self) {
+        match self {
+            Raw::Sqlite(conn) => conn.close().await.unwrap(),
+            Raw::Postgres(conn) => conn.close().await.unwrap(),
+        }
+    }
+}
+
 fn db_path(dir: &Path) -> PathBuf {
     dir.join("store.db")
 }
 
-fn settings(dir: &Path, acquire_timeout: Duration) -> StoreSettings {
-    StoreSettings {
-        sqlite_path: db_path(dir),
+fn pg_settings(
+    database: &str,
+    password_dir: &Path,
+    acquire_timeout: Duration,
+    max_connections: u32,
+) -> StoreSettings {
+    StoreSettings::postgres(
+        PostgresLocation {
+            url: DatabaseUrl::Value(PG.url(database)),
+            password_file: Some(PG.password_file(password_dir)),
+        },
         acquire_timeout,
+        max_connections,
+    )
+}
+
+fn settings(kind: Kind, dir: &Path, database: &str, acquire_timeout: Duration) -> StoreSettings {
+    match kind {
+        Kind::Sqlite => StoreSettings::sqlite(db_path(dir), acquire_timeout),
+        Kind::Postgres => pg_settings(database, dir, acquire_timeout, 8),
     }
 }
 
@@ -120,37 +247,91 @@ fn assert_unavailable<T: std::fmt::Debug>(result: Result<T, StoreError>) -> Stor
     err
 }
 
+on_both_backends!(
+    migrations_create_the_schema,
+    reopening_runs_no_migration_twice,
+    a_database_from_a_newer_schema_is_refused,
+    claim_request_refuses_a_live_duplicate_and_accepts_it_after_expiry,
+    request_ids_are_per_client,
+    a_rolled_back_transaction_leaves_nothing,
+    a_transaction_dropped_without_commit_leaves_nothing,
+    committed_state_survives_close_and_reopen,
+    enroll_is_idempotent_and_keeps_the_first_enrolment,
+    unenroll_is_idempotent_and_clears_only_this_cards_failures,
+    a_masked_pan_made_of_digits_only_is_refused,
+    failures_since_counts_only_failures_at_or_after_since,
+    claim_window_is_single_use_per_card_and_window,
+    concurrent_claims_of_one_window_have_exactly_one_winner,
+    concurrent_commits_are_each_durable_when_they_return,
+    concurrent_failure_counts_under_the_card_lock_never_pass_the_limit,
+    cleanup_deletes_only_expired_rows_of_all_three_tables,
+    probe_writes_the_heartbeat,
+    every_call_after_close_is_unavailable,
+);
+
 // ---- schema and migrations ----
 
-#[tokio::test]
-async fn migrations_create_the_schema_on_a_new_file() {
-    let t = TestStore::new().await;
-    assert!(t.path().is_file());
-
-    let mut conn = raw(&t.path()).await;
-    let tables: Vec<String> =
-        sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
-            .fetch_all(&mut conn)
+async fn migrations_create_the_schema(kind: Kind) {
+    let t = TestStore::new(kind).await;
+    let (tables_sql, indexes_sql) = match kind {
+        Kind::Sqlite => {
+            assert!(t.path().is_file());
+            (
+                "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name",
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL \
+                 ORDER BY name",
+            )
+        }
+        Kind::Postgres => (
+            "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' ORDER BY 1",
+            "SELECT indexname::text FROM pg_indexes WHERE schemaname = 'public' ORDER BY 1",
+        ),
+    };
+    let (tables, indexes): (Vec<String>, Vec<String>) = match t.raw().await {
+        Raw::Sqlite(mut conn) => {
+            let journal: String = sqlx::query_scalar("PRAGMA journal_mode")
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+            assert_eq!(journal, "wal");
+            (
+                sqlx::query_scalar(tables_sql)
+                    .fetch_all(&mut conn)
+                    .await
+                    .unwrap(),
+                sqlx::query_scalar(indexes_sql)
+                    .fetch_all(&mut conn)
+                    .await
+                    .unwrap(),
+            )
+        }
+        Raw::Postgres(mut conn) => {
+            let card_type: String = sqlx::query_scalar(
+                "SELECT data_type::text FROM information_schema.columns \
+                 WHERE table_name = 'enrollments' AND column_name = 'card_id'",
+            )
+            .fetch_one(&mut conn)
             .await
             .unwrap();
+            assert_eq!(card_type, "bytea");
+            (
+                sqlx::query_scalar(tables_sql)
+                    .fetch_all(&mut conn)
+                    .await
+                    .unwrap(),
+                sqlx::query_scalar(indexes_sql)
+                    .fetch_all(&mut conn)
+                    .await
+                    .unwrap(),
+            )
+        }
+    };
     for table in TABLES {
         assert!(tables.iter().any(|t| t == table), "{table} in {tables:?}");
     }
-    let indexes: Vec<String> = sqlx::query_scalar(
-        "SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL ORDER BY name",
-    )
-    .fetch_all(&mut conn)
-    .await
-    .unwrap();
     for index in ["seen_requests_expires_at", "failures_card_id_at"] {
         assert!(indexes.iter().any(|i| i == index), "{index} in {indexes:?}");
     }
-    let journal: String = sqlx::query_scalar("PRAGMA journal_mode")
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(journal, "wal");
-    conn.close().await.unwrap();
 
     assert_eq!(t.count("heartbeat").await, 1);
     for table in ["seen_requests", "enrollments", "used_windows", "failures"] {
@@ -158,9 +339,8 @@ async fn migrations_create_the_schema_on_a_new_file() {
     }
 }
 
-#[tokio::test]
-async fn reopening_an_existing_file_runs_no_migration_twice() {
-    let t = TestStore::new().await;
+async fn reopening_runs_no_migration_twice(kind: Kind) {
+    let t = TestStore::new(kind).await;
     let applied = t.count("_sqlx_migrations").await;
     assert!(applied >= 1);
     t.store.close().await;
@@ -174,39 +354,45 @@ async fn reopening_an_existing_file_runs_no_migration_twice() {
     assert_eq!(t.count("heartbeat").await, 1);
 }
 
-#[tokio::test]
-async fn a_file_from_a_newer_schema_is_refused() {
-    let t = TestStore::new().await;
+async fn a_database_from_a_newer_schema_is_refused(kind: Kind) {
+    let t = TestStore::new(kind).await;
     t.store.close().await;
-    let mut conn = raw(&t.path()).await;
-    sqlx::query(
-        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
-         VALUES (99990101000000, 'from the future', 1, x'00', 0)",
-    )
-    .execute(&mut conn)
-    .await
-    .unwrap();
-    conn.close().await.unwrap();
+    let mut conn = t.raw().await;
+    conn.execute(match kind {
+        Kind::Sqlite => {
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, \
+             execution_time) VALUES (99990101000000, 'from the future', 1, x'00', 0)"
+        }
+        Kind::Postgres => {
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, \
+             execution_time) VALUES (99990101000000, 'from the future', true, '\\x00', 0)"
+        }
+    })
+    .await;
+    conn.close().await;
 
-    let err = Store::open_sqlite(&t.settings()).await.unwrap_err();
+    let err = Store::open(&t.settings()).await.unwrap_err();
     assert!(matches!(err, StoreError::Migrate(_)), "{err:?}");
     assert!(!err.is_unavailable());
 }
 
 #[tokio::test]
-async fn open_is_unavailable_when_the_directory_is_missing() {
+async fn sqlite_open_is_unavailable_when_the_directory_is_missing() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("no-such-dir");
-    let result = Store::open_sqlite(&settings(&missing, Duration::from_secs(2))).await;
+    let result = Store::open(&StoreSettings::sqlite(
+        db_path(&missing),
+        Duration::from_secs(2),
+    ))
+    .await;
     assert_unavailable(result);
     assert!(!missing.exists());
 }
 
 // ---- request ids ----
 
-#[tokio::test]
-async fn claim_request_refuses_a_live_duplicate_and_accepts_it_after_expiry() {
-    let t = TestStore::new().await;
+async fn claim_request_refuses_a_live_duplicate_and_accepts_it_after_expiry(kind: Kind) {
+    let t = TestStore::new(kind).await;
     let expires = T0 + 900;
 
     let mut tx = t.store.begin().await.unwrap();
@@ -268,9 +454,8 @@ async fn claim_request_refuses_a_live_duplicate_and_accepts_it_after_expiry() {
     assert!(matches!(err, StoreError::DuplicateRequest), "{err:?}");
 }
 
-#[tokio::test]
-async fn request_ids_are_per_client() {
-    let t = TestStore::new().await;
+async fn request_ids_are_per_client(kind: Kind) {
+    let t = TestStore::new(kind).await;
     let mut tx = t.store.begin().await.unwrap();
     tx.claim_request("client-a", "req-1", T0, T0 + 900)
         .await
@@ -309,9 +494,8 @@ async fn change_everything(tx: &mut dcvv_gateway::store::StoreTx) {
     assert_eq!(tx.failures_since(&card(1), T0).await.unwrap(), 1);
 }
 
-#[tokio::test]
-async fn a_rolled_back_transaction_leaves_nothing() {
-    let t = TestStore::new().await;
+async fn a_rolled_back_transaction_leaves_nothing(kind: Kind) {
+    let t = TestStore::new(kind).await;
     let before = t.counts().await;
 
     let mut tx = t.store.begin().await.unwrap();
@@ -328,9 +512,8 @@ async fn a_rolled_back_transaction_leaves_nothing() {
     );
 }
 
-#[tokio::test]
-async fn a_transaction_dropped_without_commit_leaves_nothing() {
-    let t = TestStore::new().await;
+async fn a_transaction_dropped_without_commit_leaves_nothing(kind: Kind) {
+    let t = TestStore::new(kind).await;
     let before = t.counts().await;
 
     let mut tx = t.store.begin().await.unwrap();
@@ -348,10 +531,10 @@ async fn a_transaction_dropped_without_commit_leaves_nothing() {
 }
 
 #[tokio::test]
-async fn store_calls_wait_for_an_open_transaction() {
+async fn sqlite_store_calls_wait_for_an_open_transaction() {
     // One connection: a read on the handle while a transaction is held waits for it,
     // and gives up as Unavailable after the acquire timeout.
-    let t = TestStore::with_timeout(Duration::from_millis(200)).await;
+    let t = TestStore::with_timeout(Kind::Sqlite, Duration::from_millis(200)).await;
     let tx = t.store.begin().await.unwrap();
     let started = Instant::now();
     assert_unavailable(t.store.enrollment(&card(1)).await);
@@ -360,9 +543,8 @@ async fn store_calls_wait_for_an_open_transaction() {
     assert_eq!(t.store.enrollment(&card(1)).await.unwrap(), None);
 }
 
-#[tokio::test]
-async fn committed_state_survives_close_and_reopen() {
-    let t = TestStore::new().await;
+async fn committed_state_survives_close_and_reopen(kind: Kind) {
+    let t = TestStore::new(kind).await;
     let mut tx = t.store.begin().await.unwrap();
     change_everything(&mut tx).await;
     tx.commit().await.unwrap();
@@ -393,9 +575,8 @@ async fn committed_state_survives_close_and_reopen() {
 
 // ---- enrolment and failures ----
 
-#[tokio::test]
-async fn enroll_is_idempotent_and_keeps_the_first_enrolment() {
-    let t = TestStore::new().await;
+async fn enroll_is_idempotent_and_keeps_the_first_enrolment(kind: Kind) {
+    let t = TestStore::new(kind).await;
     let mut tx = t.store.begin().await.unwrap();
     assert_eq!(tx.enrollment(&card(1)).await.unwrap(), None);
     assert!(tx.enroll(&card(1), &enrollment("visa", T0)).await.unwrap());
@@ -423,9 +604,8 @@ async fn enroll_is_idempotent_and_keeps_the_first_enrolment() {
     assert_eq!(t.count("enrollments").await, 2);
 }
 
-#[tokio::test]
-async fn unenroll_is_idempotent_and_clears_only_this_cards_failures() {
-    let t = TestStore::new().await;
+async fn unenroll_is_idempotent_and_clears_only_this_cards_failures(kind: Kind) {
+    let t = TestStore::new(kind).await;
     let mut tx = t.store.begin().await.unwrap();
     tx.enroll(&card(1), &enrollment("visa", T0)).await.unwrap();
     tx.enroll(&card(2), &enrollment("visa", T0)).await.unwrap();
@@ -463,9 +643,8 @@ async fn unenroll_is_idempotent_and_clears_only_this_cards_failures() {
     );
 }
 
-#[tokio::test]
-async fn a_masked_pan_made_of_digits_only_is_refused() {
-    let t = TestStore::new().await;
+async fn a_masked_pan_made_of_digits_only_is_refused(kind: Kind) {
+    let t = TestStore::new(kind).await;
     let clear = Enrollment {
         masked_pan: "4123456789012345".to_owned(),
         ..enrollment("visa", T0)
@@ -479,9 +658,8 @@ async fn a_masked_pan_made_of_digits_only_is_refused() {
     assert_eq!(t.count("enrollments").await, 0);
 }
 
-#[tokio::test]
-async fn failures_since_counts_only_failures_at_or_after_since() {
-    let t = TestStore::new().await;
+async fn failures_since_counts_only_failures_at_or_after_since(kind: Kind) {
+    let t = TestStore::new(kind).await;
     let mut tx = t.store.begin().await.unwrap();
     for at in [T0 - 100, T0 - 1, T0, T0 + 1, T0 + 100] {
         tx.add_failure(&card(1), at, at + 86_400).await.unwrap();
@@ -500,9 +678,8 @@ async fn failures_since_counts_only_failures_at_or_after_since() {
 
 // ---- windows ----
 
-#[tokio::test]
-async fn claim_window_is_single_use_per_card_and_window() {
-    let t = TestStore::new().await;
+async fn claim_window_is_single_use_per_card_and_window(kind: Kind) {
+    let t = TestStore::new(kind).await;
     let mut tx = t.store.begin().await.unwrap();
     assert!(tx.claim_window(&card(1), 100, T0, T0 + 600).await.unwrap());
     assert!(
@@ -529,9 +706,8 @@ async fn claim_window_is_single_use_per_card_and_window() {
     assert_eq!(t.count("used_windows").await, 3);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_claims_of_one_window_have_exactly_one_winner() {
-    let t = TestStore::new().await;
+async fn concurrent_claims_of_one_window_have_exactly_one_winner(kind: Kind) {
+    let t = TestStore::new(kind).await;
     let store = t.store.clone();
     let barrier = Arc::new(tokio::sync::Barrier::new(20));
     let tasks: Vec<_> = (0..20)
@@ -560,17 +736,15 @@ async fn concurrent_claims_of_one_window_have_exactly_one_winner() {
     assert_eq!(t.count("used_windows").await, 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_commits_are_each_durable_when_they_return() {
+async fn concurrent_commits_are_each_durable_when_they_return(kind: Kind) {
     // Group commit: many requests share one durable commit, yet each commit returns
     // only once its change can be read from another connection, and a rolled-back
     // transaction in the middle of the group keeps nothing of its own.
-    let t = TestStore::new().await;
-    let path = t.path();
+    let t = Arc::new(TestStore::new(kind).await);
     let tasks: Vec<_> = (0..64_u8)
         .map(|i| {
             let store = t.store.clone();
-            let path = path.clone();
+            let t = Arc::clone(&t);
             tokio::spawn(async move {
                 let mut tx = store.begin().await.unwrap();
                 tx.claim_request("client-a", &format!("req-{i}"), T0, T0 + 900)
@@ -582,18 +756,13 @@ async fn concurrent_commits_are_each_durable_when_they_return() {
                     return;
                 }
                 tx.commit().await.unwrap();
-                let mut conn = raw(&path).await;
-                let seen: i64 =
-                    sqlx::query_scalar("SELECT COUNT(*) FROM enrollments WHERE card_id = $1")
-                        .bind(card(i).0.as_slice())
-                        .fetch_one(&mut conn)
-                        .await
-                        .unwrap();
+                let mut conn = t.raw().await;
+                let seen = conn.enrolled(&card(i)).await;
                 assert_eq!(
                     seen, 1,
                     "request {i} returned before its change was durable"
                 );
-                conn.close().await.unwrap();
+                conn.close().await;
             })
         })
         .collect();
@@ -607,11 +776,70 @@ async fn concurrent_commits_are_each_durable_when_they_return() {
     }
 }
 
+/// The service's failure limit: lock the card, count its failures, record one if
+/// under the limit. 24 checks race on one card, through two store handles (on
+/// PostgreSQL two pools, as two gateway processes would have): exactly `LIMIT`
+/// are recorded, however they interleave.
+async fn concurrent_failure_counts_under_the_card_lock_never_pass_the_limit(kind: Kind) {
+    const LIMIT: u32 = 5;
+    let t = TestStore::new(kind).await;
+    let second = match kind {
+        // Two handles on one SQLite file would be two writers: SQLite has one.
+        Kind::Sqlite => t.store.clone(),
+        Kind::Postgres => t.reopen().await,
+    };
+    let barrier = Arc::new(tokio::sync::Barrier::new(24));
+    let tasks: Vec<_> = (0..24)
+        .map(|i| {
+            let store = if i % 2 == 0 {
+                t.store.clone()
+            } else {
+                second.clone()
+            };
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let mut tx = store.begin().await.unwrap();
+                tx.lock_card(&card(3)).await.unwrap();
+                let blocked = tx.failures_since(&card(3), T0 - 86_400).await.unwrap() >= LIMIT;
+                // Widen the gap between count and record, as a slow request would:
+                // without the lock, racing checks would all count fewer than LIMIT.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                if !blocked {
+                    tx.add_failure(&card(3), T0, T0 + 86_400).await.unwrap();
+                }
+                tx.commit().await.unwrap();
+                !blocked
+            })
+        })
+        .collect();
+    let mut recorded = 0;
+    for task in tasks {
+        if task.await.unwrap() {
+            recorded += 1;
+        }
+    }
+    assert_eq!(recorded, LIMIT);
+    assert_eq!(t.count("failures").await, i64::from(LIMIT));
+    if kind == Kind::Sqlite {
+        return; // one connection: a second transaction waits for the first anyway
+    }
+    // Another card's lock is another lock: it is granted while card 3's is held.
+    let mut holder = t.store.begin().await.unwrap();
+    holder.lock_card(&card(3)).await.unwrap();
+    let mut other = second.begin().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), other.lock_card(&card(4)))
+        .await
+        .expect("a different card's lock is not blocked")
+        .unwrap();
+    other.commit().await.unwrap();
+    holder.commit().await.unwrap();
+}
+
 // ---- cleanup ----
 
-#[tokio::test]
-async fn cleanup_deletes_only_expired_rows_of_all_three_tables() {
-    let t = TestStore::new().await;
+async fn cleanup_deletes_only_expired_rows_of_all_three_tables(kind: Kind) {
+    let t = TestStore::new(kind).await;
     let now = T0 + 1000;
     let mut tx = t.store.begin().await.unwrap();
     tx.enroll(&card(1), &enrollment("visa", T0)).await.unwrap();
@@ -645,17 +873,13 @@ async fn cleanup_deletes_only_expired_rows_of_all_three_tables() {
 
 // ---- readiness and unavailability ----
 
-#[tokio::test]
-async fn probe_writes_the_heartbeat() {
-    let t = TestStore::new().await;
+async fn probe_writes_the_heartbeat(kind: Kind) {
+    let t = TestStore::new(kind).await;
     t.store.probe(T0 + 5).await.unwrap();
-    let mut conn = raw(&t.path()).await;
-    let at: i64 = sqlx::query_scalar("SELECT at FROM heartbeat WHERE id = 1")
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
+    let mut conn = t.raw().await;
+    let at = conn.scalar("SELECT at FROM heartbeat WHERE id = 1").await;
     assert_eq!(at, T0 + 5);
-    conn.close().await.unwrap();
+    conn.close().await;
 }
 
 /// Makes a directory and the database files in it read-only for this process, and
@@ -720,7 +944,7 @@ fn writable(path: &Path) -> bool {
 
 /// A store with one committed enrolment, closed.
 async fn closed_store_with_data() -> TestStore {
-    let t = TestStore::new().await;
+    let t = TestStore::new(Kind::Sqlite).await;
     let mut tx = t.store.begin().await.unwrap();
     tx.enroll(&card(1), &enrollment("visa", T0)).await.unwrap();
     tx.commit().await.unwrap();
@@ -730,7 +954,7 @@ async fn closed_store_with_data() -> TestStore {
 }
 
 #[tokio::test]
-async fn probe_is_unavailable_on_a_read_only_store() {
+async fn sqlite_probe_is_unavailable_on_a_read_only_store() {
     let t = closed_store_with_data().await;
     // Another reader keeps the -wal and -shm files in place, so SQLite can open the
     // read-only database for reading (it falls back to read-only by itself).
@@ -742,7 +966,7 @@ async fn probe_is_unavailable_on_a_read_only_store() {
 
     {
         let _read_only = ReadOnly::apply(t.dir.path());
-        let store = Store::open_sqlite(&t.settings()).await.unwrap();
+        let store = Store::open(&t.settings()).await.unwrap();
         assert_eq!(
             store.enrollment(&card(1)).await.unwrap(),
             Some(enrollment("visa", T0))
@@ -764,7 +988,7 @@ async fn probe_is_unavailable_on_a_read_only_store() {
 }
 
 #[tokio::test]
-async fn opening_a_read_only_store_is_unavailable_and_recovers() {
+async fn sqlite_opening_a_read_only_store_is_unavailable_and_recovers() {
     let t = closed_store_with_data().await;
     assert!(
         !t.path().with_extension("db-wal").exists(),
@@ -775,7 +999,7 @@ async fn opening_a_read_only_store_is_unavailable_and_recovers() {
         let _read_only = ReadOnly::apply(t.dir.path());
         // Read-only, SQLite cannot create the -wal and -shm files a WAL database
         // needs: the store refuses to start, as unavailable rather than as a bug.
-        assert_unavailable(Store::open_sqlite(&t.settings()).await);
+        assert_unavailable(Store::open(&t.settings()).await);
     }
 
     // Writable again: the same file opens and takes writes, nothing was lost.
@@ -789,8 +1013,8 @@ async fn opening_a_read_only_store_is_unavailable_and_recovers() {
 }
 
 #[tokio::test]
-async fn probe_is_unavailable_while_another_process_holds_the_write_lock() {
-    let t = TestStore::with_timeout(Duration::from_millis(300)).await;
+async fn sqlite_probe_is_unavailable_while_another_process_holds_the_write_lock() {
+    let t = TestStore::with_timeout(Kind::Sqlite, Duration::from_millis(300)).await;
     t.store.probe(T0).await.unwrap();
 
     let mut other = raw(&t.path()).await;
@@ -809,9 +1033,8 @@ async fn probe_is_unavailable_while_another_process_holds_the_write_lock() {
     t.store.probe(T0 + 2).await.unwrap();
 }
 
-#[tokio::test]
-async fn every_call_after_close_is_unavailable() {
-    let t = TestStore::new().await;
+async fn every_call_after_close_is_unavailable(kind: Kind) {
+    let t = TestStore::new(kind).await;
     t.store.probe(T0).await.unwrap();
     let clone = t.store.clone();
     t.store.close().await;
@@ -827,13 +1050,13 @@ async fn every_call_after_close_is_unavailable() {
 
 /// Claims of request ids against a map model: the store refuses exactly the claims
 /// the model says are live duplicates, and `is_request_seen` agrees with the model.
-fn check_claims(ops: &[(u8, u8, i64, i64)]) {
+fn check_claims(kind: Kind, ops: &[(u8, u8, i64, i64)]) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        let t = TestStore::new().await;
+        let t = TestStore::new(kind).await;
         let mut model = std::collections::HashMap::new();
         let mut now = T0;
         for &(client, id, step, ttl) in ops {
@@ -864,9 +1087,261 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(24))]
 
     #[test]
-    fn request_claims_match_a_model(
+    fn request_claims_match_a_model_sqlite(
         ops in proptest::collection::vec((0..2u8, 0..3u8, 0..20i64, 1..30i64), 1..40)
     ) {
-        check_claims(&ops);
+        check_claims(Kind::Sqlite, &ops);
     }
+
+    #[test]
+    fn request_claims_match_a_model_postgres(
+        ops in proptest::collection::vec((0..2u8, 0..3u8, 0..20i64, 1..30i64), 1..40)
+    ) {
+        check_claims(Kind::Postgres, &ops);
+    }
+}
+
+// ---- PostgreSQL only: the server stops and starts, several processes share it ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_stopped_server_is_unavailable_fast_and_the_store_recovers() {
+    let acquire = Duration::from_millis(800);
+    let t = TestStore::with_timeout(Kind::Postgres, acquire).await;
+    let mut tx = t.store.begin().await.unwrap();
+    tx.claim_request("client-a", "before", T0, T0 + 900)
+        .await
+        .unwrap();
+    tx.enroll(&card(1), &enrollment("visa", T0)).await.unwrap();
+    assert!(tx.claim_window(&card(1), 7, T0, T0 + 600).await.unwrap());
+    tx.commit().await.unwrap();
+    // A transaction open while the server stops: its work is lost, not half-kept.
+    let mut open = t.store.begin().await.unwrap();
+    open.enroll(&card(2), &enrollment("visa", T0))
+        .await
+        .unwrap();
+
+    PG.stop_server();
+
+    // Every call fails as Unavailable, within the acquire timeout (plus slack for a
+    // loaded machine), never as a bug and never by hanging.
+    let started = Instant::now();
+    assert_unavailable(open.commit().await);
+    assert_unavailable(t.store.probe(T0 + 1).await);
+    assert_unavailable(t.store.begin().await);
+    assert_unavailable(t.store.enrollment(&card(1)).await);
+    assert_unavailable(t.store.is_request_seen("client-a", "before", T0).await);
+    let each = started.elapsed() / 5;
+    assert!(
+        each < acquire + Duration::from_secs(2),
+        "calls took {each:?} each with the server down"
+    );
+
+    PG.start_server();
+
+    // The same handle recovers by itself: nothing accepted before the stop is lost,
+    // nothing of the interrupted transaction was kept.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while t.store.probe(T0 + 2).await.is_err() {
+        assert!(Instant::now() < deadline, "the store did not recover");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        t.store.enrollment(&card(1)).await.unwrap(),
+        Some(enrollment("visa", T0))
+    );
+    assert_eq!(t.store.enrollment(&card(2)).await.unwrap(), None);
+    let mut tx = t.store.begin().await.unwrap();
+    assert!(
+        !tx.claim_window(&card(1), 7, T0 + 1, T0 + 600)
+            .await
+            .unwrap()
+    );
+    let err = tx
+        .claim_request("client-a", "before", T0 + 1, T0 + 901)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::DuplicateRequest), "{err:?}");
+    drop(tx);
+    let mut tx = t.store.begin().await.unwrap();
+    tx.claim_request("client-a", "after", T0 + 2, T0 + 902)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(t.count("seen_requests").await, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_over_tls_with_a_verified_certificate() {
+    // `sslmode=verify-full` against the cluster's certificate: the store works, and
+    // the server sees its connections encrypted. A certificate from another CA is
+    // refused, so the check is real.
+    let database = PG.fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let with_ca = |ca: &Path| {
+        StoreSettings::postgres(
+            PostgresLocation {
+                url: DatabaseUrl::Value(format!(
+                    "{}?sslmode=verify-full&sslrootcert={}",
+                    PG.url(&database).replace("127.0.0.1", "localhost"),
+                    ca.display()
+                )),
+                password_file: Some(PG.password_file(dir.path())),
+            },
+            Duration::from_secs(2),
+            2,
+        )
+    };
+    let store = Store::open(&with_ca(&PG.ca_file())).await.unwrap();
+    store.probe(T0).await.unwrap();
+    let mut admin = PG.connect("postgres").await;
+    let encrypted: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+         WHERE a.application_name = 'dcvv-gateway' AND a.datname = $1 AND s.ssl",
+    )
+    .bind(&database)
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert!(encrypted >= 1, "no TLS connection of the store");
+    store.close().await;
+
+    let stranger = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let other_ca = dir.path().join("other-ca.pem");
+    fs::write(&other_ca, stranger.cert.pem()).unwrap();
+    assert!(Store::open(&with_ca(&other_ca)).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_open_is_unavailable_when_nothing_listens() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let settings = StoreSettings::postgres(
+        PostgresLocation {
+            url: DatabaseUrl::Value(format!("postgres://postgres@127.0.0.1:{port}/none")),
+            password_file: Some(PG.password_file(dir.path())),
+        },
+        Duration::from_millis(500),
+        2,
+    );
+    let started = Instant::now();
+    assert_unavailable(Store::open(&settings).await);
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_wrong_password_or_settings_are_not_unavailable_and_never_shown() {
+    let database = PG.fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let wrong = dir.path().join("wrong.pw");
+    fs::write(&wrong, "not-the-password-4711\n").unwrap();
+    let settings = StoreSettings::postgres(
+        PostgresLocation {
+            url: DatabaseUrl::Value(PG.url(&database)),
+            password_file: Some(wrong),
+        },
+        Duration::from_secs(2),
+        2,
+    );
+    let err = Store::open(&settings).await.unwrap_err();
+    assert!(!err.is_unavailable(), "{err:?}");
+    assert!(
+        !format!("{err:?}").contains("not-the-password-4711"),
+        "{err:?}"
+    );
+    assert!(!format!("{settings:?}").contains(PG.password()));
+
+    // The URL from an environment variable that is not set; a missing password file.
+    let unset = StoreSettings::postgres(
+        PostgresLocation {
+            url: DatabaseUrl::Env("DCVV_TEST_NO_SUCH_VARIABLE".into()),
+            password_file: None,
+        },
+        Duration::from_secs(2),
+        2,
+    );
+    let err = Store::open(&unset).await.unwrap_err();
+    assert!(matches!(err, StoreError::Settings(_)), "{err:?}");
+    assert!(
+        err.to_string().contains("DCVV_TEST_NO_SUCH_VARIABLE"),
+        "{err}"
+    );
+    let no_file = StoreSettings::postgres(
+        PostgresLocation {
+            url: DatabaseUrl::Value(PG.url(&database)),
+            password_file: Some(dir.path().join("missing.pw")),
+        },
+        Duration::from_secs(2),
+        2,
+    );
+    let err = Store::open(&no_file).await.unwrap_err();
+    assert!(matches!(err, StoreError::Settings(_)), "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_refused_row_error_does_not_carry_its_values() {
+    // PostgreSQL's DETAIL of a check violation repeats the row: a clear PAN that the
+    // guard refused must not reach the error (and so the log) that way.
+    let t = TestStore::new(Kind::Postgres).await;
+    let clear = Enrollment {
+        masked_pan: "4123456789012345".to_owned(),
+        ..enrollment("visa", T0)
+    };
+    let mut tx = t.store.begin().await.unwrap();
+    let err = tx.enroll(&card(0xab), &clear).await.unwrap_err();
+    let shown = format!("{err} {err:?}");
+    assert!(shown.contains("23514"), "{shown}");
+    assert!(shown.contains("enrollments_masked_pan_check"), "{shown}");
+    assert!(!shown.contains("4123456789012345"), "{shown}");
+    assert!(!shown.contains("abababab"), "{shown}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_two_stores_on_one_database_see_each_others_claims() {
+    // Two pools on one database, as two gateway processes have: a claim committed
+    // through one is refused through the other, and racing claims have one winner.
+    let t = TestStore::new(Kind::Postgres).await;
+    let other = t.reopen().await;
+    let mut tx = t.store.begin().await.unwrap();
+    tx.claim_request("client-a", "req-1", T0, T0 + 900)
+        .await
+        .unwrap();
+    tx.enroll(&card(1), &enrollment("visa", T0)).await.unwrap();
+    tx.commit().await.unwrap();
+
+    assert_eq!(
+        other.enrollment(&card(1)).await.unwrap(),
+        Some(enrollment("visa", T0))
+    );
+    let mut tx = other.begin().await.unwrap();
+    let err = tx
+        .claim_request("client-a", "req-1", T0 + 1, T0 + 901)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::DuplicateRequest), "{err:?}");
+    drop(tx);
+
+    // A claim waits for a racing transaction that holds the same key, then sees it.
+    let mut first = t.store.begin().await.unwrap();
+    assert!(first.claim_window(&card(1), 9, T0, T0 + 600).await.unwrap());
+    let second = tokio::spawn({
+        let other = other.clone();
+        async move {
+            let mut tx = other.begin().await.unwrap();
+            let won = tx.claim_window(&card(1), 9, T0, T0 + 600).await.unwrap();
+            tx.commit().await.unwrap();
+            won
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !second.is_finished(),
+        "the second claim waits for the first"
+    );
+    first.commit().await.unwrap();
+    assert!(!second.await.unwrap());
+    assert_eq!(t.count("used_windows").await, 1);
 }

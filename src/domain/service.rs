@@ -636,6 +636,7 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
 
         let now = self.now_seconds();
         let mut tx = self.begin(caller, now).await?;
+        tx.lock_card(&card_id).await?; // count-then-record below, also across instances
         let blocked = match programme.failure_limit {
             Some(limit) => {
                 let since = now - i64::from(programme.failure_period_seconds);

@@ -79,7 +79,7 @@ impl Gateway {
         }
         log_ended_grace_periods(settings, clock.now_ms());
         let clients = Clients::load(&settings.clients)?;
-        let store = Store::open_sqlite(&settings.store).await?;
+        let store = Store::open(&settings.store).await?;
         let metrics = Arc::new(Metrics::new());
         let service = CardService::new(
             Arc::clone(&token),

@@ -3,9 +3,12 @@
 //!
 //! The classification answers one question for the layers above: is the store
 //! unavailable (answer 503 and retry later: disk full, read-only, locked past the
-//! timeout, gone) or is this a bug or a corrupt store? Messages carry what sqlx and
-//! the database say: table, column and constraint names, never bound values, so no
-//! card identifier or request id reaches them through this type.
+//! timeout, gone, a PostgreSQL server shutting down or a serialization failure) or
+//! is this a bug or a corrupt store? Messages carry what sqlx and the database say:
+//! table, column and constraint names, never bound values, so no card identifier or
+//! request id reaches them through this type. PostgreSQL's error DETAIL repeats
+//! the values of a refused row, so a PostgreSQL error is kept as its SQLSTATE,
+//! message, table and constraint only.
 
 use sqlx::error::DatabaseError as _;
 
@@ -25,6 +28,10 @@ pub enum StoreError {
     /// Opening / migrating failed.
     #[error("store migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The store's settings cannot be used (URL, its environment variable, the
+    /// password file); the message names the setting, never a secret.
+    #[error("store settings: {0}")]
+    Settings(String),
 }
 
 /// Result of a store operation.
@@ -44,7 +51,9 @@ impl StoreError {
                 sqlx::migrate::MigrateError::Execute(err)
                 | sqlx::migrate::MigrateError::ExecuteMigration(err, _),
             ) => is_unavailable(err),
-            Self::DuplicateRequest | Self::Internal(_) | Self::Migrate(_) => false,
+            Self::DuplicateRequest | Self::Internal(_) | Self::Migrate(_) | Self::Settings(_) => {
+                false
+            }
         }
     }
 }
@@ -52,12 +61,34 @@ impl StoreError {
 /// The single classification of database errors.
 impl From<sqlx::Error> for StoreError {
     fn from(err: sqlx::Error) -> Self {
-        if is_unavailable(&err) {
+        let unavailable = is_unavailable(&err);
+        let err = without_row_values(err);
+        if unavailable {
             Self::Unavailable(err)
         } else {
             Self::Internal(err)
         }
     }
+}
+
+/// A PostgreSQL error reduced to what names things: SQLSTATE, message, table,
+/// constraint. Its DETAIL (`Failing row contains (…)`, `Key (card_id)=(…)`) and
+/// WHERE would put bound values into logs. Other errors are kept as they are.
+fn without_row_values(err: sqlx::Error) -> sqlx::Error {
+    let sqlx::Error::Database(db) = &err else {
+        return err;
+    };
+    let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() else {
+        return err;
+    };
+    let mut text = format!("postgres {}: {}", pg.code(), pg.message());
+    if let Some(table) = pg.table() {
+        text.push_str(&format!(" (table {table})"));
+    }
+    if let Some(constraint) = pg.constraint() {
+        text.push_str(&format!(" (constraint {constraint})"));
+    }
+    sqlx::Error::Protocol(text)
 }
 
 /// Does this error mean "the database cannot be reached or written right now"?
@@ -70,11 +101,15 @@ fn is_unavailable(err: &sqlx::Error) -> bool {
         | sqlx::Error::WorkerCrashed
         | sqlx::Error::Io(_)
         | sqlx::Error::Tls(_) => true,
-        sqlx::Error::Database(db) => db
-            .try_downcast_ref::<sqlx::sqlite::SqliteError>()
-            .and_then(|e| e.code())
-            .and_then(|code| code.parse::<i32>().ok())
-            .is_some_and(sqlite_code_is_unavailable),
+        sqlx::Error::Database(db) => {
+            if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+                return super::postgres::code_is_unavailable(pg.code());
+            }
+            db.try_downcast_ref::<sqlx::sqlite::SqliteError>()
+                .and_then(|e| e.code())
+                .and_then(|code| code.parse::<i32>().ok())
+                .is_some_and(sqlite_code_is_unavailable)
+        }
         // Schema, decode, constraint and protocol errors are bugs or corruption.
         _ => false,
     }

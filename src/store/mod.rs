@@ -1,5 +1,6 @@
 //! The persistence port: card enrolment, used (card, window) pairs, failure counters
-//! and seen request ids (DESIGN 6), on SQLite today and PostgreSQL later.
+//! and seen request ids (DESIGN 6), on SQLite (one gateway process) or PostgreSQL
+//! (several gateway processes sharing one database).
 //!
 //! The store owns the schema, its migrations and every SQL statement; it decides
 //! nothing (no business rule lives here: the domain asks, the store answers and
@@ -9,6 +10,7 @@
 //! [`StoreTx`], and [`StoreTx::commit`] returns only once the change is durable.
 
 mod error;
+mod postgres;
 mod sql;
 mod sqlite;
 mod tx;
@@ -21,14 +23,98 @@ use std::time::Duration;
 pub use error::{StoreError, StoreResult};
 pub use tx::StoreTx;
 
+/// Does this PostgreSQL URL carry a password (the configuration refuses one)?
+#[must_use]
+pub fn url_has_password(url: &str) -> bool {
+    postgres::url_has_password(url)
+}
+
+/// Checks that `url` is a PostgreSQL URL, without connecting.
+///
+/// # Errors
+/// [`StoreError::Settings`] saying what is wrong, never repeating the URL.
+pub fn check_url(url: &str) -> StoreResult<()> {
+    postgres::connect_options(url).map(drop)
+}
+
 /// Where and how to open the store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreSettings {
-    /// The SQLite database file. Created if missing; its parent directory must exist.
-    pub sqlite_path: PathBuf,
-    /// How long a request waits for the store's connection (and, on SQLite, for the
-    /// file lock) before failing with [`StoreError::Unavailable`].
+    /// Which database.
+    pub location: StoreLocation,
+    /// How long a request waits for the store's connection (on SQLite also for the
+    /// file lock, on PostgreSQL also for a row or card lock) before failing with
+    /// [`StoreError::Unavailable`].
     pub acquire_timeout: Duration,
+    /// Connections to PostgreSQL this process keeps at most (SQLite: always one).
+    pub max_connections: u32,
+}
+
+impl StoreSettings {
+    /// A SQLite file, with the default pool size.
+    #[must_use]
+    pub fn sqlite(path: impl Into<PathBuf>, acquire_timeout: Duration) -> Self {
+        Self {
+            location: StoreLocation::Sqlite(path.into()),
+            acquire_timeout,
+            max_connections: 1,
+        }
+    }
+
+    /// A PostgreSQL database.
+    #[must_use]
+    pub fn postgres(
+        location: PostgresLocation,
+        acquire_timeout: Duration,
+        max_connections: u32,
+    ) -> Self {
+        Self {
+            location: StoreLocation::Postgres(location),
+            acquire_timeout,
+            max_connections,
+        }
+    }
+}
+
+/// The database the store lives in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// A SQLite file, created if missing (its parent directory must exist). One
+    /// gateway process per file.
+    Sqlite(PathBuf),
+    /// A PostgreSQL database, shared by any number of gateway processes.
+    Postgres(PostgresLocation),
+}
+
+/// How to reach PostgreSQL. The password never sits in the settings: it is in the
+/// URL read from an environment variable, or in a file read when the store opens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresLocation {
+    /// The connection URL (`postgres://user@host:port/database?sslmode=require`).
+    pub url: DatabaseUrl,
+    /// A file holding the password (a trailing newline is ignored).
+    pub password_file: Option<PathBuf>,
+}
+
+/// Where the PostgreSQL URL comes from.
+#[derive(Clone, PartialEq, Eq)]
+pub enum DatabaseUrl {
+    /// The URL itself (the configuration refuses one that holds a password).
+    Value(String),
+    /// The name of an environment variable holding the URL, read at open.
+    Env(String),
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Value(url) => f
+                .debug_tuple("Value")
+                .field(&postgres::redact(url))
+                .finish(),
+            Self::Env(name) => f.debug_tuple("Env").field(name).finish(),
+        }
+    }
 }
 
 /// A card as the store knows it: the keyed hash (HMAC-SHA256 under the PAN-index key,
@@ -64,9 +150,13 @@ pub struct Enrollment {
 /// the store keep up. Two gateway processes must not share one SQLite file: use
 /// PostgreSQL for several instances (DESIGN 6).
 ///
-/// While a task holds a [`StoreTx`] the connection is taken: it must use the
-/// transaction's own methods, not this handle's, or it waits for itself until the
-/// acquire timeout.
+/// On PostgreSQL the backend is a pool of `max_connections` connections; every
+/// transaction has its own, and the database keeps concurrent transactions of all
+/// gateway processes correct (see the `postgres` module).
+///
+/// While a task holds a [`StoreTx`] on SQLite the connection is taken: it must use
+/// the transaction's own methods, not this handle's, or it waits for itself until
+/// the acquire timeout.
 ///
 /// All times are UTC Unix seconds, chosen by the caller.
 #[derive(Clone)]
@@ -80,6 +170,11 @@ enum Backend {
         writer: Arc<sqlite::Writer>,
         path: Arc<Path>,
     },
+    Postgres {
+        pool: sqlx::PgPool,
+        /// `host:port/database`, for humans (never the password).
+        target: Arc<str>,
+    },
 }
 
 impl fmt::Debug for Store {
@@ -90,6 +185,12 @@ impl fmt::Debug for Store {
                 .field("backend", &"sqlite")
                 .field("path", path)
                 .field("closed", &writer.is_closed())
+                .finish(),
+            Backend::Postgres { pool, target } => f
+                .debug_struct("Store")
+                .field("backend", &"postgres")
+                .field("target", target)
+                .field("closed", &pool.is_closed())
                 .finish(),
         }
     }
@@ -106,28 +207,53 @@ macro_rules! with_pool {
                 let $pool = guard.executor()?;
                 $body
             }
+            Backend::Postgres { pool, .. } => {
+                let $pool = pool;
+                $body
+            }
         }
     };
 }
 
 impl Store {
-    /// Opens (creating if missing) the SQLite file and brings its schema up to date.
+    /// Opens the store the settings name and brings its schema up to date.
     ///
-    /// The connection runs with WAL journal, `synchronous = FULL` (a commit is on disk
-    /// before it returns), foreign keys on and `busy_timeout = acquire_timeout`.
+    /// SQLite: creates the file if missing; the connection runs with WAL journal,
+    /// `synchronous = FULL` (a commit is on disk before it returns), foreign keys on
+    /// and `busy_timeout = acquire_timeout`. PostgreSQL: see the `postgres` module;
+    /// several gateways may open (and migrate) one database at the same time.
     ///
     /// # Errors
-    /// [`StoreError::Unavailable`] when the file cannot be opened (missing directory,
-    /// no permission, locked), [`StoreError::Migrate`] when the schema cannot be
-    /// brought up to date (also for a file written by a newer gateway).
-    pub async fn open_sqlite(settings: &StoreSettings) -> StoreResult<Store> {
-        let writer = sqlite::open(settings).await?;
-        Ok(Store {
-            backend: Backend::Sqlite {
-                writer,
-                path: Arc::from(settings.sqlite_path.as_path()),
+    /// [`StoreError::Unavailable`] when the database cannot be reached within the
+    /// acquire timeout (missing directory, no permission, locked; server down),
+    /// [`StoreError::Migrate`] when the schema cannot be brought up to date (also
+    /// for a database written by a newer gateway), [`StoreError::Settings`] when the
+    /// URL's environment variable or the password file cannot be read, or the URL
+    /// is not a PostgreSQL URL.
+    pub async fn open(settings: &StoreSettings) -> StoreResult<Store> {
+        let backend = match &settings.location {
+            StoreLocation::Sqlite(path) => Backend::Sqlite {
+                writer: sqlite::open(path, settings).await?,
+                path: Arc::from(path.as_path()),
             },
-        })
+            StoreLocation::Postgres(location) => {
+                let (pool, target) = postgres::open(location, settings).await?;
+                Backend::Postgres {
+                    pool,
+                    target: Arc::from(target),
+                }
+            }
+        };
+        Ok(Store { backend })
+    }
+
+    /// The backend's name: `sqlite` or `postgres`.
+    #[must_use]
+    pub fn backend_name(&self) -> &'static str {
+        match self.backend {
+            Backend::Sqlite { .. } => "sqlite",
+            Backend::Postgres { .. } => "postgres",
+        }
     }
 
     /// Readiness: proves the store can be written, by rewriting the one-row heartbeat
@@ -182,13 +308,16 @@ impl Store {
     /// On SQLite the first transaction of a batch takes the file's write lock at once
     /// (`BEGIN IMMEDIATE`), so waiting for it happens here, under the timeout, and
     /// never half-way through; each request's transaction is a savepoint in the batch.
+    /// On PostgreSQL this takes a connection from the pool (a new one when the
+    /// database came back after an outage) and opens a READ COMMITTED transaction.
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] when no connection or lock is free within the
-    /// acquire timeout, or the store is closed.
+    /// acquire timeout, the database cannot be reached, or the store is closed.
     pub async fn begin(&self) -> StoreResult<StoreTx> {
         match &self.backend {
             Backend::Sqlite { writer, .. } => Ok(StoreTx::sqlite(writer.begin().await?)),
+            Backend::Postgres { pool, .. } => Ok(StoreTx::postgres(pool.begin().await?)),
         }
     }
 
@@ -205,11 +334,12 @@ impl Store {
         Ok(deleted)
     }
 
-    /// Closes the pool (graceful shutdown): waits for the connection to come back,
-    /// then closes it. Every later call fails with [`StoreError::Unavailable`].
+    /// Closes the pool (graceful shutdown): waits for the connections to come back,
+    /// then closes them. Every later call fails with [`StoreError::Unavailable`].
     pub async fn close(&self) {
         match &self.backend {
             Backend::Sqlite { writer, .. } => writer.close().await,
+            Backend::Postgres { pool, .. } => pool.close().await,
         }
     }
 }
@@ -225,6 +355,24 @@ fn enrollment_from_row((programme, masked_pan, enrolled_at): (String, String, i6
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn settings_debug_never_shows_a_password() {
+        let settings = StoreSettings::postgres(
+            PostgresLocation {
+                url: DatabaseUrl::Value("postgres://gw:hunter2@db:5432/dcvv?password=x2".into()),
+                password_file: None,
+            },
+            Duration::from_secs(1),
+            4,
+        );
+        let shown = format!("{settings:?}");
+        assert!(shown.contains("postgres://gw:***@db:5432/dcvv"), "{shown}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("x2"),
+            "{shown}"
+        );
+    }
 
     #[test]
     fn card_id_debug_shows_only_a_prefix() {

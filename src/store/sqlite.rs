@@ -29,6 +29,7 @@
 //! This is the only SQLite-specific code besides the executor types; SQL text lives
 //! in `sql`, shared with PostgreSQL.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -59,9 +60,9 @@ const ROLLBACK_TO: &str = "ROLLBACK TO request";
 ///   tool, an operator's `sqlite3`) before failing as unavailable.
 /// - One connection: SQLite has one writer; the writer below queues requests fairly
 ///   in-process, bounded by `acquire_timeout`, and commits them in batches.
-pub(super) async fn open(settings: &StoreSettings) -> StoreResult<Arc<Writer>> {
+pub(super) async fn open(path: &Path, settings: &StoreSettings) -> StoreResult<Arc<Writer>> {
     let options = SqliteConnectOptions::new()
-        .filename(&settings.sqlite_path)
+        .filename(path)
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(SqliteSynchronous::Full)
@@ -76,7 +77,7 @@ pub(super) async fn open(settings: &StoreSettings) -> StoreResult<Arc<Writer>> {
         pool.close().await;
         return Err(err.into());
     }
-    tracing::info!(path = %settings.sqlite_path.display(), "store opened (sqlite)");
+    tracing::info!(path = %path.display(), "store opened (sqlite)");
     let writer = Arc::new(Writer {
         state: Arc::new(Mutex::new(State {
             conn: None,

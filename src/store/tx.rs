@@ -8,23 +8,26 @@
 use std::fmt;
 
 use super::sqlite::SqliteTx;
-use super::{CardId, Enrollment, StoreError, StoreResult, enrollment_from_row, sql};
+use super::{CardId, Enrollment, StoreError, StoreResult, enrollment_from_row, postgres, sql};
 
 /// A transaction on the store. See [`Store::begin`](super::Store::begin).
 pub struct StoreTx {
     inner: TxInner,
 }
 
-/// One variant per backend; a PostgreSQL variant joins `Sqlite` here and in
-/// `with_conn!`.
+/// One variant per backend (and one arm per backend in `with_conn!`).
 enum TxInner {
     Sqlite(SqliteTx),
+    /// A pooled connection with an open transaction; dropped without commit, sqlx
+    /// rolls it back before the connection is used again.
+    Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
 }
 
 impl fmt::Debug for StoreTx {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let backend = match self.inner {
             TxInner::Sqlite(_) => "sqlite",
+            TxInner::Postgres(_) => "postgres",
         };
         f.debug_struct("StoreTx")
             .field("backend", &backend)
@@ -41,6 +44,10 @@ macro_rules! with_conn {
                 let $conn = tx.executor()?;
                 $body
             }
+            TxInner::Postgres(tx) => {
+                let $conn = &mut **tx;
+                $body
+            }
         }
     };
 }
@@ -49,6 +56,39 @@ impl StoreTx {
     pub(super) fn sqlite(tx: SqliteTx) -> Self {
         Self {
             inner: TxInner::Sqlite(tx),
+        }
+    }
+
+    pub(super) fn postgres(tx: sqlx::Transaction<'static, sqlx::Postgres>) -> Self {
+        Self {
+            inner: TxInner::Postgres(tx),
+        }
+    }
+
+    /// Serializes this transaction with every other transaction, in any gateway
+    /// process, that locks the same card, until it commits or rolls back. Call it
+    /// before reading state that the transaction then writes on (count the card's
+    /// failures, then record one): without it, two instances could both count 4
+    /// failures of a limit of 5 and both record a fifth.
+    ///
+    /// PostgreSQL: `pg_advisory_xact_lock` on the first 8 bytes of the card id (a
+    /// keyed hash, so uniformly spread), waiting at most the acquire timeout (the
+    /// connection's `lock_timeout`). SQLite: nothing to do, the transaction is
+    /// already inside the batch that holds the file's one write lock.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the lock is not granted within the acquire
+    /// timeout or the database is gone.
+    pub async fn lock_card(&mut self, card: &CardId) -> StoreResult<()> {
+        match &mut self.inner {
+            TxInner::Sqlite(_) => Ok(()),
+            TxInner::Postgres(tx) => {
+                sqlx::query(postgres::LOCK_CARD)
+                    .bind(postgres::card_lock_key(card))
+                    .execute(&mut **tx)
+                    .await?;
+                Ok(())
+            }
         }
     }
 
@@ -215,6 +255,7 @@ impl StoreTx {
     pub async fn commit(self) -> StoreResult<()> {
         match self.inner {
             TxInner::Sqlite(tx) => tx.commit().await?,
+            TxInner::Postgres(tx) => tx.commit().await?,
         }
         Ok(())
     }
@@ -227,6 +268,7 @@ impl StoreTx {
     pub async fn rollback(self) -> StoreResult<()> {
         match self.inner {
             TxInner::Sqlite(tx) => tx.rollback().await?,
+            TxInner::Postgres(tx) => tx.rollback().await?,
         }
         Ok(())
     }

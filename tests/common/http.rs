@@ -287,10 +287,7 @@ impl TestGateway {
                 max_skew: Duration::from_secs(300),
                 cleanup_interval: Duration::from_secs(3600),
             },
-            store: StoreSettings {
-                sqlite_path: db.clone(),
-                acquire_timeout: Duration::from_secs(2),
-            },
+            store: StoreSettings::sqlite(db.clone(), Duration::from_secs(2)),
             service: ServiceSettings {
                 pan_index_key: KEYS.pan_index.clone(),
                 replay_window_seconds: 900,
@@ -585,10 +582,7 @@ impl TestGateway {
                 max_skew: Duration::from_secs(300),
                 cleanup_interval: Duration::from_secs(3600),
             },
-            store: StoreSettings {
-                sqlite_path: self.db.clone(),
-                acquire_timeout: Duration::from_secs(2),
-            },
+            store: StoreSettings::sqlite(self.db.clone(), Duration::from_secs(2)),
             service: ServiceSettings {
                 pan_index_key: KEYS.pan_index.clone(),
                 replay_window_seconds: 900,

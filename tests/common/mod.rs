@@ -11,6 +11,8 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod http;
+pub mod instances;
+pub mod postgres;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,0 +1,330 @@
+//! Test harness: real `dcvv-gateway serve` processes (the binary cargo built for
+//! this test) on this process's SoftHSM token and one PostgreSQL database of the
+//! throwaway cluster (`postgres.rs`), each on its own local port over plain HTTP.
+//!
+//! Every instance gets the same configuration apart from its port: the test keys
+//! (imported here from the vectors' clear values, so the software reference can
+//! compute codes), one client with every scope, the `test` programme (BIN 412345,
+//! 300 s windows, G = 1, single use, failure limit 5) and the database password
+//! from a file. Instances use the system clock, as in production. A process is
+//! killed when its handle drops, so a failed test leaves none behind; its stderr
+//! (the gateway's log) is kept in a file and shown when it does not start.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use dcvv_gateway::http::signature::{ClientSecret, RequestToSign};
+use serde_json::Value;
+use zeroize::Zeroizing;
+
+use super::http::{Answer, KEYS};
+use super::postgres::PG;
+use super::{TOKEN, module};
+
+/// What every instance of a fleet shares: the config pieces and the database.
+pub struct Fleet {
+    pub dir: tempfile::TempDir,
+    pub database: String,
+    pub apikey: String,
+    secret: String,
+    secret_file: PathBuf,
+    password_file: PathBuf,
+    pub acquire_timeout_ms: u64,
+}
+
+/// A running `dcvv-gateway serve`.
+pub struct Instance {
+    pub name: String,
+    pub url: String,
+    child: Child,
+    log: PathBuf,
+    apikey: String,
+    secret: String,
+    http: reqwest::Client,
+}
+
+static IDS: AtomicU32 = AtomicU32::new(0);
+
+/// A request id no other request of this process used.
+pub fn fresh_id() -> String {
+    format!(
+        "mi{}x{}",
+        std::process::id(),
+        IDS.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Now, Unix epoch milliseconds.
+pub fn now_ms() -> u64 {
+    u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Fleet {
+    /// A new database and the shared config pieces.
+    pub async fn new(acquire_timeout_ms: u64) -> Fleet {
+        let dir = tempfile::tempdir().unwrap();
+        let database = PG.fresh_database().await;
+        let secret = ClientSecret::generate().unwrap().expose().to_owned();
+        let secret_file = dir.path().join("cms.secret");
+        std::fs::write(&secret_file, &secret).unwrap();
+        let password_file = PG.password_file(dir.path());
+        // Keys exist in the token before any instance opens it.
+        let _ = &*KEYS;
+        Fleet {
+            dir,
+            database,
+            apikey: "cms".into(),
+            secret,
+            secret_file,
+            password_file,
+            acquire_timeout_ms,
+        }
+    }
+
+    fn config(&self, name: &str, port: u16) -> PathBuf {
+        let text = format!(
+            r#"
+[hsm]
+module = {module:?}
+token_label = {token:?}
+pin_file = {pin:?}
+max_sessions = 4
+
+[server]
+listen = "127.0.0.1:{port}"
+allow_insecure_http = true
+max_in_flight = 128
+request_timeout_ms = 20000
+shutdown_grace_seconds = 5
+
+[store]
+database_url = {url:?}
+database_password_file = {password:?}
+acquire_timeout_ms = {acquire}
+max_connections = 8
+
+[keys]
+pan_index = {pan_index:?}
+
+[[programmes]]
+name = "test"
+bin_prefixes = ["412345"]
+cvk = {cvk:?}
+imk_dcvv = {imk_dcvv:?}
+imk_tdcvv2 = {imk_tdcvv2:?}
+window_seconds = 300
+past_windows = 1
+future_windows = 0
+single_use = true
+failure_limit = 5
+
+[[clients]]
+apikey = {apikey:?}
+secrets = [{{ file = {secret:?} }}]
+scopes = ["dynamic_values", "enrollment", "cvv2_verification", "security_codes", "dcvv_verification", "keys"]
+programmes = ["*"]
+"#,
+            module = module().display().to_string(),
+            token = TOKEN.label,
+            pin = TOKEN.pin_file.display().to_string(),
+            url = PG.url(&self.database),
+            password = self.password_file.display().to_string(),
+            acquire = self.acquire_timeout_ms,
+            pan_index = KEYS.pan_index.to_string(),
+            cvk = KEYS.cvk.to_string(),
+            imk_dcvv = KEYS.imk_dcvv.to_string(),
+            imk_tdcvv2 = KEYS.imk_tdcvv2.to_string(),
+            apikey = self.apikey,
+            secret = self.secret_file.display().to_string(),
+        );
+        let path = self.dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// Starts `dcvv-gateway serve` and waits until `/readyz` answers 200.
+    pub async fn start(&self, name: &str) -> Instance {
+        let port = free_port();
+        let config = self.config(name, port);
+        let log = self.dir.path().join(format!("{name}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_dcvv-gateway"))
+            .arg("--config")
+            .arg(&config)
+            .arg("serve")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut instance = Instance {
+            name: name.into(),
+            url: format!("http://127.0.0.1:{port}"),
+            child,
+            log,
+            apikey: self.apikey.clone(),
+            secret: self.secret.clone(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = instance.child.try_wait() {
+                panic!(
+                    "{name} exited ({status}) before it was ready:\n{}",
+                    instance.log_text()
+                );
+            }
+            if instance.readyz().await.0 == 200 {
+                return instance;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} not ready within 60 s:\n{}",
+                instance.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A raw connection to the fleet's database.
+    pub async fn db(&self) -> sqlx::PgConnection {
+        PG.connect(&self.database).await
+    }
+}
+
+impl Instance {
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// `GET /readyz`: status and body (status 0 when nothing answers).
+    pub async fn readyz(&self) -> (u16, Value) {
+        match self.http.get(format!("{}/readyz", self.url)).send().await {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                let bytes = response.bytes().await.unwrap_or_default();
+                let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                (status, body)
+            }
+            Err(_) => (0, Value::Null),
+        }
+    }
+
+    /// The signature headers of a request with this id, signed now.
+    pub fn headers(
+        &self,
+        id: &str,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> Vec<(String, String)> {
+        let timestamp_ms = now_ms();
+        let secret = ClientSecret::new(Zeroizing::new(self.secret.clone())).unwrap();
+        let tag = secret.sign(
+            &RequestToSign {
+                apikey: &self.apikey,
+                request_id: id,
+                timestamp_ms,
+                method,
+                path_and_query: path,
+                body,
+            }
+            .message(),
+        );
+        vec![
+            ("apikey".into(), self.apikey.clone()),
+            ("Timestamp".into(), timestamp_ms.to_string()),
+            ("X-Client-Request-Id".into(), id.into()),
+            ("Signature".into(), tag),
+            ("Content-Type".into(), "application/json".into()),
+        ]
+    }
+
+    /// Sends exactly these headers and body.
+    pub async fn send(&self, path: &str, headers: &[(String, String)], body: Vec<u8>) -> Answer {
+        let mut request = self.http.post(format!("{}{path}", self.url)).body(body);
+        for (k, v) in headers {
+            request = request.header(k.as_str(), v.as_str());
+        }
+        let response = request.send().await.unwrap();
+        Answer {
+            status: response.status().as_u16(),
+            headers: response.headers().clone(),
+            body: response.bytes().await.unwrap().to_vec(),
+        }
+    }
+
+    /// A signed POST with a fresh request id.
+    pub async fn post(&self, path: &str, body: &Value) -> Answer {
+        let bytes = serde_json::to_vec(body).unwrap();
+        let headers = self.headers(&fresh_id(), "POST", path, &bytes);
+        self.send(path, &headers, bytes).await
+    }
+
+    /// SIGKILL and reap (also on drop).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The Luhn check digit of `digits`.
+pub fn luhn_digit(digits: &str) -> char {
+    let sum: u32 = digits
+        .chars()
+        .rev()
+        .enumerate()
+        .map(|(i, c)| {
+            let d = c.to_digit(10).unwrap();
+            if i % 2 == 0 {
+                let d = d * 2;
+                if d > 9 { d - 9 } else { d }
+            } else {
+                d
+            }
+        })
+        .sum();
+    char::from_digit((10 - sum % 10) % 10, 10).unwrap()
+}
+
+/// A Luhn-valid 16-digit PAN in BIN 412345 whose last four digits are `n`
+/// (below 10000), so masked PANs tell cards apart in the database. The 12th
+/// digit is chosen to make the last one the Luhn check digit.
+pub fn pan(n: u32) -> String {
+    assert!(n < 10_000);
+    let last4 = format!("{n:04}");
+    (0..10)
+        .map(|y| format!("41234500000{y}{}", &last4[..3]))
+        .find(|body| luhn_digit(body).to_digit(10) == last4[3..].parse().ok())
+        .map(|body| format!("{body}{}", &last4[3..]))
+        .unwrap()
+}
