@@ -207,6 +207,30 @@ async fn concurrent_verifications_on_both_instances_approve_a_window_once() {
         .await
         .unwrap();
     assert_eq!(windows, 1);
+
+    // Each instance's own audit trail tells the same story: between them, one
+    // approval and 31 declines of this card, and each trail verifies.
+    let verifications: Vec<Value> = ["a", "b"]
+        .iter()
+        .flat_map(|name| fleet.audit_records(name))
+        .filter(|r| r["operation"] == VERIFY && r["status"] == 200)
+        .collect();
+    let outcome = |o: &str| verifications.iter().filter(|r| r["outcome"] == o).count();
+    assert_eq!(
+        (
+            outcome("approved"),
+            outcome("declined"),
+            verifications.len()
+        ),
+        (1, 31, 32),
+        "{verifications:?}"
+    );
+    for name in ["a", "b"] {
+        let dir = fleet.audit_dir(name).display().to_string();
+        let (ok, stdout, stderr) =
+            common::gateway(&fleet.config_path(name), &["audit", "verify", &dir]);
+        assert!(ok, "{name}: {stdout}{stderr}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -97,6 +97,36 @@ impl Fleet {
         }
     }
 
+    /// The config file of instance `name` (written by `start`).
+    pub fn config_path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.toml"))
+    }
+
+    /// The audit records of instance `name`, in trail order.
+    pub fn audit_records(&self, name: &str) -> Vec<Value> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(self.audit_dir(name))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+            .collect();
+        files.sort();
+        files
+            .iter()
+            .flat_map(|f| {
+                std::fs::read_to_string(f)
+                    .unwrap()
+                    .lines()
+                    .map(|l| serde_json::from_str::<Value>(l).unwrap())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// The audit trail directory of instance `name`.
+    pub fn audit_dir(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("audit-{name}"))
+    }
+
     fn config(&self, name: &str, port: u16) -> PathBuf {
         let text = format!(
             r#"
@@ -121,6 +151,11 @@ max_connections = 8
 
 [keys]
 pan_index = {pan_index:?}
+
+# Each instance writes its own audit trail (one writer per directory).
+[audit]
+directory = {audit:?}
+seal_key = {audit_seal:?}
 
 [[programmes]]
 name = "test"
@@ -147,6 +182,8 @@ programmes = ["*"]
             password = self.password_file.display().to_string(),
             acquire = self.acquire_timeout_ms,
             pan_index = KEYS.pan_index.to_string(),
+            audit = self.audit_dir(name).display().to_string(),
+            audit_seal = KEYS.audit_seal.to_string(),
             cvk = KEYS.cvk.to_string(),
             imk_dcvv = KEYS.imk_dcvv.to_string(),
             imk_tdcvv2 = KEYS.imk_tdcvv2.to_string(),
