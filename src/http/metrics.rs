@@ -1,6 +1,7 @@
 //! Prometheus metrics (`GET /metrics`): requests by route, method, status and
 //! error code; request latency by route and outcome; token call latency by
-//! operation; HSM session-pool use; requests in flight.
+//! operation; HSM session-pool use; requests in flight; whether the token is
+//! up and what its recovery did (re-initializations tried and succeeded, logins).
 //!
 //! Labels are route templates, methods, statuses, stable error codes and
 //! operation names — never a PAN, a code, a client secret or a request id.
@@ -15,6 +16,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::domain::service::HsmObserver;
+use crate::hsm::{RecoveryCounts, TokenState};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -54,6 +56,11 @@ pub struct Metrics {
     sessions_in_use: Gauge<i64, std::sync::atomic::AtomicI64>,
     sessions_max: Gauge<i64, std::sync::atomic::AtomicI64>,
     in_flight: Gauge<i64, std::sync::atomic::AtomicI64>,
+    hsm_up: Gauge<i64, std::sync::atomic::AtomicI64>,
+    hsm_losses: Counter,
+    hsm_reinit_attempts: Counter,
+    hsm_reinit_successes: Counter,
+    hsm_logins: Counter,
 }
 
 impl Default for Metrics {
@@ -76,6 +83,11 @@ impl Metrics {
         let sessions_in_use = Gauge::default();
         let sessions_max = Gauge::default();
         let in_flight = Gauge::default();
+        let hsm_up = Gauge::default();
+        let hsm_losses = Counter::default();
+        let hsm_reinit_attempts = Counter::default();
+        let hsm_reinit_successes = Counter::default();
+        let hsm_logins = Counter::default();
         registry.register(
             "http_requests",
             "HTTP requests by route template, method, status and error code",
@@ -106,6 +118,31 @@ impl Metrics {
             "Card API requests being served now",
             in_flight.clone(),
         );
+        registry.register(
+            "hsm_up",
+            "1 while the token is present and logged in, 0 while it is down",
+            hsm_up.clone(),
+        );
+        registry.register(
+            "hsm_losses",
+            "Times the token went from up to down",
+            hsm_losses.clone(),
+        );
+        registry.register(
+            "hsm_reinit_attempts",
+            "Re-initializations of the PKCS#11 library tried while the token was down",
+            hsm_reinit_attempts.clone(),
+        );
+        registry.register(
+            "hsm_reinit_successes",
+            "Re-initializations that brought the token back",
+            hsm_reinit_successes.clone(),
+        );
+        registry.register(
+            "hsm_logins",
+            "C_Login calls made by recovery (re-login and re-initialization)",
+            hsm_logins.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -114,6 +151,11 @@ impl Metrics {
             sessions_in_use,
             sessions_max,
             in_flight,
+            hsm_up,
+            hsm_losses,
+            hsm_reinit_attempts,
+            hsm_reinit_successes,
+            hsm_logins,
         }
     }
 
@@ -151,6 +193,20 @@ impl Metrics {
             .set(i64::try_from(in_use).unwrap_or(i64::MAX));
         self.sessions_max
             .set(i64::try_from(max).unwrap_or(i64::MAX));
+    }
+
+    /// The token's state and recovery counts, set just before a scrape (the
+    /// counters follow the token's own monotonic counts).
+    pub fn token(&self, state: TokenState, counts: RecoveryCounts) {
+        self.hsm_up.set(i64::from(state == TokenState::Ready));
+        for (counter, total) in [
+            (&self.hsm_losses, counts.losses),
+            (&self.hsm_reinit_attempts, counts.reinit_attempts),
+            (&self.hsm_reinit_successes, counts.reinit_successes),
+            (&self.hsm_logins, counts.logins),
+        ] {
+            counter.inc_by(total.saturating_sub(counter.get()));
+        }
     }
 
     /// The text exposition format.
@@ -202,5 +258,19 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("dcvv_hsm_sessions_max 4"), "{text}");
+        let counts = RecoveryCounts {
+            reinit_attempts: 3,
+            reinit_successes: 1,
+            logins: 2,
+            losses: 1,
+        };
+        m.token(TokenState::Missing, counts);
+        m.token(TokenState::Missing, counts);
+        let text = m.encode().unwrap();
+        assert!(text.contains("dcvv_hsm_up 0"), "{text}");
+        assert!(text.contains("dcvv_hsm_reinit_attempts_total 3"), "{text}");
+        assert!(text.contains("dcvv_hsm_reinit_successes_total 1"), "{text}");
+        m.token(TokenState::Ready, counts);
+        assert!(m.encode().unwrap().contains("dcvv_hsm_up 1"));
     }
 }
