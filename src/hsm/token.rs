@@ -810,11 +810,11 @@ impl Token {
         })?;
         // Logged out, private keys are invisible: that is a lost login to
         // recover from, not a missing key.
-        ensure_logged_in(&anchor)?;
-        let (handle, kind, info) = inspect_checked(&anchor, label.as_str())?;
+        ensure_logged_in(anchor)?;
+        let (handle, kind, info) = inspect_checked(anchor, label.as_str())?;
         let mut copies = Vec::new();
         let mut use_copy = |original: ObjectHandle| -> HsmResult<ObjectHandle> {
-            Ok(match working_copy(&anchor, original)? {
+            Ok(match working_copy(anchor, original)? {
                 Some(copy) => {
                     copies.push(copy);
                     copy
@@ -823,7 +823,7 @@ impl Token {
             })
         };
         let twin = if kind == KeyKind::Cvk {
-            let (twin, twin_kind, _) = inspect_checked(&anchor, &label.single_des_twin())?;
+            let (twin, twin_kind, _) = inspect_checked(anchor, &label.single_des_twin())?;
             if twin_kind != KeyKind::Cvk {
                 return Err(HsmError::KeyPolicy {
                     label: label.single_des_twin(),
@@ -836,7 +836,7 @@ impl Token {
         };
         let main = use_copy(handle)?;
         let kcv = match kind {
-            KeyKind::Cvk => kcv_by_encryption(&anchor, main, &self.counters)?,
+            KeyKind::Cvk => kcv_by_encryption(anchor, main, &self.counters)?,
             KeyKind::ImkDcvv | KeyKind::ImkTdcvv2 => {
                 info.check_value.ok_or_else(|| HsmError::KeyPolicy {
                     label: label.to_string(),
@@ -845,7 +845,7 @@ impl Token {
                     ],
                 })?
             }
-            KeyKind::PanIndex | KeyKind::AuditSeal => hmac_kcv(&anchor, main, &self.counters)?,
+            KeyKind::PanIndex | KeyKind::AuditSeal => hmac_kcv(anchor, main, &self.counters)?,
         };
         Ok(LoadedKey {
             kind,
