@@ -194,7 +194,23 @@ async fn the_token_goes_away_requests_fail_fast_and_it_comes_back_without_restar
 
     for cycle in 0..3u64 {
         let away = take_token_away();
-        // The watchdog notices without any request.
+        if cycle > 0 {
+            // A request may find out before the watchdog does: 503 too, fast.
+            let started = Instant::now();
+            let first = gw
+                .call(
+                    "POST",
+                    CODES,
+                    &card(json!({"kind": "cvv", "serviceCode": "101"})),
+                )
+                .await;
+            assert_eq!(
+                (first.status, first.code()),
+                (503, "hsm_unavailable".into())
+            );
+            assert!(started.elapsed() < FAIL_FAST);
+        }
+        // Without traffic (first cycle), the watchdog notices.
         let (_, noticed) = within(DETECTION, "the watchdog marks the token missing", || {
             let token = token.clone();
             async move { (token.state() == TokenState::Missing).then_some(()) }
@@ -465,4 +481,81 @@ fn running_as_root() -> bool {
             .find(|l| l.starts_with("Uid:"))
             .is_some_and(|l| l.split_whitespace().nth(1) == Some("0"))
     })
+}
+
+/// Requests in flight while the token goes and comes back get either their
+/// right answer or a fast 503: never a wrong value, a 500 or another code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_under_load_get_the_right_answer_or_a_fast_503() {
+    let gw = std::sync::Arc::new(TestGateway::start(Options::default()).await);
+    let (values, cvv) = served(&gw).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = (0..2)
+        .map(|worker| {
+            let (gw, stop, values, cvv) = (gw.clone(), stop.clone(), values.clone(), cvv.clone());
+            tokio::spawn(async move {
+                let (mut ok, mut refused, mut slowest) = (0u32, 0u32, Duration::ZERO);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let started = Instant::now();
+                    let (answer, expected, field) = if worker == 0 {
+                        let a = gw
+                            .call(
+                                "POST",
+                                CODES,
+                                &card(json!({"kind": "cvv", "serviceCode": "101"})),
+                            )
+                            .await;
+                        (a, cvv.clone(), "securityCode")
+                    } else {
+                        let a = gw
+                            .call("POST", VALUES, &card(json!({"numberOfValues": 1})))
+                            .await;
+                        (a, values[0].clone(), "dcvv2")
+                    };
+                    slowest = slowest.max(started.elapsed());
+                    match answer.status {
+                        200 => {
+                            assert_eq!(answer.json()[field], expected.as_str());
+                            ok += 1;
+                        }
+                        503 => {
+                            assert_eq!(answer.code(), "hsm_unavailable");
+                            refused += 1;
+                        }
+                        other => {
+                            panic!("status {other}: {}", String::from_utf8_lossy(&answer.body))
+                        }
+                    }
+                }
+                (ok, refused, slowest)
+            })
+        })
+        .collect::<Vec<_>>();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let away = take_token_away();
+    within(DETECTION, "the token is missing", || async {
+        (gw.state.token().state() == TokenState::Missing).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    away.put_back();
+    until_ready(&gw).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for (worker, task) in load.into_iter().enumerate() {
+        let (ok, refused, slowest) = task.await.unwrap();
+        eprintln!(
+            "worker {worker}: {ok} served, {refused} refused, slowest {} ms",
+            slowest.as_millis()
+        );
+        assert!(
+            ok > 0 && refused > 0,
+            "worker {worker}: {ok} served, {refused} refused"
+        );
+        assert!(
+            slowest < Duration::from_secs(2),
+            "no request waited on the token"
+        );
+    }
+    assert_eq!(served(&gw).await, (values, cvv));
 }
