@@ -284,8 +284,37 @@ async fn the_token_goes_away_requests_fail_fast_and_it_comes_back_without_restar
     gw.stop().await;
 }
 
+/// Every log line of the process (the only test of this file that installs a
+/// global subscriber).
+#[derive(Clone, Default)]
+struct Capture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Capture {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pin_refused_at_re_login_is_never_retried_and_a_fixed_pin_recovers() {
+    let capture = Capture::default();
+    let writer = capture.clone();
+    tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .init();
+    let wrong = "00112233445566778899aabbccddeeff";
     let gw = TestGateway::start(Options::default()).await;
     let token = gw.state.token().clone();
     let (values, cvv) = served(&gw).await;
@@ -295,7 +324,7 @@ async fn a_pin_refused_at_re_login_is_never_retried_and_a_fixed_pin_recovers() {
         (readyz(&gw).await.1["hsm"] == "missing").then_some(())
     })
     .await;
-    let right = set_pin("00112233445566778899aabbccddeeff");
+    let right = set_pin(wrong);
     away.put_back();
 
     // The token is back but refuses the new PIN: readiness says so.
@@ -328,6 +357,17 @@ async fn a_pin_refused_at_re_login_is_never_retried_and_a_fixed_pin_recovers() {
     );
     assert_eq!(served(&gw).await, (values, cvv));
     gw.stop().await;
+
+    // Operators see the loss, the refusal and the return once each; never a PIN.
+    let log = capture.text();
+    let count = |what: &str| log.matches(what).count();
+    assert_eq!(count("token lost"), 1, "{log}");
+    assert_eq!(count("the token refused the PIN"), 1, "{log}");
+    assert_eq!(count("token back"), 1, "{log}");
+    assert!(
+        !log.contains(wrong) && !log.contains(&right),
+        "a PIN in the log"
+    );
 }
 
 /// Exactly what SoftHSM 2.6 still does from open sessions once the token

@@ -51,6 +51,7 @@ pub fn take_token_away() -> Away {
     let home = token_dir();
     let dir = TOKEN.dir.join("away");
     std::fs::create_dir_all(&dir).unwrap();
+    prune_stranded(&dir);
     let away = dir.join(&TOKEN.label);
     std::fs::rename(&home, &away).unwrap();
     assert!(!home.exists());
@@ -80,6 +81,24 @@ impl Drop for Away {
         if !self.back {
             let _ = std::fs::rename(&self.away, &self.home);
             self.back = true;
+        }
+    }
+}
+
+/// Deletes tokens stranded in `away/` by test processes killed before their
+/// guard ran: those whose owner file is gone (pruned) and that are over ten
+/// minutes old. A live process's token always has its owner file.
+fn prune_stranded(dir: &std::path::Path) {
+    let owners = TOKEN.dir.join("owners");
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| std::time::SystemTime::now().duration_since(t).ok())
+            .is_some_and(|age| age > Duration::from_secs(600));
+        if old && !owners.join(entry.file_name()).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
         }
     }
 }
