@@ -240,4 +240,53 @@ mod tests {
         ));
         assert!(!e.is_stale_handle());
     }
+
+    #[test]
+    fn failed_recoveries_say_why_the_token_is_down() {
+        let state = |rv, function| HsmError::from(CkError::Pkcs11(rv, function)).token_state();
+        assert_eq!(
+            state(RvError::PinIncorrect, Function::Login),
+            TokenState::PinRefused
+        );
+        assert_eq!(
+            state(RvError::PinLocked, Function::Login),
+            TokenState::PinLocked
+        );
+        for rv in [
+            RvError::TokenNotPresent,
+            RvError::DeviceRemoved,
+            RvError::SlotIdInvalid,
+        ] {
+            assert_eq!(state(rv, Function::OpenSession), TokenState::Missing);
+        }
+        assert_eq!(
+            state(RvError::GeneralError, Function::Initialize),
+            TokenState::Failed
+        );
+        let missing = HsmError::TokenNotFound { label: "t".into() };
+        assert_eq!(missing.token_state(), TokenState::Missing);
+        let down = HsmError::TokenDown {
+            state: TokenState::PinRefused,
+        };
+        assert!(down.is_unavailable());
+        assert!(
+            !down.is_stale_handle(),
+            "a down token is not retried per call"
+        );
+        assert_eq!(
+            down.to_string(),
+            "token unavailable (pin_refused); re-initialization is retried in the background"
+        );
+    }
+
+    #[test]
+    fn what_a_vanished_token_looks_like_is_checked_not_blamed_on_the_request() {
+        let lost = |rv| HsmError::from(CkError::Pkcs11(rv, Function::EncryptInit));
+        assert!(lost(RvError::ObjectHandleInvalid).may_mean_token_lost());
+        assert!(lost(RvError::DeviceRemoved).may_mean_token_lost());
+        assert!(lost(RvError::GeneralError).may_mean_token_lost());
+        assert!(HsmError::KeyNotFound { label: "k".into() }.may_mean_token_lost());
+        assert!(!lost(RvError::MechanismInvalid).may_mean_token_lost());
+        assert!(!HsmError::WrongPin.may_mean_token_lost());
+    }
 }
