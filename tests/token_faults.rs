@@ -29,6 +29,7 @@ const VERIFY: &str = "/cards/cvv2/verification";
 const CODES: &str = "/cards/security-codes";
 const DCVV: &str = "/cards/dcvv/verification";
 const ENQUIRY: &str = "/cards/dynamic-cvv2/enquiry";
+const ENROL: &str = "/cards/dynamic-cvv2/enrollment";
 
 /// A refused request must be fast: this is a correctness bound (no waiting on
 /// a dead token, no re-initialization on the request path), not a benchmark.
@@ -82,6 +83,7 @@ async fn every_request(gw: &TestGateway, cvv2: &str) -> Vec<(&'static str, Answe
             "enrolment enquiry",
             gw.call("POST", ENQUIRY, &card(json!({}))).await,
         ),
+        ("enrolment", gw.call("POST", ENROL, &card(json!({}))).await),
         ("key inventory", gw.call("GET", "/keys", &Value::Null).await),
     ]
 }
@@ -152,7 +154,7 @@ async fn all_refused_fast(gw: &TestGateway, cvv2: &str) {
                 "{what}: Retry-After"
             );
         }
-        let each = started.elapsed() / 6;
+        let each = started.elapsed() / 7;
         eprintln!("refused in {} µs each", each.as_micros());
         assert!(
             each < FAIL_FAST,
