@@ -1,7 +1,9 @@
 //! The token goes away and comes back (issue 4, part 5; DESIGN 7.6), on a real
 //! gateway over this process's own SoftHSM token, with real signed requests.
 //!
-//! SoftHSM is taken away by moving its token directory (`common::faults`).
+//! SoftHSM is taken away by moving its token directory (`common::faults`);
+//! each test runs in a child process with a SoftHSM token directory of its own,
+//! so the moves disturb no other test process.
 //! What was found on SoftHSM 2.6 (`softhsm_after_the_token_directory_is_gone`):
 //! it reads its tokens at `C_Initialize` only; once the directory is gone,
 //! `C_GetTokenInfo` fails, token objects are invalid handles and `C_FindObjects`
@@ -19,7 +21,7 @@ mod reference;
 
 use std::time::{Duration, Instant};
 
-use common::faults::{set_pin, take_token_away, within};
+use common::faults::{in_private_softhsm, set_pin, take_token_away, within};
 use common::http::{Answer, EXPIRY, K, K4, Options, PAN, T0, TestGateway, card, key};
 use dcvv_gateway::hsm::{MAX_BACKOFF, TokenState};
 use serde_json::{Value, json};
@@ -180,6 +182,11 @@ async fn until_ready(gw: &TestGateway) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_token_goes_away_requests_fail_fast_and_it_comes_back_without_restart() {
+    if !in_private_softhsm(
+        "the_token_goes_away_requests_fail_fast_and_it_comes_back_without_restart",
+    ) {
+        return;
+    }
     let gw = TestGateway::start(Options::default()).await;
     let token = gw.state.token().clone();
     let t = T0 / 300;
@@ -191,8 +198,7 @@ async fn the_token_goes_away_requests_fail_fast_and_it_comes_back_without_restar
         ("approved".into(), "dynamic".into())
     );
     assert_eq!(readyz(&gw).await.0, 200);
-    // Counts are the token's, for the whole process (`cargo test` runs the
-    // tests of this file in one process).
+    // Counts are the token's since the process started.
     let start = token.recovery_counts();
 
     for cycle in 0..3u64 {
@@ -311,6 +317,9 @@ impl Capture {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pin_refused_at_re_login_is_never_retried_and_a_fixed_pin_recovers() {
+    if !in_private_softhsm("a_pin_refused_at_re_login_is_never_retried_and_a_fixed_pin_recovers") {
+        return;
+    }
     let capture = Capture::default();
     let writer = capture.clone();
     tracing_subscriber::fmt()
@@ -378,6 +387,9 @@ async fn a_pin_refused_at_re_login_is_never_retried_and_a_fixed_pin_recovers() {
 /// directory is gone, and that only a re-initialization sees it again.
 #[test]
 fn softhsm_after_the_token_directory_is_gone() {
+    if !in_private_softhsm("softhsm_after_the_token_directory_is_gone") {
+        return;
+    }
     use cryptoki::error::{Error, RvError};
     use cryptoki::mechanism::Mechanism;
     use cryptoki::object::{Attribute, ObjectClass};
@@ -531,6 +543,9 @@ fn running_as_root() -> bool {
 /// right answer or a fast 503: never a wrong value, a 500 or another code.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_under_load_get_the_right_answer_or_a_fast_503() {
+    if !in_private_softhsm("requests_under_load_get_the_right_answer_or_a_fast_503") {
+        return;
+    }
     let gw = std::sync::Arc::new(TestGateway::start(Options::default()).await);
     let (values, cvv) = served(&gw).await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

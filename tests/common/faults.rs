@@ -5,14 +5,73 @@
 //! one of this process is found by its unique label in `token.object`. Taking
 //! it away renames the directory out of `tokens/` (to `away/<label>`, same file
 //! system, so it is one atomic rename): as root, `chmod 000` does not take it
-//! away (root ignores the mode; checked in `tests/token_faults.rs`). Only this
-//! process's own token moves, so no other test process is affected. A guard
+//! away (root ignores the mode; checked in `tests/token_faults.rs`). A guard
 //! puts the token back if the test fails half-way.
+//!
+//! Moving a directory in the `tokens/` directory every test process shares
+//! disturbs the others: a process that initializes SoftHSM or lists its slots at
+//! that moment can see a token half-gone, and `softhsm2-util --init-token` can
+//! fail after creating its token (the retry then makes a second token with the
+//! same label). So a fault test runs in a child process of its test binary with
+//! a SoftHSM configuration and token directory of its own
+//! ([`in_private_softhsm`]).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use super::TOKEN;
+
+/// Set in the child process that runs a fault test's body.
+const PRIVATE: &str = "DCVV_TEST_PRIVATE_SOFTHSM";
+
+/// Runs `test` (the name of the calling test function) again in a child
+/// process of this test binary whose `SOFTHSM2_CONF` points at a directory of
+/// its own, so its token directory can be moved without touching the shared
+/// one. Returns `true` in the child, which runs the test's body; in the parent
+/// it waits for the child, fails if the child failed, deletes the child's
+/// SoftHSM directory and returns `false`. Call it before anything touches the
+/// token.
+pub fn in_private_softhsm(test: &str) -> bool {
+    if std::env::var_os(PRIVATE).is_some() {
+        return true;
+    }
+    let shared = PathBuf::from(std::env::var("SOFTHSM2_CONF").unwrap());
+    let private = shared.parent().unwrap().join("private");
+    std::fs::create_dir_all(&private).unwrap();
+    prune_private(&private);
+    let dir = private.join(std::process::id().to_string());
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env("SOFTHSM2_CONF", dir.join("softhsm2.conf"))
+        .env(PRIVATE, "1")
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{test} failed in its child process");
+    // A name that matched no test would pass silently: the child ran exactly it.
+    assert!(
+        stdout.contains("test result: ok. 1 passed"),
+        "{test} did not run in its child process"
+    );
+    false
+}
+
+/// Deletes the private SoftHSM directories of parent processes that are gone.
+fn prune_private(private: &Path) {
+    for entry in std::fs::read_dir(private).into_iter().flatten().flatten() {
+        let alive = entry
+            .file_name()
+            .to_str()
+            .is_none_or(|pid| Path::new("/proc").join(pid).exists());
+        if !alive {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
 
 /// The directory of this process's token under `tokens/`.
 pub fn token_dir() -> PathBuf {
@@ -51,7 +110,6 @@ pub fn take_token_away() -> Away {
     let home = token_dir();
     let dir = TOKEN.dir.join("away");
     std::fs::create_dir_all(&dir).unwrap();
-    prune_stranded(&dir);
     let away = dir.join(&TOKEN.label);
     std::fs::rename(&home, &away).unwrap();
     assert!(!home.exists());
@@ -81,24 +139,6 @@ impl Drop for Away {
         if !self.back {
             let _ = std::fs::rename(&self.away, &self.home);
             self.back = true;
-        }
-    }
-}
-
-/// Deletes tokens stranded in `away/` by test processes killed before their
-/// guard ran: those whose owner file is gone (pruned) and that are over ten
-/// minutes old. A live process's token always has its owner file.
-fn prune_stranded(dir: &std::path::Path) {
-    let owners = TOKEN.dir.join("owners");
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let old = entry
-            .metadata()
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| std::time::SystemTime::now().duration_since(t).ok())
-            .is_some_and(|age| age > Duration::from_secs(600));
-        if old && !owners.join(entry.file_name()).exists() {
-            let _ = std::fs::remove_dir_all(entry.path());
         }
     }
 }
