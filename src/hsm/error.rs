@@ -9,6 +9,8 @@ use std::path::PathBuf;
 use cryptoki::context::Function;
 use cryptoki::error::{Error as CkError, RvError};
 
+use super::availability::TokenState;
+
 /// What went wrong in the token, classified so callers can decide without matching
 /// PKCS#11 return codes themselves.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +89,13 @@ pub enum HsmError {
         /// Its return value.
         rv: RvError,
     },
+    /// The token is down (gone, PIN refused or locked, library failing): calls
+    /// fail at once without touching it while recovery retries in the background.
+    #[error("token unavailable ({state}); re-initialization is retried in the background")]
+    TokenDown {
+        /// Why.
+        state: TokenState,
+    },
     /// Any other PKCS#11 failure.
     #[error("PKCS#11 {function} failed: {rv:?}")]
     Pkcs11 {
@@ -122,8 +131,50 @@ impl HsmError {
     pub fn is_unavailable(&self) -> bool {
         matches!(
             self,
-            HsmError::Unavailable { .. } | HsmError::Busy { .. } | HsmError::Worker(_)
+            HsmError::Unavailable { .. }
+                | HsmError::TokenDown { .. }
+                | HsmError::Busy { .. }
+                | HsmError::Worker(_)
         )
+    }
+
+    /// Whether the failure could mean the token itself went away, so its
+    /// presence is worth checking before blaming the request or the key: a
+    /// vanished SoftHSM token answers with invalid handles and finds no keys.
+    pub(crate) fn may_mean_token_lost(&self) -> bool {
+        matches!(
+            self,
+            HsmError::Unavailable { .. }
+                | HsmError::TokenNotFound { .. }
+                | HsmError::KeyNotFound { .. }
+                | HsmError::Pkcs11 {
+                    rv: RvError::ObjectHandleInvalid
+                        | RvError::KeyHandleInvalid
+                        | RvError::GeneralError
+                        | RvError::FunctionFailed,
+                    ..
+                }
+        )
+    }
+
+    /// What this failure of a re-login or re-initialization says about the token.
+    pub(crate) fn token_state(&self) -> TokenState {
+        match self {
+            HsmError::WrongPin => TokenState::PinRefused,
+            HsmError::PinLocked => TokenState::PinLocked,
+            HsmError::PinUnavailable(_) => TokenState::PinUnavailable,
+            HsmError::TokenNotFound { .. }
+            | HsmError::Unavailable {
+                rv:
+                    RvError::TokenNotPresent
+                    | RvError::DeviceRemoved
+                    | RvError::TokenNotRecognized
+                    | RvError::SlotIdInvalid,
+                ..
+            } => TokenState::Missing,
+            HsmError::TokenDown { state } => *state,
+            _ => TokenState::Failed,
+        }
     }
 }
 
@@ -148,6 +199,7 @@ fn classify(rv: RvError, function: Function) -> HsmError {
         | RvError::DeviceRemoved
         | RvError::DeviceError
         | RvError::DeviceMemory
+        | RvError::SlotIdInvalid
         | RvError::UserNotLoggedIn
         | RvError::CryptokiNotInitialized => HsmError::Unavailable { function, rv },
         _ => HsmError::Pkcs11 { function, rv },
@@ -187,5 +239,54 @@ mod tests {
             Function::Encrypt,
         ));
         assert!(!e.is_stale_handle());
+    }
+
+    #[test]
+    fn failed_recoveries_say_why_the_token_is_down() {
+        let state = |rv, function| HsmError::from(CkError::Pkcs11(rv, function)).token_state();
+        assert_eq!(
+            state(RvError::PinIncorrect, Function::Login),
+            TokenState::PinRefused
+        );
+        assert_eq!(
+            state(RvError::PinLocked, Function::Login),
+            TokenState::PinLocked
+        );
+        for rv in [
+            RvError::TokenNotPresent,
+            RvError::DeviceRemoved,
+            RvError::SlotIdInvalid,
+        ] {
+            assert_eq!(state(rv, Function::OpenSession), TokenState::Missing);
+        }
+        assert_eq!(
+            state(RvError::GeneralError, Function::Initialize),
+            TokenState::Failed
+        );
+        let missing = HsmError::TokenNotFound { label: "t".into() };
+        assert_eq!(missing.token_state(), TokenState::Missing);
+        let down = HsmError::TokenDown {
+            state: TokenState::PinRefused,
+        };
+        assert!(down.is_unavailable());
+        assert!(
+            !down.is_stale_handle(),
+            "a down token is not retried per call"
+        );
+        assert_eq!(
+            down.to_string(),
+            "token unavailable (pin_refused); re-initialization is retried in the background"
+        );
+    }
+
+    #[test]
+    fn what_a_vanished_token_looks_like_is_checked_not_blamed_on_the_request() {
+        let lost = |rv| HsmError::from(CkError::Pkcs11(rv, Function::EncryptInit));
+        assert!(lost(RvError::ObjectHandleInvalid).may_mean_token_lost());
+        assert!(lost(RvError::DeviceRemoved).may_mean_token_lost());
+        assert!(lost(RvError::GeneralError).may_mean_token_lost());
+        assert!(HsmError::KeyNotFound { label: "k".into() }.may_mean_token_lost());
+        assert!(!lost(RvError::MechanismInvalid).may_mean_token_lost());
+        assert!(!HsmError::WrongPin.may_mean_token_lost());
     }
 }

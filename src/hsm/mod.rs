@@ -9,6 +9,7 @@
 //! PKCS#11 calls block: async code reaches the token only through [`blocking`].
 
 mod admin;
+mod availability;
 mod error;
 mod mechanism;
 mod policy;
@@ -16,6 +17,7 @@ mod pool;
 mod token;
 
 pub use admin::{Component, CreatedKey, KeyListing};
+pub use availability::{FIRST_BACKOFF, MAX_BACKOFF, RecoveryCounts, TokenState};
 pub use error::{HsmError, HsmResult};
 pub use policy::{Kcv, KeyAttributes, KeyKind, KeyLabel, Usage};
 pub use token::{CvvCipher, CvvKeySource, HsmSettings, OpCounts, PinSource, Token};

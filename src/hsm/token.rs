@@ -8,13 +8,25 @@
 //! every use (issue 2: about twice the throughput). Per-card keys are derived
 //! into the session of the call and destroyed before it returns, on every path.
 //!
+//! Recovery has two levels (DESIGN 7.6). A stale session or handle (the token
+//! dropped the login, a session was closed) is repaired inside the call: re-open,
+//! log in again, re-resolve keys, once. A token that went away (device removed,
+//! link down, SoftHSM's token directory gone) cannot be repaired that way: SoftHSM
+//! reads its tokens at `C_Initialize` and does not see one come back until the
+//! library is finalized and initialized again. So the token is marked down,
+//! every call fails at once with `TokenDown` (503), and [`Token::maintain`] —
+//! run every second by the gateway's watchdog and by `/readyz` — re-initializes
+//! the library on a backoff (see `availability`), under the exclusive side of
+//! the `library` lock that every other use of the library holds shared.
+//!
 //! Nothing here knows about cards: callers pass labels, blocks and derivation data.
 
 use std::collections::HashMap;
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, TryLockError};
+use std::time::{Duration, Instant};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
@@ -26,6 +38,7 @@ use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 use zeroize::Zeroizing;
 
+use super::availability::{Availability, RecoveryCounts, TokenState, pin_digest};
 use super::error::{HsmError, HsmResult};
 use super::mechanism::{
     AllowedMechanisms, allowed_mechanisms, des3_ecb_encrypt_data, read_allowed_mechanisms,
@@ -44,7 +57,9 @@ pub enum PinSource {
 }
 
 impl PinSource {
-    fn read(&self) -> HsmResult<AuthPin> {
+    /// Reads the PIN now (again at every re-initialization: an operator may fix
+    /// a refused PIN while the gateway runs).
+    fn read(&self) -> HsmResult<Zeroizing<String>> {
         let raw = Zeroizing::new(match self {
             PinSource::Env(name) => std::env::var(name).map_err(|_| {
                 HsmError::PinUnavailable(format!("environment variable {name} is not set"))
@@ -57,7 +72,7 @@ impl PinSource {
         if pin.is_empty() {
             return Err(HsmError::PinUnavailable("the PIN is empty".into()));
         }
-        Ok(AuthPin::from(pin.to_owned()))
+        Ok(Zeroizing::new(pin.to_owned()))
     }
 }
 
@@ -300,12 +315,19 @@ pub(crate) fn session_des_encrypt_template() -> Vec<Attribute> {
 /// An open, logged-in token.
 pub struct Token {
     ctx: Pkcs11,
+    /// Held shared by every use of the library (a call, a key command), and
+    /// exclusively by a re-initialization, which finalizes the library under
+    /// everyone's sessions. Shared holders only ever `try_read`: while a
+    /// re-initialization runs or waits they fail at once instead of queueing.
+    library: RwLock<()>,
     /// Found by label at open and again at every recovery: a restarted token
     /// may come back in another slot.
     slot: Mutex<Slot>,
     label: String,
-    pin: AuthPin,
-    anchor: Mutex<Session>,
+    pin_source: PinSource,
+    pin: Mutex<Zeroizing<String>>,
+    /// `None` only between the teardown and the end of a re-initialization.
+    anchor: Mutex<Option<Session>>,
     pool: SessionPool,
     keys: RwLock<HashMap<KeyLabel, Arc<LoadedKey>>>,
     counters: OpCounters,
@@ -313,6 +335,23 @@ pub struct Token {
     /// (`CKR_GENERAL_ERROR`) when two threads write its file store at once, and a
     /// key ceremony gains nothing from parallelism.
     admin: Mutex<()>,
+    availability: Availability,
+}
+
+/// A read-write session for key management, holding the library lock shared
+/// (a re-initialization waits for the command to end).
+pub(crate) struct AdminSession<'t> {
+    // Field order is drop order: the session closes before the lock is released.
+    session: Session,
+    _library: RwLockReadGuard<'t, ()>,
+}
+
+impl Deref for AdminSession<'_> {
+    type Target = Session;
+
+    fn deref(&self) -> &Session {
+        &self.session
+    }
 }
 
 impl std::fmt::Debug for Token {
@@ -339,14 +378,17 @@ impl Token {
         tracing::info!(token = %settings.token_label, "logged in to the token");
         Ok(Token {
             ctx,
+            library: RwLock::new(()),
             slot: Mutex::new(slot),
             label: settings.token_label.clone(),
-            pin,
-            anchor: Mutex::new(anchor),
+            pin_source: settings.pin.clone(),
+            pin: Mutex::new(pin),
+            anchor: Mutex::new(Some(anchor)),
             pool: SessionPool::new(settings.max_sessions, settings.checkout_timeout),
             keys: RwLock::new(HashMap::new()),
             counters: OpCounters::default(),
             admin: Mutex::new(()),
+            availability: Availability::new(),
         })
     }
 
@@ -366,10 +408,10 @@ impl Token {
         } = self;
         drop(keys);
         drop(pool);
-        let anchor = anchor.into_inner().unwrap_or_else(|p| p.into_inner());
-        // Logging out fails only if the login is already gone.
-        let _ = anchor.logout();
-        drop(anchor);
+        if let Some(anchor) = anchor.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            // Logging out fails only if the login is already gone.
+            let _ = anchor.logout();
+        }
         Ok(ctx.finalize()?)
     }
 
@@ -386,24 +428,93 @@ impl Token {
         *self.slot.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn anchor(&self) -> MutexGuard<'_, Session> {
+    fn anchor(&self) -> MutexGuard<'_, Option<Session>> {
         self.anchor.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The library lock, shared; fails at once while the token is down or a
+    /// re-initialization runs (invariant 6: fail fast, never queue on a dead token).
+    fn shared(&self) -> HsmResult<RwLockReadGuard<'_, ()>> {
+        if !self.availability.is_up() {
+            return Err(self.down());
+        }
+        match self.library.try_read() {
+            Ok(guard) => Ok(guard),
+            Err(TryLockError::Poisoned(p)) => Ok(p.into_inner()),
+            Err(TryLockError::WouldBlock) => Err(self.down()),
+        }
+    }
+
+    fn down(&self) -> HsmError {
+        HsmError::TokenDown {
+            state: match self.availability.state() {
+                // Up, but a re-initialization holds the library.
+                TokenState::Ready => TokenState::Failed,
+                state => state,
+            },
+        }
+    }
+
+    /// Marks the token down (level 2 of recovery) and returns the error callers get.
+    fn lost(&self, state: TokenState) -> HsmError {
+        if self.availability.went_down(state, Instant::now()) {
+            tracing::error!(
+                token = %self.label,
+                state = %state,
+                "token lost; requests fail with 503 until it is back (re-initialization \
+                 is retried in the background)"
+            );
+        }
+        HsmError::TokenDown { state }
+    }
+
+    /// Whether the token still answers `C_GetTokenInfo` on its slot with its
+    /// label. Open sessions do not tell: SoftHSM keeps reporting them logged in
+    /// after the token's directory is gone.
+    fn present(&self) -> bool {
+        self.ctx
+            .get_token_info(self.slot())
+            .is_ok_and(|info| info.token_initialized() && info.label().trim_end() == self.label)
+    }
+
     /// Runs `f` on a pooled session; on a stale session or handle, recovers once
-    /// (re-open, re-login, re-resolve keys) and runs `f` again.
+    /// (re-open, re-login, re-resolve keys) and runs `f` again. A failure that
+    /// comes from the token having gone away marks it down.
     pub(crate) fn with_session<R>(
         &self,
         mut f: impl FnMut(&Session) -> HsmResult<R>,
     ) -> HsmResult<R> {
+        let _library = self.shared()?;
         match self.attempt(&mut f) {
+            Err(e) if e.may_mean_token_lost() && !self.present() => {
+                tracing::warn!(error = %e, "token call failed and the token is gone");
+                Err(self.lost(TokenState::Missing))
+            }
             Err(e) if e.is_stale_handle() => {
                 tracing::warn!(error = %e, "token session or handle went stale; recovering once");
-                self.recover()?;
-                self.attempt(&mut f)
+                if let Err(e) = self.recover() {
+                    return Err(self.recovery_failed(e));
+                }
+                match self.attempt(&mut f) {
+                    Err(e) if e.may_mean_token_lost() && !self.present() => {
+                        Err(self.lost(TokenState::Missing))
+                    }
+                    other => other,
+                }
             }
             other => other,
         }
+    }
+
+    /// The first level of recovery failed: the second level takes over.
+    fn recovery_failed(&self, e: HsmError) -> HsmError {
+        tracing::warn!(error = %e, "re-opening and logging in again failed");
+        let state = e.token_state();
+        if state == TokenState::PinRefused {
+            let digest = pin_digest(&self.pin.lock().unwrap_or_else(|p| p.into_inner()));
+            self.availability.refuse_pin(digest);
+        }
+        self.lost(state)
     }
 
     fn attempt<R>(&self, f: &mut impl FnMut(&Session) -> HsmResult<R>) -> HsmResult<R> {
@@ -424,9 +535,147 @@ impl Token {
         *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = slot;
         let mut anchor = self.anchor();
         let fresh = self.ctx.open_ro_session(slot)?;
-        login(&fresh, &self.pin)?;
-        *anchor = fresh;
+        let pin = self.pin.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        self.availability.count_login();
+        login(&fresh, &pin)?;
+        *anchor = Some(fresh);
         Ok(())
+    }
+
+    /// Checks the token and brings it back when it is down: the second level of
+    /// recovery. While ready, asks the token for its info (a real call) and
+    /// repairs a lost login; while down, runs a re-initialization when the
+    /// backoff allows. Blocking; the gateway's watchdog calls it every second
+    /// and `/readyz` on every probe. Returns the state after the check.
+    pub fn maintain(&self) -> TokenState {
+        if self.availability.is_up() {
+            match self.check() {
+                Ok(()) => return TokenState::Ready,
+                // Still up: the check could not run (a re-initialization holds
+                // the library). Otherwise `check` marked the token down.
+                Err(e) if self.availability.is_up() => return e.token_state(),
+                Err(_) => {}
+            }
+        }
+        self.reinitialize_if_due();
+        self.availability.state()
+    }
+
+    /// One health check while ready: the token answers on its slot and the
+    /// anchor session is logged in (a lost login is repaired, as in a call).
+    fn check(&self) -> HsmResult<()> {
+        let _library = self.shared()?;
+        if !self.present() {
+            return Err(self.lost(TokenState::Missing));
+        }
+        let logged_in = self
+            .anchor()
+            .as_ref()
+            .is_some_and(|anchor| ensure_logged_in(anchor).is_ok());
+        if !logged_in {
+            tracing::warn!("the token dropped the login; logging in again");
+            if let Err(e) = self.recover() {
+                return Err(self.recovery_failed(e));
+            }
+        }
+        Ok(())
+    }
+
+    fn reinitialize_if_due(&self) {
+        let Some(_attempt) = self.availability.try_attempt() else {
+            return;
+        };
+        if !self.availability.attempt_due(Instant::now()) {
+            return;
+        }
+        // The PIN first, without touching the token: a PIN the token refused
+        // is never offered again (retrying would lock the token).
+        let pin = match self.pin_source.read() {
+            Ok(pin) => pin,
+            Err(e) => {
+                tracing::warn!(error = %e, "token re-initialization waits for the PIN");
+                self.availability
+                    .attempt_failed(TokenState::PinUnavailable, Instant::now());
+                return;
+            }
+        };
+        let digest = pin_digest(&pin);
+        if self.availability.is_refused(&digest) {
+            self.availability.still_refused();
+            return;
+        }
+        self.availability.count_attempt();
+        let started = Instant::now();
+        let result = {
+            let _exclusive = self.library.write().unwrap_or_else(|p| p.into_inner());
+            self.reinitialize(&pin)
+        };
+        match result {
+            Ok(()) => {
+                *self.pin.lock().unwrap_or_else(|p| p.into_inner()) = pin;
+                self.availability.recovered();
+                tracing::info!(
+                    token = %self.label,
+                    elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    "token back: library re-initialized and logged in"
+                );
+            }
+            Err(e) => {
+                let state = e.token_state();
+                if state == TokenState::PinRefused {
+                    self.availability.refuse_pin(digest);
+                    tracing::error!(
+                        token = %self.label,
+                        "the token refused the PIN; it will not be tried again until \
+                         the PIN source changes"
+                    );
+                } else {
+                    tracing::warn!(token = %self.label, state = %state, error = %e, "token re-initialization failed; retrying later");
+                }
+                self.availability.attempt_failed(state, Instant::now());
+            }
+        }
+    }
+
+    /// Closes every session, finalizes and initializes the library, finds the
+    /// token by label and logs in. Runs under the exclusive library lock.
+    fn reinitialize(&self, pin: &Zeroizing<String>) -> HsmResult<()> {
+        self.keys.write().unwrap_or_else(|p| p.into_inner()).clear();
+        self.pool.clear();
+        let mut anchor = self.anchor();
+        *anchor = None;
+        // `C_Finalize` fails only when the library is not initialized; either
+        // way the next step starts from a clean library.
+        if let Err(e) = self.ctx.clone().finalize() {
+            tracing::debug!(error = %HsmError::from(e), "C_Finalize before re-initialization");
+        }
+        match self
+            .ctx
+            .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        {
+            Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let slot = find_token(&self.ctx, &self.label)?;
+        *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = slot;
+        if self.ctx.get_token_info(slot)?.user_pin_locked() {
+            return Err(HsmError::PinLocked);
+        }
+        let fresh = self.ctx.open_ro_session(slot)?;
+        self.availability.count_login();
+        login(&fresh, pin)?;
+        *anchor = Some(fresh);
+        Ok(())
+    }
+
+    /// What the gateway knows about the token now, without calling it.
+    pub fn state(&self) -> TokenState {
+        self.availability.state()
+    }
+
+    /// What recovery has done so far (metrics).
+    pub fn recovery_counts(&self) -> RecoveryCounts {
+        self.availability.counts()
     }
 
     fn cvv_keys<R>(
@@ -550,8 +799,9 @@ impl Token {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(label);
-        if let Some(key) = removed {
-            let anchor = self.anchor();
+        if let Some(key) = removed
+            && let Some(anchor) = self.anchor().as_ref()
+        {
             for &handle in &key.copies {
                 // Best effort: a copy left behind dies with the anchor session.
                 let _ = anchor.destroy_object(handle);
@@ -577,14 +827,18 @@ impl Token {
     }
 
     fn resolve(&self, label: &KeyLabel) -> HsmResult<LoadedKey> {
-        let anchor = self.anchor();
+        let guard = self.anchor();
+        let anchor = guard.as_ref().ok_or(HsmError::Unavailable {
+            function: cryptoki::context::Function::GetSessionInfo,
+            rv: RvError::SessionHandleInvalid,
+        })?;
         // Logged out, private keys are invisible: that is a lost login to
         // recover from, not a missing key.
-        ensure_logged_in(&anchor)?;
-        let (handle, kind, info) = inspect_checked(&anchor, label.as_str())?;
+        ensure_logged_in(anchor)?;
+        let (handle, kind, info) = inspect_checked(anchor, label.as_str())?;
         let mut copies = Vec::new();
         let mut use_copy = |original: ObjectHandle| -> HsmResult<ObjectHandle> {
-            Ok(match working_copy(&anchor, original)? {
+            Ok(match working_copy(anchor, original)? {
                 Some(copy) => {
                     copies.push(copy);
                     copy
@@ -593,7 +847,7 @@ impl Token {
             })
         };
         let twin = if kind == KeyKind::Cvk {
-            let (twin, twin_kind, _) = inspect_checked(&anchor, &label.single_des_twin())?;
+            let (twin, twin_kind, _) = inspect_checked(anchor, &label.single_des_twin())?;
             if twin_kind != KeyKind::Cvk {
                 return Err(HsmError::KeyPolicy {
                     label: label.single_des_twin(),
@@ -606,7 +860,7 @@ impl Token {
         };
         let main = use_copy(handle)?;
         let kcv = match kind {
-            KeyKind::Cvk => kcv_by_encryption(&anchor, main, &self.counters)?,
+            KeyKind::Cvk => kcv_by_encryption(anchor, main, &self.counters)?,
             KeyKind::ImkDcvv | KeyKind::ImkTdcvv2 => {
                 info.check_value.ok_or_else(|| HsmError::KeyPolicy {
                     label: label.to_string(),
@@ -615,7 +869,7 @@ impl Token {
                     ],
                 })?
             }
-            KeyKind::PanIndex | KeyKind::AuditSeal => hmac_kcv(&anchor, main, &self.counters)?,
+            KeyKind::PanIndex | KeyKind::AuditSeal => hmac_kcv(anchor, main, &self.counters)?,
         };
         Ok(LoadedKey {
             kind,
@@ -627,8 +881,12 @@ impl Token {
     }
 
     /// Opens a read-write session for key management (same login).
-    pub(crate) fn admin_session(&self) -> HsmResult<Session> {
-        Ok(self.ctx.open_rw_session(self.slot())?)
+    pub(crate) fn admin_session(&self) -> HsmResult<AdminSession<'_>> {
+        let library = self.shared()?;
+        Ok(AdminSession {
+            session: self.ctx.open_rw_session(self.slot())?,
+            _library: library,
+        })
     }
 
     /// Held for the length of a key-management command.
@@ -646,25 +904,16 @@ impl Token {
         &self.label
     }
 
-    /// Whether the token still answers and the user is logged in.
+    /// Whether the token still answers (`C_GetTokenInfo` on its slot) and the
+    /// user is logged in; repairs what [`Token::maintain`] can.
     ///
     /// # Errors
-    /// The token's error when it does not.
+    /// `TokenDown` naming the state when the token is not usable.
     pub fn probe(&self) -> HsmResult<()> {
-        self.with_session(|session| {
-            let info = session.get_session_info()?;
-            if matches!(
-                info.session_state(),
-                SessionState::RoUser | SessionState::RwUser
-            ) {
-                Ok(())
-            } else {
-                Err(HsmError::Unavailable {
-                    function: cryptoki::context::Function::GetSessionInfo,
-                    rv: RvError::UserNotLoggedIn,
-                })
-            }
-        })
+        match self.maintain() {
+            TokenState::Ready => Ok(()),
+            state => Err(HsmError::TokenDown { state }),
+        }
     }
 }
 
@@ -787,8 +1036,9 @@ fn ensure_logged_in(session: &Session) -> HsmResult<()> {
     }
 }
 
-fn login(session: &Session, pin: &AuthPin) -> HsmResult<()> {
-    match session.login(UserType::User, Some(pin)) {
+fn login(session: &Session, pin: &Zeroizing<String>) -> HsmResult<()> {
+    let pin = AuthPin::from(pin.as_str().to_owned());
+    match session.login(UserType::User, Some(&pin)) {
         Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
         Err(e) => Err(e.into()),
     }

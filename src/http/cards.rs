@@ -291,15 +291,17 @@ pub async fn keys(
     State(state): State<AppState>,
     Extension(auth): Extension<Authenticated>,
 ) -> ApiResult<KeysResponse> {
+    // Token work first, the request id after: a request refused because the
+    // token is down spends nothing (DESIGN 7.3, 7.6), as for the card routes.
+    let token = std::sync::Arc::clone(state.token());
+    let listing = hsm::blocking(move || token.list_keys())
+        .await
+        .map_err(|e| fail(&auth)(DomainError::Hsm(e)))?;
     state
         .service()
         .record_request(&caller(&auth))
         .await
         .map_err(fail(&auth))?;
-    let token = std::sync::Arc::clone(state.token());
-    let listing = hsm::blocking(move || token.list_keys())
-        .await
-        .map_err(|e| fail(&auth)(DomainError::Hsm(e)))?;
     let in_use = state.service().keys_in_use();
     let usages = rotation::key_usages(state.service().programmes());
     let keys = listing

@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::domain::DomainError;
-use crate::hsm;
+use crate::hsm::{self, TokenState};
 
 use super::AppState;
 
@@ -27,7 +27,8 @@ pub struct Health {
 pub struct Readiness {
     /// `ready` or `unavailable`.
     pub status: &'static str,
-    /// Token: `ok`, or why not.
+    /// Token: `ok`, or why not: `missing`, `pin_refused`, `pin_locked`,
+    /// `pin_unavailable`, `unavailable`.
     pub hsm: &'static str,
     /// Keys: `ok`, or why not.
     pub keys: &'static str,
@@ -51,8 +52,13 @@ pub async fn healthz() -> Json<Health> {
 )]
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
     let token = Arc::clone(state.token());
-    let hsm = match hsm::blocking(move || token.probe()).await {
-        Ok(()) => "ok",
+    // A real token call while ready; while down, the recovery step if due.
+    let hsm = match hsm::blocking(move || Ok(token.maintain())).await {
+        Ok(TokenState::Ready) => "ok",
+        Ok(down) => {
+            tracing::warn!(state = %down, "readiness: token unavailable");
+            down.as_str()
+        }
         Err(e) => {
             tracing::warn!(error = %e, "readiness: token probe failed");
             "unavailable"
@@ -109,6 +115,9 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readines
 pub async fn metrics(State(state): State<AppState>) -> Response {
     let (in_use, max) = state.token().session_usage();
     state.metrics().sessions(in_use, max);
+    state
+        .metrics()
+        .token(state.token().state(), state.token().recovery_counts());
     match state.metrics().encode() {
         Ok(text) => (
             [(

@@ -2,7 +2,9 @@
 //! error code; request latency by route and outcome; token call latency by
 //! operation; HSM session-pool use; requests in flight; verifications approved
 //! with a previous key version, by programme (key rotation); the audit trail's
-//! records, batch sizes, write+fsync latency, seals and whether it is down.
+//! records, batch sizes, write+fsync latency, seals and whether it is down;
+//! whether the token is up and what its recovery did (re-initializations
+//! tried and succeeded, logins).
 //!
 //! Labels are route templates, methods, statuses, stable error codes, operation
 //! and programme names — never a PAN, a code, a client secret or a request id.
@@ -18,6 +20,7 @@ use prometheus_client::registry::Registry;
 
 use crate::audit::AuditObserver;
 use crate::domain::service::HsmObserver;
+use crate::hsm::{RecoveryCounts, TokenState};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -69,6 +72,11 @@ pub struct Metrics {
     audit_seals: Family<SealLabels, Counter>,
     audit_down: Gauge<i64, std::sync::atomic::AtomicI64>,
     audit_refused: Counter,
+    hsm_up: Gauge<i64, std::sync::atomic::AtomicI64>,
+    hsm_losses: Counter,
+    hsm_reinit_attempts: Counter,
+    hsm_reinit_successes: Counter,
+    hsm_logins: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -96,6 +104,11 @@ impl Metrics {
         let sessions_in_use = Gauge::default();
         let sessions_max = Gauge::default();
         let in_flight = Gauge::default();
+        let hsm_up = Gauge::default();
+        let hsm_losses = Counter::default();
+        let hsm_reinit_attempts = Counter::default();
+        let hsm_reinit_successes = Counter::default();
+        let hsm_logins = Counter::default();
         registry.register(
             "http_requests",
             "HTTP requests by route template, method, status and error code",
@@ -170,6 +183,31 @@ impl Metrics {
             "Requests refused with 503 because the audit trail was down",
             audit_refused.clone(),
         );
+        registry.register(
+            "hsm_up",
+            "1 while the token is present and logged in, 0 while it is down",
+            hsm_up.clone(),
+        );
+        registry.register(
+            "hsm_losses",
+            "Times the token went from up to down",
+            hsm_losses.clone(),
+        );
+        registry.register(
+            "hsm_reinit_attempts",
+            "Re-initializations of the PKCS#11 library tried while the token was down",
+            hsm_reinit_attempts.clone(),
+        );
+        registry.register(
+            "hsm_reinit_successes",
+            "Re-initializations that brought the token back",
+            hsm_reinit_successes.clone(),
+        );
+        registry.register(
+            "hsm_logins",
+            "C_Login calls made by recovery (re-login and re-initialization)",
+            hsm_logins.clone(),
+        );
         Metrics {
             registry,
             audit_records,
@@ -185,6 +223,11 @@ impl Metrics {
             sessions_max,
             in_flight,
             previous_key_matches,
+            hsm_up,
+            hsm_losses,
+            hsm_reinit_attempts,
+            hsm_reinit_successes,
+            hsm_logins,
         }
     }
 
@@ -222,6 +265,20 @@ impl Metrics {
             .set(i64::try_from(in_use).unwrap_or(i64::MAX));
         self.sessions_max
             .set(i64::try_from(max).unwrap_or(i64::MAX));
+    }
+
+    /// The token's state and recovery counts, set just before a scrape (the
+    /// counters follow the token's own monotonic counts).
+    pub fn token(&self, state: TokenState, counts: RecoveryCounts) {
+        self.hsm_up.set(i64::from(state == TokenState::Ready));
+        for (counter, total) in [
+            (&self.hsm_losses, counts.losses),
+            (&self.hsm_reinit_attempts, counts.reinit_attempts),
+            (&self.hsm_reinit_successes, counts.reinit_successes),
+            (&self.hsm_logins, counts.logins),
+        ] {
+            counter.inc_by(total.saturating_sub(counter.get()));
+        }
     }
 
     /// The text exposition format.
@@ -312,5 +369,19 @@ mod tests {
             text.contains("dcvv_previous_key_matches_total{programme=\"demo\"} 2"),
             "{text}"
         );
+        let counts = RecoveryCounts {
+            reinit_attempts: 3,
+            reinit_successes: 1,
+            logins: 2,
+            losses: 1,
+        };
+        m.token(TokenState::Missing, counts);
+        m.token(TokenState::Missing, counts);
+        let text = m.encode().unwrap();
+        assert!(text.contains("dcvv_hsm_up 0"), "{text}");
+        assert!(text.contains("dcvv_hsm_reinit_attempts_total 3"), "{text}");
+        assert!(text.contains("dcvv_hsm_reinit_successes_total 1"), "{text}");
+        m.token(TokenState::Ready, counts);
+        assert!(m.encode().unwrap().contains("dcvv_hsm_up 1"));
     }
 }

@@ -139,6 +139,7 @@ impl Gateway {
             }
         });
         let cleaner = tokio::spawn(cleanup(self.state.clone(), self.cleanup_interval));
+        let watchdog = tokio::spawn(watch_token(Arc::clone(self.state.token())));
         let service = app(self.state.clone()).into_make_service_with_connect_info::<SocketAddr>();
         let served = match &self.transport {
             Transport::Tls { cert, key } => {
@@ -166,6 +167,7 @@ impl Gateway {
             }
         };
         cleaner.abort();
+        watchdog.abort();
         self.state.trail().close().await;
         self.state.service().store().close().await;
         tracing::info!("drained, stopping");
@@ -219,6 +221,24 @@ async fn cleanup(state: AppState, every: std::time::Duration) {
             Ok(n) => tracing::debug!(rows = n, "store cleanup"),
             Err(e) => tracing::warn!(error = %e, "store cleanup failed"),
         }
+    }
+}
+
+/// How often the watchdog checks the token (and, while it is down, whether a
+/// re-initialization is due: the backoff of `hsm::FIRST_BACKOFF`..`MAX_BACKOFF`
+/// decides how often one actually runs).
+const TOKEN_WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// DESIGN 7.6: notices a token that went away even without traffic, and brings
+/// it back without a restart ([`Token::maintain`]).
+async fn watch_token(token: Arc<Token>) {
+    let mut ticker = tokio::time::interval(TOKEN_WATCH_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let token = Arc::clone(&token);
+        // `maintain` logs what it finds; a worker failure only skips a tick.
+        let _ = crate::hsm::blocking(move || Ok(token.maintain())).await;
     }
 }
 
