@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::disk::{Tmpfs, fill};
 use common::http::{EXPIRY, Options, PAN, TestGateway, card, fresh_id};
 use dcvv_gateway::audit::record::{self, Fields, GENESIS, parse_file_name};
 use dcvv_gateway::domain::service::Clock;
@@ -686,42 +687,6 @@ async fn concurrent_requests_share_fsyncs_and_every_record_is_chained() {
     );
     let (ok, stdout, stderr) = verify(&[&dir], &["--require-sealed"]);
     assert!(ok, "{stdout}{stderr}");
-}
-
-/// A small tmpfs, unmounted when dropped (also when the test fails).
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(at: &Path, size: &str) -> Tmpfs {
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(at)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "this test fills a small tmpfs and must run as root (CI does): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Tmpfs(at.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
-/// Fills the file system holding `dir` until it is full.
-fn fill(dir: &Path) -> PathBuf {
-    use std::io::Write;
-    let path = dir.join("filler");
-    let mut file = std::fs::File::create(&path).unwrap();
-    let block = vec![0u8; 4096];
-    while file.write_all(&block).is_ok() {}
-    let _ = file.write_all(&[0u8]);
-    path
 }
 
 async fn readiness(gw: &TestGateway) -> (u16, Value) {

@@ -207,3 +207,86 @@ async fn shutdown_drains_in_flight_requests() {
     );
     stopping.await.unwrap();
 }
+
+/// The SQLite file's disk fills up under a running gateway: enrolments get a
+/// fast 503 `store_unavailable`, `/readyz` says the store is unavailable, the
+/// enrolments accepted before are kept and the refused ones left nothing; with
+/// space again the gateway serves without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_under_the_store_fails_fast_with_503_and_recovers() {
+    use common::disk::{Tmpfs, fill};
+    use common::instances::pan;
+    const ENROL: &str = "/cards/dynamic-cvv2/enrollment";
+    const ENQUIRY: &str = "/cards/dynamic-cvv2/enquiry";
+    let mount = tempfile::tempdir().unwrap();
+    let _tmpfs = Tmpfs::mount(mount.path(), "1m");
+    let gw = TestGateway::start(Options {
+        db_dir: Some(mount.path().to_path_buf()),
+        ..Options::default()
+    })
+    .await;
+    let body = |n: u32| json!({"cardNumber": pan(n), "expiryDate": common::http::EXPIRY});
+    assert_eq!(gw.call("POST", ENROL, &body(0)).await.status, 200);
+    let filler = fill(mount.path());
+
+    // Enrol new cards until the full disk is noticed (a few may still fit in
+    // pages the database already has).
+    let mut accepted = vec![0];
+    let failed = loop {
+        let n = u32::try_from(accepted.len()).unwrap();
+        assert!(n < 2000, "the full disk was never noticed");
+        let started = Instant::now();
+        let answer = gw.call("POST", ENROL, &body(n)).await;
+        if answer.status == 200 {
+            accepted.push(n);
+            continue;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "fails within the store's timeout"
+        );
+        break (n, answer);
+    };
+    let (refused_card, answer) = failed;
+    assert_eq!(
+        (answer.status, answer.code()),
+        (503, "store_unavailable".into()),
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    assert_eq!(answer.headers["retry-after"], "1");
+    let ready = gw.send_raw("GET", "/readyz", &[], vec![]).await;
+    assert_eq!(
+        (ready.status, ready.json()["store"].clone()),
+        (503, json!("unavailable"))
+    );
+
+    // Space again: ready without a restart, nothing accepted lost, the refused
+    // enrolment not half made.
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gw.send_raw("GET", "/readyz", &[], vec![]).await.status != 200 {
+        assert!(Instant::now() < deadline, "not ready again within 10 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for n in &accepted {
+        let enquiry = gw.call("POST", ENQUIRY, &body(*n)).await;
+        assert_eq!(
+            (enquiry.status, enquiry.json()["enrollment"].clone()),
+            (200, json!("enrolled")),
+            "card {n} accepted before the disk filled"
+        );
+    }
+    let enquiry = gw.call("POST", ENQUIRY, &body(refused_card)).await;
+    assert_eq!(
+        enquiry.json()["enrollment"],
+        json!("not_enrolled"),
+        "refused, yet enrolled"
+    );
+    let again = gw.call("POST", ENROL, &body(refused_card)).await;
+    assert_eq!(
+        (again.status, again.json()["changed"].clone()),
+        (200, json!(true))
+    );
+    gw.stop().await;
+}

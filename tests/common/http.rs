@@ -95,6 +95,8 @@ pub struct Options {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// The audit trail's directory (default: `audit/` in the gateway's temporary directory).
     pub audit_dir: Option<PathBuf>,
+    /// The directory of the SQLite file (default: the gateway's temporary directory).
+    pub db_dir: Option<PathBuf>,
     pub seal_every_records: u64,
     pub seal_interval: Duration,
     pub max_file_bytes: u64,
@@ -112,6 +114,7 @@ impl Default for Options {
             body_limit: 16 * 1024,
             tls: None,
             audit_dir: None,
+            db_dir: None,
             seal_every_records: 1000,
             seal_interval: Duration::from_secs(60),
             max_file_bytes: 64 << 20,
@@ -264,7 +267,11 @@ impl TestGateway {
                 access: ProgrammeAccess::Only(["other".to_owned()].into()),
             },
         ];
-        let db = dir.path().join("gateway.db");
+        let db = options
+            .db_dir
+            .as_deref()
+            .unwrap_or(dir.path())
+            .join("gateway.db");
         let audit_dir = options
             .audit_dir
             .clone()

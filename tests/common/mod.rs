@@ -10,6 +10,7 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod disk;
 pub mod faults;
 pub mod http;
 pub mod instances;
