@@ -35,6 +35,42 @@ async fn two_instances() -> (Fleet, Instance, Instance) {
     (fleet, a, b)
 }
 
+/// `n` verifications of `code` for the card, alternating between the two
+/// instances, all signed first and released together; their reasons.
+async fn verify_at_once(
+    a: &std::sync::Arc<Instance>,
+    b: &std::sync::Arc<Instance>,
+    pan: &str,
+    code: &str,
+    n: usize,
+) -> Vec<String> {
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(n));
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let instance = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let barrier = barrier.clone();
+            let body = serde_json::to_vec(&card(pan, json!({"cvv2": code}))).unwrap();
+            tokio::spawn(async move {
+                let headers = instance.headers(&fresh_id(), "POST", VERIFY, &body);
+                barrier.wait().await;
+                let answer = instance.send(VERIFY, &headers, body).await;
+                assert_eq!(
+                    answer.status,
+                    200,
+                    "{}",
+                    String::from_utf8_lossy(&answer.body)
+                );
+                answer.json()["reason"].as_str().unwrap().to_owned()
+            })
+        })
+        .collect();
+    let mut reasons = Vec::new();
+    for task in tasks {
+        reasons.push(task.await.unwrap());
+    }
+    reasons
+}
+
 /// The current dynamic value of the card, generated through `instance` (this
 /// enrols the card).
 async fn current_value(instance: &Instance, pan: &str) -> String {
@@ -173,30 +209,7 @@ async fn concurrent_verifications_on_both_instances_approve_a_window_once() {
 
     // 32 verifications of the same card and value, 16 through each instance, all
     // signed first and released together.
-    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(32));
-    let tasks: Vec<_> = (0..32)
-        .map(|i| {
-            let instance = if i % 2 == 0 { a.clone() } else { b.clone() };
-            let barrier = barrier.clone();
-            let body = serde_json::to_vec(&card(&pan, json!({"cvv2": value}))).unwrap();
-            tokio::spawn(async move {
-                let headers = instance.headers(&fresh_id(), "POST", VERIFY, &body);
-                barrier.wait().await;
-                let answer = instance.send(VERIFY, &headers, body).await;
-                assert_eq!(
-                    answer.status,
-                    200,
-                    "{}",
-                    String::from_utf8_lossy(&answer.body)
-                );
-                answer.json()["reason"].as_str().unwrap().to_owned()
-            })
-        })
-        .collect();
-    let mut reasons = Vec::new();
-    for task in tasks {
-        reasons.push(task.await.unwrap());
-    }
+    let reasons = verify_at_once(&a, &b, &pan, &value, 32).await;
     let approved = reasons.iter().filter(|r| *r == "match").count();
     let used = reasons.iter().filter(|r| *r == "code_already_used").count();
     assert_eq!((approved, used), (1, 31), "{reasons:?}");
@@ -254,30 +267,7 @@ async fn the_failure_limit_holds_exactly_across_both_instances() {
 
     // 24 wrong codes at once, 12 through each instance: with a limit of 5, exactly
     // 5 count as mismatches and the other 19 are declined for too many failures.
-    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(24));
-    let tasks: Vec<_> = (0..24)
-        .map(|i| {
-            let instance = if i % 2 == 0 { a.clone() } else { b.clone() };
-            let barrier = barrier.clone();
-            let body = serde_json::to_vec(&card(&pan, json!({"cvv2": wrong}))).unwrap();
-            tokio::spawn(async move {
-                let headers = instance.headers(&fresh_id(), "POST", VERIFY, &body);
-                barrier.wait().await;
-                let answer = instance.send(VERIFY, &headers, body).await;
-                assert_eq!(
-                    answer.status,
-                    200,
-                    "{}",
-                    String::from_utf8_lossy(&answer.body)
-                );
-                answer.json()["reason"].as_str().unwrap().to_owned()
-            })
-        })
-        .collect();
-    let mut reasons = Vec::new();
-    for task in tasks {
-        reasons.push(task.await.unwrap());
-    }
+    let reasons = verify_at_once(&a, &b, &pan, &wrong, 24).await;
     let mismatches = reasons.iter().filter(|r| *r == "mismatch").count();
     let blocked = reasons.iter().filter(|r| *r == "too_many_failures").count();
     assert_eq!((mismatches, blocked), (5, 19), "{reasons:?}");

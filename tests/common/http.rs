@@ -321,17 +321,7 @@ impl TestGateway {
         )
         .await?;
         let state = gateway.state();
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let served = tokio::spawn(async move {
-            gateway
-                .serve(listener, async move {
-                    let _ = rx.await;
-                })
-                .await
-                .unwrap();
-        });
+        let (port, tx, served) = serve_on_a_free_port(gateway);
         let scheme = if options.tls.is_some() {
             "https"
         } else {
@@ -612,21 +602,33 @@ impl TestGateway {
         )
         .await?;
         let state = gateway.state();
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let served = tokio::spawn(async move {
-            gateway
-                .serve(listener, async move {
-                    let _ = rx.await;
-                })
-                .await
-                .unwrap();
-        });
+        let (port, tx, served) = serve_on_a_free_port(gateway);
         self.url = format!("http://127.0.0.1:{port}");
         self.state = state;
         self.shutdown = Some(tx);
         self.served = Some(served);
         Ok(self)
     }
+}
+
+/// Serves `gateway` on a free local port until the sender is used or dropped.
+fn serve_on_a_free_port(
+    gateway: Gateway,
+) -> (
+    u16,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(async move {
+        gateway
+            .serve(listener, async move {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+    });
+    (port, tx, served)
 }
