@@ -596,15 +596,27 @@ fn destroy_objects(label: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_previous_key_destroyed_during_its_grace_period_fails_closed() {
     let v2 = ceremony();
+    // v1's CVK under a label of its own: destroying the shared test key would
+    // break the other tests of this process (under `cargo test`).
+    let v1_cvk = common::import(K, KeyKind::Cvk, "cvk-doomed");
+    let o = Options::default();
+    let previous = vec![PreviousKey {
+        kind: KeyKind::Cvk,
+        label: v1_cvk.clone(),
+        accept_until_ms: UNTIL * 1000,
+    }];
     let gw = TestGateway::start(Options::default())
         .await
-        .restart_with(rotation_config(&v2, UNTIL, &Options::default()))
+        .restart_with(vec![
+            rotated("test", "412345", &v2, previous.clone(), &o),
+            rotated("other", "5", &v2, previous, &o),
+        ])
         .await
         .unwrap();
     gw.clock.set_seconds(T0 + 10);
     assert_eq!(verify(&gw, PAN2, &static_cvv2(K)).await, approved("static"));
-    destroy_objects(KEYS.cvk.as_str());
-    destroy_objects(&KEYS.cvk.single_des_twin());
+    destroy_objects(v1_cvk.as_str());
+    destroy_objects(&v1_cvk.single_des_twin());
     // The current key matching needs no previous key.
     assert_eq!(
         verify(&gw, PAN2, &static_cvv2(V2_CVK)).await,
