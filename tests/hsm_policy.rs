@@ -8,8 +8,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use cryptoki::mechanism::MechanismType;
-use cryptoki::object::{Attribute, KeyType, ObjectClass};
+use cryptoki::object::Attribute;
 use dcvv_gateway::domain::{CodeLength, DomainError, Engine, StaticCodeKind};
 use dcvv_gateway::hsm::{CardCrypto, HsmError, KeyKind, KeyLabel, PinSource, Token};
 
@@ -85,52 +84,6 @@ fn missing_key_and_wrong_kind_are_typed() {
     );
 }
 
-/// Plants a CVK (both objects) whose attributes deviate as `widen` says.
-fn plant_cvk(label: &KeyLabel, widen: &[Attribute]) {
-    let session = common::raw_session();
-    for (l, id, value) in [
-        (
-            label.to_string(),
-            b"dcvvgw:cvk".to_vec(),
-            "0123456789ABCDEFFEDCBA9876543210",
-        ),
-        (
-            label.single_des_twin(),
-            b"dcvvgw:cvk:ka".to_vec(),
-            "0123456789ABCDEF0123456789ABCDEF",
-        ),
-    ] {
-        let mut template = vec![
-            Attribute::Class(ObjectClass::SECRET_KEY),
-            Attribute::KeyType(KeyType::DES2),
-            Attribute::Token(true),
-            Attribute::Private(true),
-            Attribute::Label(l.into_bytes()),
-            Attribute::Id(id),
-            Attribute::Value(hex::decode(value).unwrap()),
-            Attribute::Encrypt(true),
-            Attribute::Decrypt(false),
-            Attribute::Derive(false),
-            Attribute::Sign(false),
-            Attribute::Verify(false),
-            Attribute::Wrap(false),
-            Attribute::Unwrap(false),
-            Attribute::AllowedMechanisms(vec![MechanismType::DES3_ECB]),
-        ];
-        let defaults = [Attribute::Sensitive(true), Attribute::Extractable(false)];
-        for d in defaults {
-            if !widen
-                .iter()
-                .any(|w| w.attribute_type() == d.attribute_type())
-            {
-                template.push(d);
-            }
-        }
-        template.extend_from_slice(widen);
-        session.create_object(&template).unwrap();
-    }
-}
-
 fn assert_refused(label: &KeyLabel, expected: &str) {
     let engine = Engine::new(&**common::HSM);
     let err = engine
@@ -200,21 +153,21 @@ fn assert_refused(label: &KeyLabel, expected: &str) {
 #[test]
 fn extractable_key_is_refused_and_reported() {
     let label = common::unique_label("planted-extractable");
-    plant_cvk(&label, &[Attribute::Extractable(true)]);
+    common::plant_cvk(&label, &[Attribute::Extractable(true)]);
     assert_refused(&label, "CKA_EXTRACTABLE is true");
 }
 
 #[test]
 fn non_sensitive_key_is_refused_and_reported() {
     let label = common::unique_label("planted-clear");
-    plant_cvk(&label, &[Attribute::Sensitive(false)]);
+    common::plant_cvk(&label, &[Attribute::Sensitive(false)]);
     assert_refused(&label, "CKA_SENSITIVE is false");
 }
 
 #[test]
 fn key_with_a_second_usage_is_refused_and_reported() {
     let label = common::unique_label("planted-decrypt");
-    plant_cvk(&label, &[Attribute::Decrypt(true)]);
+    common::plant_cvk(&label, &[Attribute::Decrypt(true)]);
     assert_refused(&label, "CKA_DECRYPT is true");
 }
 

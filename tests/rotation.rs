@@ -452,39 +452,6 @@ async fn the_key_inventory_shows_current_and_previous_roles() {
     gw.stop().await;
 }
 
-/// Plants a CVK (both objects) with `CKA_EXTRACTABLE` true: wider than policy.
-fn plant_extractable_cvk(label: &KeyLabel) {
-    use cryptoki::mechanism::MechanismType;
-    use cryptoki::object::{Attribute, KeyType, ObjectClass};
-    let session = common::raw_session();
-    for (l, id) in [
-        (label.to_string(), b"dcvvgw:cvk".to_vec()),
-        (label.single_des_twin(), b"dcvvgw:cvk:ka".to_vec()),
-    ] {
-        session
-            .create_object(&[
-                Attribute::Class(ObjectClass::SECRET_KEY),
-                Attribute::KeyType(KeyType::DES2),
-                Attribute::Token(true),
-                Attribute::Private(true),
-                Attribute::Label(l.into_bytes()),
-                Attribute::Id(id),
-                Attribute::Value(hex::decode(K).unwrap()),
-                Attribute::Sensitive(true),
-                Attribute::Extractable(true),
-                Attribute::Encrypt(true),
-                Attribute::Decrypt(false),
-                Attribute::Derive(false),
-                Attribute::Sign(false),
-                Attribute::Verify(false),
-                Attribute::Wrap(false),
-                Attribute::Unwrap(false),
-                Attribute::AllowedMechanisms(vec![MechanismType::DES3_ECB]),
-            ])
-            .unwrap();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn previous_keys_are_checked_at_start_like_current_ones() {
     let v2 = ceremony();
@@ -564,7 +531,7 @@ async fn previous_keys_are_checked_at_start_like_current_ones() {
 
     // Wider than its kind's policy.
     let wide: KeyLabel = "cvk-wide-v1".parse().unwrap();
-    plant_extractable_cvk(&wide);
+    common::plant_cvk(&wide, &[cryptoki::object::Attribute::Extractable(true)]);
     let gw = TestGateway::start(Options::default()).await;
     let text = refused(
         gw.restart_with(with_previous(KeyKind::Cvk, wide.as_str(), UNTIL))

@@ -374,25 +374,7 @@ impl TestGateway {
         path: &str,
         body: &[u8],
     ) -> Vec<(String, String)> {
-        let secret = ClientSecret::new(Zeroizing::new(client.secret.clone())).unwrap();
-        let tag = secret.sign(
-            &RequestToSign {
-                apikey: &client.apikey,
-                request_id,
-                timestamp_ms,
-                method,
-                path_and_query: path,
-                body,
-            }
-            .message(),
-        );
-        vec![
-            ("apikey".into(), client.apikey.clone()),
-            ("Timestamp".into(), timestamp_ms.to_string()),
-            ("X-Client-Request-Id".into(), request_id.into()),
-            ("Signature".into(), tag),
-            ("Content-Type".into(), "application/json".into()),
-        ]
+        signed_headers(client, request_id, timestamp_ms, method, path, body)
     }
 
     /// A correctly signed request as `client`, at the gateway's clock; checks the
@@ -631,4 +613,35 @@ fn serve_on_a_free_port(
             .unwrap();
     });
     (port, tx, served)
+}
+
+/// The four signature headers (and the content type) of a request signed by
+/// `client`, as a card-management system sends them.
+pub fn signed_headers(
+    client: &TestClient,
+    request_id: &str,
+    timestamp_ms: u64,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> Vec<(String, String)> {
+    let secret = ClientSecret::new(Zeroizing::new(client.secret.clone())).unwrap();
+    let tag = secret.sign(
+        &RequestToSign {
+            apikey: &client.apikey,
+            request_id,
+            timestamp_ms,
+            method,
+            path_and_query: path,
+            body,
+        }
+        .message(),
+    );
+    vec![
+        ("apikey".into(), client.apikey.clone()),
+        ("Timestamp".into(), timestamp_ms.to_string()),
+        ("X-Client-Request-Id".into(), request_id.into()),
+        ("Signature".into(), tag),
+        ("Content-Type".into(), "application/json".into()),
+    ]
 }

@@ -15,11 +15,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use dcvv_gateway::http::signature::{ClientSecret, RequestToSign};
+use dcvv_gateway::http::signature::ClientSecret;
 use serde_json::Value;
-use zeroize::Zeroizing;
 
-use super::http::{Answer, KEYS};
+use super::http::{Answer, KEYS, TestClient, signed_headers};
 use super::postgres::PG;
 use super::{TOKEN, module};
 
@@ -278,26 +277,11 @@ impl Instance {
         path: &str,
         body: &[u8],
     ) -> Vec<(String, String)> {
-        let timestamp_ms = now_ms();
-        let secret = ClientSecret::new(Zeroizing::new(self.secret.clone())).unwrap();
-        let tag = secret.sign(
-            &RequestToSign {
-                apikey: &self.apikey,
-                request_id: id,
-                timestamp_ms,
-                method,
-                path_and_query: path,
-                body,
-            }
-            .message(),
-        );
-        vec![
-            ("apikey".into(), self.apikey.clone()),
-            ("Timestamp".into(), timestamp_ms.to_string()),
-            ("X-Client-Request-Id".into(), id.into()),
-            ("Signature".into(), tag),
-            ("Content-Type".into(), "application/json".into()),
-        ]
+        let client = TestClient {
+            apikey: self.apikey.clone(),
+            secret: self.secret.clone(),
+        };
+        signed_headers(&client, id, now_ms(), method, path, body)
     }
 
     /// Sends exactly these headers and body.

@@ -289,3 +289,52 @@ pub fn raw_session() -> cryptoki::session::Session {
     }
     session
 }
+
+/// Plants a CVK (both objects) behind the gateway's back, with the policy's
+/// attributes except as `widen` says (e.g. `CKA_EXTRACTABLE` true).
+pub fn plant_cvk(label: &KeyLabel, widen: &[cryptoki::object::Attribute]) {
+    use cryptoki::mechanism::MechanismType;
+    use cryptoki::object::{Attribute, KeyType, ObjectClass};
+    let session = raw_session();
+    for (l, id, value) in [
+        (
+            label.to_string(),
+            b"dcvvgw:cvk".to_vec(),
+            "0123456789ABCDEFFEDCBA9876543210",
+        ),
+        (
+            label.single_des_twin(),
+            b"dcvvgw:cvk:ka".to_vec(),
+            "0123456789ABCDEF0123456789ABCDEF",
+        ),
+    ] {
+        let mut template = vec![
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::DES2),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Label(l.into_bytes()),
+            Attribute::Id(id),
+            Attribute::Value(hex::decode(value).unwrap()),
+            Attribute::Encrypt(true),
+            Attribute::Decrypt(false),
+            Attribute::Derive(false),
+            Attribute::Sign(false),
+            Attribute::Verify(false),
+            Attribute::Wrap(false),
+            Attribute::Unwrap(false),
+            Attribute::AllowedMechanisms(vec![MechanismType::DES3_ECB]),
+        ];
+        let defaults = [Attribute::Sensitive(true), Attribute::Extractable(false)];
+        for d in defaults {
+            if !widen
+                .iter()
+                .any(|w| w.attribute_type() == d.attribute_type())
+            {
+                template.push(d);
+            }
+        }
+        template.extend_from_slice(widen);
+        session.create_object(&template).unwrap();
+    }
+}
