@@ -617,4 +617,10 @@ async fn requests_under_load_get_the_right_answer_or_a_fast_503() {
         );
     }
     assert_eq!(served(&gw).await, (values, cvv));
+    // Stopped like every gateway: drained, trail sealed and closed, watchdog
+    // ended, before the process (and SoftHSM with it) exits.
+    std::sync::Arc::into_inner(gw)
+        .expect("the load tasks have ended")
+        .stop()
+        .await;
 }

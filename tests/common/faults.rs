@@ -51,7 +51,11 @@ pub fn in_private_softhsm(test: &str) -> bool {
     let _ = std::fs::remove_dir_all(&dir);
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{test} failed in its child process");
+    assert!(
+        out.status.success(),
+        "{test} failed in its child process ({})",
+        out.status
+    );
     // A name that matched no test would pass silently: the child ran exactly it.
     assert!(
         stdout.contains("test result: ok. 1 passed"),
