@@ -3,22 +3,26 @@
 //! card is expired, enrolment, the dynamic-or-static choice at authorization,
 //! single use and the failure limit, and replay refusal.
 //!
-//! Keyed work runs on the engine through [`crate::hsm::blocking`], never on a
-//! runtime worker. State changes of one request, together with its request id,
-//! are committed in one store transaction *after* the token work succeeded, so
-//! a failed or refused request changes nothing (DESIGN 7.3) and a request id is
-//! only spent on a request that was carried out. The claim of the request id in
-//! that transaction is the one replay check: a replay costs its token work and
-//! then gets 409 with nothing changed. (An earlier read-only pre-check cost every
-//! request a store round trip on the single SQLite connection, about 15 % of
-//! end-to-end throughput, to save token work only on replays.) No HTTP types here.
+//! A request crosses to each of its collaborators once (issue 9):
+//! - **one token hop**: all keyed work of a request (the PAN-index HMAC, the
+//!   enrolment lookup a CVV2 check needs to choose its code, the code) runs in
+//!   one call on the blocking pool through [`crate::hsm::blocking`], never on a
+//!   runtime worker;
+//! - **one store hop**: every state change of the request, together with its
+//!   request id, is one [`Store::transact`] closure, run *after* the token work
+//!   succeeded, so a failed or refused request changes nothing (DESIGN 7.3) and
+//!   a request id is only spent on a request that was carried out. The claim
+//!   of the request id in that transaction is the one replay check: a replay
+//!   costs its token work and then gets 409 with nothing changed.
+//!
+//! No HTTP types here.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::hsm::{self, CardCrypto, HsmError, Kcv, KeyKind, KeyLabel};
-use crate::store::{CardId, Enrollment, Store, StoreError};
+use crate::store::{CardId, Enrollment, Store, StoreError, StoreTx};
 
 use super::DomainError;
 use super::card::{Atc, CodeLength, Expiry, Pan, Psn, SecurityCode, ServiceCode};
@@ -312,9 +316,10 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
     /// # Errors
     /// `DuplicateRequest`, `Store`.
     pub async fn record_request(&self, caller: &Caller<'_>) -> Result<(), DomainError> {
-        let tx = self.begin(caller, self.now_seconds()).await?;
-        tx.commit().await?;
-        Ok(())
+        let claim = self.claim(caller);
+        self.store
+            .transact(move |tx| claim.apply(tx).map_err(DomainError::from))
+            .await
     }
 
     /// Checks that every key the service uses is present and within its
@@ -397,35 +402,15 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
         Ok(programme.clone())
     }
 
-    async fn card_id(&self, pan: &Pan) -> Result<CardId, DomainError> {
-        let label = self.settings.pan_index_key.clone();
-        let mut input = zeroize::Zeroizing::new(PAN_INDEX_CONTEXT.to_vec());
-        input.extend_from_slice(pan.digits().as_bytes());
-        let digest = self
-            .on_token("pan_index", move |engine| {
-                Ok(engine.hsm().hmac(&label, KeyKind::PanIndex, &input)?)
-            })
-            .await?;
-        let bytes: [u8; 32] = digest[..].try_into().map_err(|_| {
-            DomainError::Hsm(HsmError::Wrapper("PAN-index HMAC is not 32 bytes".into()))
-        })?;
-        Ok(CardId(bytes))
-    }
-
-    async fn begin(
-        &self,
-        caller: &Caller<'_>,
-        now: i64,
-    ) -> Result<crate::store::StoreTx, DomainError> {
-        let mut tx = self.store.begin().await?;
-        tx.claim_request(
-            caller.client,
-            caller.request_id,
+    /// The request-id claim of a request, made in its one transaction.
+    fn claim(&self, caller: &Caller<'_>) -> Claim {
+        let now = self.now_seconds();
+        Claim {
+            client: caller.client.to_owned(),
+            request_id: caller.request_id.to_owned(),
             now,
-            now + i64::from(self.settings.replay_window_seconds),
-        )
-        .await?;
-        Ok(tx)
+            expires_at: now + i64::from(self.settings.replay_window_seconds),
+        }
     }
 
     fn context(card: &CardData, programme: &Programme) -> CardContext {
@@ -448,35 +433,35 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
         count: ValueCount,
     ) -> Result<GeneratedValues, DomainError> {
         let programme = self.admit(caller, card, true)?;
-        let card_id = self.card_id(&card.pan).await?;
         let now_ms = self.now_ms();
-        let (imk, pan, expiry, profile) = (
+        let (index_key, imk, pan, expiry, profile) = (
+            self.settings.pan_index_key.clone(),
             programme.imk_tdcvv2.clone(),
             card.pan.clone(),
             card.expiry,
             programme.profile,
         );
-        let (values, kcv) = self
+        let (card_id, (values, kcv)) = self
             .on_token("tdcvv2_generate", move |engine| {
-                engine.tdcvv2_generate(&imk, &pan, expiry, profile, now_ms / 1000, count.0)
+                let card_id = pan_index(engine, &index_key, &pan)?;
+                let generated =
+                    engine.tdcvv2_generate(&imk, &pan, expiry, profile, now_ms / 1000, count.0)?;
+                Ok((card_id, generated))
             })
             .await?;
-        let now = self.now_seconds();
-        let mut tx = self.begin(caller, now).await?;
-        let newly_enrolled = tx
-            .enroll(
-                &card_id,
-                &Enrollment {
-                    programme: programme.name.clone(),
-                    masked_pan: card.pan.masked(),
-                    enrolled_at: now,
-                },
-            )
+        let claim = self.claim(caller);
+        let enrollment = Enrollment {
+            programme: programme.name.clone(),
+            masked_pan: card.pan.masked(),
+            enrolled_at: claim.now,
+        };
+        let newly_enrolled = self
+            .store
+            .transact(move |tx| {
+                claim.apply(tx)?;
+                enroll(tx, &card_id, &enrollment)
+            })
             .await?;
-        if newly_enrolled {
-            tx.clear_failures(&card_id).await?;
-        }
-        tx.commit().await?;
         Ok(GeneratedValues {
             card: Self::context(card, &programme),
             generated_at_ms: now_ms,
@@ -501,28 +486,25 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
     ) -> Result<EnrollmentStatus, DomainError> {
         let programme = self.admit(caller, card, enrol)?;
         let card_id = self.card_id(&card.pan).await?;
-        let now = self.now_seconds();
-        let mut tx = self.begin(caller, now).await?;
-        let changed = if enrol {
-            let newly = tx
-                .enroll(
-                    &card_id,
-                    &Enrollment {
-                        programme: programme.name.clone(),
-                        masked_pan: card.pan.masked(),
-                        enrolled_at: now,
-                    },
-                )
-                .await?;
-            if newly {
-                tx.clear_failures(&card_id).await?;
-            }
-            newly
-        } else {
-            tx.unenroll(&card_id).await?
+        let claim = self.claim(caller);
+        let enrollment = Enrollment {
+            programme: programme.name.clone(),
+            masked_pan: card.pan.masked(),
+            enrolled_at: claim.now,
         };
-        let enrolled_at = tx.enrollment(&card_id).await?.map(|e| e.enrolled_at);
-        tx.commit().await?;
+        let (changed, enrolled_at) = self
+            .store
+            .transact(move |tx| {
+                claim.apply(tx)?;
+                let changed = if enrol {
+                    enroll(tx, &card_id, &enrollment)?
+                } else {
+                    tx.unenroll(&card_id)?
+                };
+                let enrolled_at = tx.enrollment(&card_id)?.map(|e| e.enrolled_at);
+                Ok::<_, StoreError>((changed, enrolled_at))
+            })
+            .await?;
         Ok(EnrollmentStatus {
             card: Self::context(card, &programme),
             enrolled: enrol,
@@ -542,9 +524,14 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
     ) -> Result<EnrollmentStatus, DomainError> {
         let programme = self.admit(caller, card, false)?;
         let card_id = self.card_id(&card.pan).await?;
-        let mut tx = self.begin(caller, self.now_seconds()).await?;
-        let enrollment = tx.enrollment(&card_id).await?;
-        tx.commit().await?;
+        let claim = self.claim(caller);
+        let enrollment = self
+            .store
+            .transact(move |tx| {
+                claim.apply(tx)?;
+                tx.enrollment(&card_id)
+            })
+            .await?;
         Ok(EnrollmentStatus {
             card: Self::context(card, &programme),
             enrolled: enrollment.is_some(),
@@ -553,11 +540,25 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
         })
     }
 
+    /// The card's PAN-index key id, computed in the token.
+    async fn card_id(&self, pan: &Pan) -> Result<CardId, DomainError> {
+        let (label, pan) = (self.settings.pan_index_key.clone(), pan.clone());
+        self.on_token("pan_index", move |engine| pan_index(engine, &label, &pan))
+            .await
+    }
+
     /// Authorization-time CVV2 check: the dynamic rules for an enrolled card
     /// (windows, single use, failure limit; its static CVV2 is declined), the
     /// static CVV2 otherwise (DESIGN 2.4, 4, 7.5). Each check tries the current
     /// key, then previous versions in their grace period ([`rotation`]); it is
     /// one attempt for the failure limit however many keys it tried.
+    ///
+    /// Two hops: one blocking call does the token work (the PAN-index HMAC, the
+    /// enrolment lookup that decides which code to check, the code), then one
+    /// store transaction applies the rules and spends the request id. The
+    /// transaction checks that the enrolment is still what the token work saw;
+    /// if an enrolment or unenrolment landed in between, the check is made again
+    /// (the last attempt goes by the transaction's own view).
     ///
     /// # Errors
     /// As [`CardService::dynamic_values`]. A decline is `Ok`.
@@ -568,125 +569,124 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
         cvv2: SecurityCode,
     ) -> Result<Verification, DomainError> {
         let programme = self.admit(caller, card, true)?;
-        let card_id = self.card_id(&card.pan).await?;
         let context = Self::context(card, &programme);
-        let now_ms = self.now_ms();
-        // Current key first, then previous versions in their grace period (rotation).
-        let cvks = rotation::candidates(&programme.cvk, KeyKind::Cvk, &programme.previous, now_ms);
-        if self.store.enrollment(&card_id).await?.is_none() {
-            let (pan, expiry, candidate) = (card.pan.clone(), card.expiry, cvv2);
-            let tried = self
-                .on_token("cvv2_static", move |engine| {
-                    static_cvv2_match(engine, &cvks, &pan, expiry, &candidate)
+        let rules = CardRules::of(&programme);
+        let mut attempt = 1;
+        loop {
+            let checked = self.check_cvv2(&programme, card, &cvv2).await?;
+            let claim = self.claim(caller);
+            let card_id = checked.card_id;
+            let (enrolled, matched, is_static) =
+                (checked.enrolled, checked.matched, checked.is_static);
+            let strict = attempt < STALE_ATTEMPTS;
+            let outcome = self
+                .store
+                .transact(move |tx| {
+                    claim.apply(tx)?;
+                    let now_enrolled = tx.enrollment(&card_id)?.is_some();
+                    if now_enrolled != enrolled && strict {
+                        return Err(TxError::Stale);
+                    }
+                    if !enrolled {
+                        return Ok(if matched.is_some() {
+                            Reason::Match
+                        } else {
+                            Reason::Mismatch
+                        });
+                    }
+                    tx.lock_card(&card_id)?; // count-then-record below, also across instances
+                    Ok(rules.apply(tx, &card_id, claim.now, matched, is_static)?)
                 })
-                .await?;
-            let tx = self.begin(caller, self.now_seconds()).await?;
-            tx.commit().await?;
-            let reason = if tried.matched.is_some() {
-                Reason::Match
-            } else {
-                Reason::Mismatch
+                .await;
+            let reason = match outcome {
+                Ok(reason) => reason,
+                Err(TxError::Stale) => {
+                    attempt += 1;
+                    continue;
+                }
+                Err(TxError::Domain(e)) => return Err(e),
             };
-            self.count_previous_match(&programme, reason, tried.key.role);
+            self.count_previous_match(&programme, reason, checked.key.role);
+            let method = if !enrolled || reason == Reason::StaticCvv2Disabled {
+                Method::Static
+            } else {
+                Method::Dynamic
+            };
             return Ok(Verification {
                 card: context,
                 reason,
-                method: Method::Static,
+                method,
                 key: KeyUse {
-                    label: tried.key.label,
-                    kcv: tried.check_value,
+                    label: checked.key.label,
+                    kcv: checked.check_value,
                 },
-                key_role: tried.key.role,
+                key_role: checked.key.role,
             });
         }
+    }
 
+    /// The token work of a CVV2 check, in one blocking call: the card's id,
+    /// its enrolment as last committed, and the code under the matching rules
+    /// (the dynamic code of an enrolled card, with the static CVV2 to name a
+    /// decline; the static CVV2 otherwise).
+    async fn check_cvv2(
+        &self,
+        programme: &Programme,
+        card: &CardData,
+        cvv2: &SecurityCode,
+    ) -> Result<Cvv2Check, DomainError> {
+        let now_ms = self.now_ms();
+        // Current key first, then previous versions in their grace period (rotation).
+        let cvks = rotation::candidates(&programme.cvk, KeyKind::Cvk, &programme.previous, now_ms);
         let imks = rotation::candidates(
             &programme.imk_tdcvv2,
             KeyKind::ImkTdcvv2,
             &programme.previous,
             now_ms,
         );
-        let (pan, expiry, profile, candidate) =
-            (card.pan.clone(), card.expiry, programme.profile, cvv2);
-        let (tried, is_static) = self
-            .on_token("tdcvv2_verify", move |engine| {
-                let tried = rotation::first_match(&imks, |imk| {
-                    let kcv = engine.hsm().key_check_value(imk, KeyKind::ImkTdcvv2)?;
-                    let matched = engine.tdcvv2_verify(
-                        imk,
-                        &pan,
-                        expiry,
-                        profile,
-                        now_ms / 1000,
-                        &candidate,
-                    )?;
-                    Ok::<_, DomainError>((matched, kcv))
-                })?;
-                // Only a mismatch needs the static CVV2, to name the decline.
-                let is_static = match tried.matched {
-                    Some(_) => false,
-                    None => static_cvv2_match(engine, &cvks, &pan, expiry, &candidate)?
-                        .matched
-                        .is_some(),
-                };
-                Ok((tried, is_static))
+        let (store, index_key) = (self.store.clone(), self.settings.pan_index_key.clone());
+        let (pan, expiry, profile, candidate) = (
+            card.pan.clone(),
+            card.expiry,
+            programme.profile,
+            cvv2.clone(),
+        );
+        self.on_token("cvv2_verify", move |engine| {
+            let card_id = pan_index(engine, &index_key, &pan)?;
+            if store.enrollment_blocking(&card_id)?.is_none() {
+                let tried = static_cvv2_match(engine, &cvks, &pan, expiry, &candidate)?;
+                return Ok(Cvv2Check {
+                    card_id,
+                    enrolled: false,
+                    matched: tried.matched.map(|()| 0),
+                    is_static: tried.matched.is_some(),
+                    key: tried.key,
+                    check_value: tried.check_value,
+                });
+            }
+            let tried = rotation::first_match(&imks, |imk| {
+                let kcv = engine.hsm().key_check_value(imk, KeyKind::ImkTdcvv2)?;
+                let matched =
+                    engine.tdcvv2_verify(imk, &pan, expiry, profile, now_ms / 1000, &candidate)?;
+                Ok::<_, DomainError>((matched, kcv))
+            })?;
+            // Only a mismatch needs the static CVV2, to name the decline.
+            let is_static = match tried.matched {
+                Some(_) => false,
+                None => static_cvv2_match(engine, &cvks, &pan, expiry, &candidate)?
+                    .matched
+                    .is_some(),
+            };
+            Ok(Cvv2Check {
+                card_id,
+                enrolled: true,
+                matched: tried.matched,
+                is_static,
+                key: tried.key,
+                check_value: tried.check_value,
             })
-            .await?;
-        let matched = tried.matched;
-
-        let now = self.now_seconds();
-        let mut tx = self.begin(caller, now).await?;
-        tx.lock_card(&card_id).await?; // count-then-record below, also across instances
-        let blocked = match programme.failure_limit {
-            Some(limit) => {
-                let since = now - i64::from(programme.failure_period_seconds);
-                tx.failures_since(&card_id, since).await? >= limit.get()
-            }
-            None => false,
-        };
-        let reason = if blocked {
-            Reason::TooManyFailures
-        } else if let Some(window) = matched {
-            let window = i64::try_from(window).unwrap_or(i64::MAX);
-            let w = i64::from(profile.window_seconds());
-            // The window's code is acceptable until G windows after it have passed.
-            let last_acceptable = (window + 1 + i64::from(profile.past_windows())) * w;
-            if !programme.single_use
-                || tx
-                    .claim_window(&card_id, window, now, last_acceptable)
-                    .await?
-            {
-                Reason::Match
-            } else {
-                Reason::CodeAlreadyUsed
-            }
-        } else {
-            if programme.failure_limit.is_some() {
-                let expires = now + i64::from(programme.failure_period_seconds);
-                tx.add_failure(&card_id, now, expires).await?;
-            }
-            if is_static {
-                Reason::StaticCvv2Disabled
-            } else {
-                Reason::Mismatch
-            }
-        };
-        tx.commit().await?;
-        self.count_previous_match(&programme, reason, tried.key.role);
-        Ok(Verification {
-            card: context,
-            reason,
-            method: if reason == Reason::StaticCvv2Disabled {
-                Method::Static
-            } else {
-                Method::Dynamic
-            },
-            key: KeyUse {
-                label: tried.key.label,
-                kcv: tried.check_value,
-            },
-            key_role: tried.key.role,
         })
+        .await
     }
 
     /// Counts an approval with a previous key version (metrics).
@@ -714,8 +714,7 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
                 engine.static_code(&cvk, &pan, expiry, kind, digits)
             })
             .await?;
-        let tx = self.begin(caller, self.now_seconds()).await?;
-        tx.commit().await?;
+        self.record_request(caller).await?;
         Ok(StaticCode {
             card: Self::context(card, &programme),
             code: issued.code,
@@ -755,8 +754,7 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
                 })
             })
             .await?;
-        let tx = self.begin(caller, self.now_seconds()).await?;
-        tx.commit().await?;
+        self.record_request(caller).await?;
         let reason = if tried.matched.is_some() {
             Reason::Match
         } else {
@@ -772,6 +770,144 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
                 kcv: tried.check_value,
             },
             key_role: tried.key.role,
+        })
+    }
+}
+
+/// How many times a CVV2 check is made when an enrolment change lands between
+/// its token work and its transaction (the last attempt is never refused).
+const STALE_ATTEMPTS: u32 = 3;
+
+/// The request-id claim of a request (DESIGN 5: replay), made in the request's
+/// one transaction.
+#[derive(Debug)]
+struct Claim {
+    client: String,
+    request_id: String,
+    now: i64,
+    expires_at: i64,
+}
+
+impl Claim {
+    fn apply(&self, tx: &mut StoreTx<'_>) -> Result<(), StoreError> {
+        tx.claim_request(&self.client, &self.request_id, self.now, self.expires_at)
+    }
+}
+
+/// Enrols the card if it is not; a new enrolment starts with no failures.
+fn enroll(
+    tx: &mut StoreTx<'_>,
+    card: &CardId,
+    enrollment: &Enrollment,
+) -> Result<bool, StoreError> {
+    let newly = tx.enroll(card, enrollment)?;
+    if newly {
+        tx.clear_failures(card)?;
+    }
+    Ok(newly)
+}
+
+/// The PAN-index id of a card: HMAC-SHA256 in the token (DESIGN 6).
+fn pan_index<H: CardCrypto>(
+    engine: &Engine<H>,
+    label: &KeyLabel,
+    pan: &Pan,
+) -> Result<CardId, DomainError> {
+    let mut input = zeroize::Zeroizing::new(PAN_INDEX_CONTEXT.to_vec());
+    input.extend_from_slice(pan.digits().as_bytes());
+    let digest = engine.hsm().hmac(label, KeyKind::PanIndex, &input)?;
+    let bytes: [u8; 32] = digest[..].try_into().map_err(|_| {
+        DomainError::Hsm(HsmError::Wrapper("PAN-index HMAC is not 32 bytes".into()))
+    })?;
+    Ok(CardId(bytes))
+}
+
+/// What the token work of a CVV2 check found.
+#[derive(Debug)]
+struct Cvv2Check {
+    card_id: CardId,
+    /// The card's enrolment as the token work saw it.
+    enrolled: bool,
+    /// The matching window (dynamic), or `Some(0)` for a static match.
+    matched: Option<u64>,
+    /// The candidate is the card's static CVV2.
+    is_static: bool,
+    key: rotation::Candidate,
+    check_value: Kcv,
+}
+
+/// Why a verification's transaction stopped: a refusal or fault, or the
+/// enrolment it was computed for has changed (check again).
+#[derive(Debug)]
+enum TxError {
+    Domain(DomainError),
+    Stale,
+}
+
+impl From<StoreError> for TxError {
+    fn from(e: StoreError) -> Self {
+        TxError::Domain(e.into())
+    }
+}
+
+/// A programme's dynamic CVV2 rules (DESIGN 2.4): single use and the failure
+/// limit, applied in the card's transaction.
+#[derive(Debug, Clone, Copy)]
+struct CardRules {
+    single_use: bool,
+    failure_limit: Option<u32>,
+    failure_period_seconds: u32,
+    window_seconds: u32,
+    past_windows: u32,
+}
+
+impl CardRules {
+    fn of(programme: &Programme) -> Self {
+        CardRules {
+            single_use: programme.single_use,
+            failure_limit: programme.failure_limit.map(|l| l.get()),
+            failure_period_seconds: programme.failure_period_seconds,
+            window_seconds: programme.profile.window_seconds(),
+            past_windows: programme.profile.past_windows(),
+        }
+    }
+
+    /// The decision for an enrolled card, recorded in `tx`: blocked by the
+    /// failure limit, else a match spends its window (single use), else a
+    /// failure is counted.
+    fn apply(
+        self,
+        tx: &mut StoreTx<'_>,
+        card: &CardId,
+        now: i64,
+        matched: Option<u64>,
+        is_static: bool,
+    ) -> Result<Reason, StoreError> {
+        if let Some(limit) = self.failure_limit {
+            let since = now - i64::from(self.failure_period_seconds);
+            if tx.failures_since(card, since)? >= limit {
+                return Ok(Reason::TooManyFailures);
+            }
+        }
+        if let Some(window) = matched {
+            let window = i64::try_from(window).unwrap_or(i64::MAX);
+            let w = i64::from(self.window_seconds);
+            // The window's code is acceptable until G windows after it have passed.
+            let last_acceptable = (window + 1 + i64::from(self.past_windows)) * w;
+            let fresh = !self.single_use || tx.claim_window(card, window, now, last_acceptable)?;
+            return Ok(if fresh {
+                Reason::Match
+            } else {
+                Reason::CodeAlreadyUsed
+            });
+        }
+        if self.failure_limit.is_some() {
+            tx.add_failure(card, now, now + i64::from(self.failure_period_seconds))?;
+        }
+        Ok(if is_static {
+            Reason::StaticCvv2Disabled
+        } else {
+            Reason::Mismatch
         })
     }
 }

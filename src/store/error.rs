@@ -1,6 +1,9 @@
 //! `StoreError`: the one error type of the persistence port, and the one place where
 //! `sqlx::Error` is classified (STYLE 4).
 //!
+//! `rusqlite::Error` (the SQLite store thread) is classified here too, by the
+//! same SQLite result codes.
+//!
 //! The classification answers one question for the layers above: is the store
 //! unavailable (answer 503 and retry later: disk full, read-only, locked past the
 //! timeout, gone, a PostgreSQL server shutting down or a serialization failure) or
@@ -9,6 +12,9 @@
 //! request id reaches them through this type. PostgreSQL's error DETAIL repeats
 //! the values of a refused row, so a PostgreSQL error is kept as its SQLSTATE,
 //! message, table and constraint only.
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use sqlx::error::DatabaseError as _;
 
@@ -21,10 +27,10 @@ pub enum StoreError {
     /// The database cannot be reached or written (disk full, read-only, locked past the
     /// timeout, gone).
     #[error("store unavailable: {0}")]
-    Unavailable(#[source] sqlx::Error),
+    Unavailable(#[source] Cause),
     /// Anything else from the database (schema, decode): a bug or a corrupt store.
     #[error("store error: {0}")]
-    Internal(#[source] sqlx::Error),
+    Internal(#[source] Cause),
     /// Opening / migrating failed.
     #[error("store migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -32,6 +38,35 @@ pub enum StoreError {
     /// password file); the message names the setting, never a secret.
     #[error("store settings: {0}")]
     Settings(String),
+}
+
+/// What lies under an [`StoreError::Unavailable`] or [`StoreError::Internal`].
+#[derive(Debug, thiserror::Error)]
+pub enum Cause {
+    /// From sqlx (PostgreSQL, and SQLite while migrating).
+    #[error(transparent)]
+    Sqlx(sqlx::Error),
+    /// From SQLite on the store thread or a reader.
+    #[error(transparent)]
+    Sqlite(rusqlite::Error),
+    /// The request's transaction did not get its turn within the acquire timeout.
+    #[error("no turn on the store within {0:?}")]
+    Timeout(Duration),
+    /// The store is closed (shutdown).
+    #[error("the store is closed")]
+    Closed,
+    /// The batch the transaction ran in could not be committed: nothing of it is kept.
+    #[error("group commit failed: {0}")]
+    BatchLost(Arc<str>),
+    /// The thread or task running the transaction stopped before answering.
+    #[error("the store's worker stopped")]
+    WorkerStopped,
+    /// The transaction's closure panicked; it was rolled back.
+    #[error("the transaction panicked and was rolled back")]
+    Panicked,
+    /// The store thread could not be started.
+    #[error("store thread: {0}")]
+    Io(std::io::Error),
 }
 
 /// Result of a store operation.
@@ -62,11 +97,28 @@ impl StoreError {
 impl From<sqlx::Error> for StoreError {
     fn from(err: sqlx::Error) -> Self {
         let unavailable = is_unavailable(&err);
-        let err = without_row_values(err);
+        let err = Cause::Sqlx(without_row_values(err));
         if unavailable {
             Self::Unavailable(err)
         } else {
             Self::Internal(err)
+        }
+    }
+}
+
+/// The classification of SQLite errors from the store thread and the readers:
+/// the same result codes as through sqlx. SQLite's messages name tables and
+/// columns, never bound values.
+impl From<rusqlite::Error> for StoreError {
+    fn from(err: rusqlite::Error) -> Self {
+        let unavailable = match &err {
+            rusqlite::Error::SqliteFailure(e, _) => sqlite_code_is_unavailable(e.extended_code),
+            _ => false,
+        };
+        if unavailable {
+            Self::Unavailable(Cause::Sqlite(err))
+        } else {
+            Self::Internal(Cause::Sqlite(err))
         }
     }
 }

@@ -6,8 +6,9 @@
 //! nothing (no business rule lives here: the domain asks, the store answers and
 //! records). It never sees a clear PAN or a code value: a card is a [`CardId`], the
 //! 32-byte keyed hash the HSM computes, plus a masked PAN for humans. It imports
-//! nothing from `http` or `domain`. All state changes of one request go through one
-//! [`StoreTx`], and [`StoreTx::commit`] returns only once the change is durable.
+//! nothing from `http` or `domain`. All state changes of one request happen in one
+//! [`Store::transact`] closure over a [`StoreTx`], which returns only once the
+//! change is durable.
 
 mod error;
 mod postgres;
@@ -20,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use error::{StoreError, StoreResult};
+pub use error::{Cause, StoreError, StoreResult};
 pub use tx::StoreTx;
 
 /// Does this PostgreSQL URL carry a password (the configuration refuses one)?
@@ -144,19 +145,13 @@ pub struct Enrollment {
 
 /// Handle to the store. Cheap to clone: every clone shares one backend.
 ///
-/// On SQLite the backend is one connection behind a fair queue, and transactions
-/// are committed in groups (see the `sqlite` module): SQLite has one writer at a
-/// time anyway, and one durable commit for the requests of a moment is what makes
-/// the store keep up. Two gateway processes must not share one SQLite file: use
-/// PostgreSQL for several instances (DESIGN 6).
-///
-/// On PostgreSQL the backend is a pool of `max_connections` connections; every
-/// transaction has its own, and the database keeps concurrent transactions of all
-/// gateway processes correct (see the `postgres` module).
-///
-/// While a task holds a [`StoreTx`] on SQLite the connection is taken: it must use
-/// the transaction's own methods, not this handle's, or it waits for itself until
-/// the acquire timeout.
+/// Every state change of a request happens in one [`Store::transact`] closure,
+/// which runs as one unit on the store's side: on SQLite on the store thread
+/// that owns the one write connection, committed in groups with the requests of
+/// the same moment (see the `sqlite` module); on PostgreSQL on one pooled
+/// connection, and the database keeps concurrent transactions of all gateway
+/// processes correct (see the `postgres` module). Two gateway processes must
+/// not share one SQLite file: use PostgreSQL for several instances (DESIGN 6).
 ///
 /// All times are UTC Unix seconds, chosen by the caller.
 #[derive(Clone)]
@@ -167,7 +162,7 @@ pub struct Store {
 #[derive(Clone)]
 enum Backend {
     Sqlite {
-        writer: Arc<sqlite::Writer>,
+        store: Arc<sqlite::Sqlite>,
         path: Arc<Path>,
     },
     Postgres {
@@ -180,11 +175,11 @@ enum Backend {
 impl fmt::Debug for Store {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.backend {
-            Backend::Sqlite { writer, path } => f
+            Backend::Sqlite { store, path } => f
                 .debug_struct("Store")
                 .field("backend", &"sqlite")
                 .field("path", path)
-                .field("closed", &writer.is_closed())
+                .field("closed", &store.is_closed())
                 .finish(),
             Backend::Postgres { pool, target } => f
                 .debug_struct("Store")
@@ -194,25 +189,6 @@ impl fmt::Debug for Store {
                 .finish(),
         }
     }
-}
-
-/// Runs `$body` with `$pool` bound to an executor outside any request's
-/// transaction (on SQLite: the one connection, taken for the duration). The body
-/// is expanded once per backend, so the same SQL text serves all of them.
-macro_rules! with_pool {
-    ($store:expr, |$pool:ident| $body:expr) => {
-        match &$store.backend {
-            Backend::Sqlite { writer, .. } => {
-                let mut guard = writer.lock().await?;
-                let $pool = guard.executor()?;
-                $body
-            }
-            Backend::Postgres { pool, .. } => {
-                let $pool = pool;
-                $body
-            }
-        }
-    };
 }
 
 impl Store {
@@ -233,7 +209,7 @@ impl Store {
     pub async fn open(settings: &StoreSettings) -> StoreResult<Store> {
         let backend = match &settings.location {
             StoreLocation::Sqlite(path) => Backend::Sqlite {
-                writer: sqlite::open(path, settings).await?,
+                store: sqlite::open(path, settings).await?,
                 path: Arc::from(path.as_path()),
             },
             StoreLocation::Postgres(location) => {
@@ -256,15 +232,40 @@ impl Store {
         }
     }
 
+    /// Runs `work` as one transaction and returns its result once the
+    /// transaction has ended: when `work` returns `Ok`, every change it made is
+    /// durable; when it returns `Err`, nothing it did is kept and that error is
+    /// returned. The error type is the caller's (a domain refusal mid-way rolls
+    /// back like a store error), as long as a [`StoreError`] converts into it. `work` runs on the store's side, away from the async runtime,
+    /// and must do nothing but store work (no token calls, no waiting).
+    ///
+    /// On SQLite the answer, success or refusal, comes only after the group the
+    /// transaction was committed with is durable; if that group is lost, the
+    /// answer is [`StoreError::Unavailable`] and nothing of it is kept.
+    ///
+    /// # Errors
+    /// `work`'s own error; [`StoreError::Unavailable`] when the transaction could
+    /// not start within the acquire timeout, could not be committed, or the store
+    /// is closed; [`StoreError::Internal`] when `work` panicked (rolled back).
+    pub async fn transact<T, E, F>(&self, work: F) -> Result<T, E>
+    where
+        F: FnOnce(&mut StoreTx<'_>) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        match &self.backend {
+            Backend::Sqlite { store, .. } => store.transact(work).await,
+            Backend::Postgres { pool, .. } => postgres::transact(pool, work).await,
+        }
+    }
+
     /// Readiness: proves the store can be written, by rewriting the one-row heartbeat
     /// table in a committed transaction.
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] when the store cannot take writes now.
     pub async fn probe(&self, now: i64) -> StoreResult<()> {
-        let mut tx = self.begin().await?;
-        tx.heartbeat(now).await?;
-        tx.commit().await
+        self.transact(move |tx| tx.heartbeat(now)).await
     }
 
     /// Read-only: has this (client, request id) been claimed and not yet expired at
@@ -278,46 +279,55 @@ impl Store {
         request_id: &str,
         now: i64,
     ) -> StoreResult<bool> {
-        with_pool!(self, |pool| {
-            let row = sqlx::query(sql::REQUEST_SEEN)
-                .bind(client)
-                .bind(request_id)
-                .bind(now)
-                .fetch_optional(pool)
-                .await?;
-            Ok(row.is_some())
-        })
+        match &self.backend {
+            Backend::Sqlite { store, .. } => {
+                let (store, client, request_id) =
+                    (Arc::clone(store), client.to_owned(), request_id.to_owned());
+                blocking(move || {
+                    store.read(|conn| sqlite::read_request_seen(conn, &client, &request_id, now))
+                })
+                .await
+            }
+            Backend::Postgres { pool, .. } => {
+                let row = sqlx::query(sql::REQUEST_SEEN)
+                    .bind(client)
+                    .bind(request_id)
+                    .bind(now)
+                    .fetch_optional(pool)
+                    .await?;
+                Ok(row.is_some())
+            }
+        }
     }
 
-    /// Read-only: the card's enrolment, if any.
+    /// Read-only: the card's enrolment, if any, as last committed.
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
     pub async fn enrollment(&self, card: &CardId) -> StoreResult<Option<Enrollment>> {
-        with_pool!(self, |pool| {
-            let row = sqlx::query_as::<_, (String, String, i64)>(sql::ENROLLMENT)
-                .bind(card.0.as_slice())
-                .fetch_optional(pool)
-                .await?;
-            Ok(row.map(enrollment_from_row))
-        })
+        match &self.backend {
+            Backend::Sqlite { store, .. } => {
+                let (store, card) = (Arc::clone(store), *card);
+                blocking(move || store.read(|conn| sqlite::read_enrollment(conn, &card))).await
+            }
+            Backend::Postgres { pool, .. } => postgres::enrollment(pool, card).await,
+        }
     }
 
-    /// Begins a transaction: all state changes of one request happen in one.
+    /// Read-only: the card's enrolment, as last committed, for code that already
+    /// runs on a blocking thread (the token work of a request), so the read costs
+    /// no hand-off of its own: SQLite reads on a reader connection, PostgreSQL
+    /// drives the query on this thread.
     ///
-    /// On SQLite the first transaction of a batch takes the file's write lock at once
-    /// (`BEGIN IMMEDIATE`), so waiting for it happens here, under the timeout, and
-    /// never half-way through; each request's transaction is a savepoint in the batch.
-    /// On PostgreSQL this takes a connection from the pool (a new one when the
-    /// database came back after an outage) and opens a READ COMMITTED transaction.
+    /// Must be called from a blocking thread of the runtime (`spawn_blocking`),
+    /// never from async code.
     ///
     /// # Errors
-    /// [`StoreError::Unavailable`] when no connection or lock is free within the
-    /// acquire timeout, the database cannot be reached, or the store is closed.
-    pub async fn begin(&self) -> StoreResult<StoreTx> {
+    /// [`StoreError::Unavailable`] or [`StoreError::Internal`].
+    pub fn enrollment_blocking(&self, card: &CardId) -> StoreResult<Option<Enrollment>> {
         match &self.backend {
-            Backend::Sqlite { writer, .. } => Ok(StoreTx::sqlite(writer.begin().await?)),
-            Backend::Postgres { pool, .. } => Ok(StoreTx::postgres(pool.begin().await?)),
+            Backend::Sqlite { store, .. } => store.read(|conn| sqlite::read_enrollment(conn, card)),
+            Backend::Postgres { pool, .. } => postgres::enrollment_blocking(pool, card),
         }
     }
 
@@ -327,21 +337,29 @@ impl Store {
     /// # Errors
     /// [`StoreError::Unavailable`] or [`StoreError::Internal`]; nothing is deleted then.
     pub async fn cleanup(&self, now: i64) -> StoreResult<u64> {
-        let mut tx = self.begin().await?;
-        let deleted = tx.delete_expired(now).await?;
-        tx.commit().await?;
+        let deleted = self.transact(move |tx| tx.delete_expired(now)).await?;
         tracing::debug!(deleted, "store cleanup");
         Ok(deleted)
     }
 
-    /// Closes the pool (graceful shutdown): waits for the connections to come back,
-    /// then closes them. Every later call fails with [`StoreError::Unavailable`].
+    /// Closes the store (graceful shutdown): finishes the transactions under way,
+    /// then closes the connections. Every later call fails with
+    /// [`StoreError::Unavailable`].
     pub async fn close(&self) {
         match &self.backend {
-            Backend::Sqlite { writer, .. } => writer.close().await,
+            Backend::Sqlite { store, .. } => store.close().await,
             Backend::Postgres { pool, .. } => pool.close().await,
         }
     }
+}
+
+/// Runs a blocking read off the runtime's workers.
+async fn blocking<T: Send + 'static>(
+    read: impl FnOnce() -> StoreResult<T> + Send + 'static,
+) -> StoreResult<T> {
+    tokio::task::spawn_blocking(read)
+        .await
+        .unwrap_or(Err(StoreError::Unavailable(Cause::WorkerStopped)))
 }
 
 fn enrollment_from_row((programme, masked_pan, enrolled_at): (String, String, i64)) -> Enrollment {

@@ -5,7 +5,9 @@
 //! correct is the database, not the processes:
 //!
 //! - Every request's transaction is a plain READ COMMITTED transaction on its own
-//!   pooled connection. The claims (request id, single-use window, enrolment) are
+//!   pooled connection, run as one closure on one blocking thread
+//!   ([`transact`]): its statements are driven there one after the other, so a
+//!   request crosses to the store once whatever the number of statements. The claims (request id, single-use window, enrolment) are
 //!   single `INSERT … ON CONFLICT` statements on a primary key: when two
 //!   transactions race for one key, the second waits for the first to end and then
 //!   sees its row, so exactly one of them claims it, and neither gets a unique
@@ -33,11 +35,17 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::PgPool;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres};
+use tokio::runtime::Handle;
 
-use super::{CardId, DatabaseUrl, PostgresLocation, StoreError, StoreResult, StoreSettings};
+use super::error::Cause;
+use super::tx::{StoreTx, TxInner};
+use super::{
+    CardId, DatabaseUrl, Enrollment, PostgresLocation, StoreError, StoreResult, StoreSettings,
+    enrollment_from_row, sql,
+};
 
 /// The PostgreSQL schema, embedded at build time.
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
@@ -106,6 +114,175 @@ pub(super) async fn open(
         "store opened (postgres)"
     );
     Ok((pool, target))
+}
+
+/// Runs `work` as one transaction: on one blocking thread, which takes a pooled
+/// connection, begins, drives each statement of the closure to completion,
+/// and commits when the closure returns `Ok` (rolls back on `Err`).
+pub(super) async fn transact<T, E, F>(pool: &PgPool, work: F) -> Result<T, E>
+where
+    F: FnOnce(&mut StoreTx<'_>) -> Result<T, E> + Send + 'static,
+    T: Send + 'static,
+    E: From<StoreError> + Send + 'static,
+{
+    let pool = pool.clone();
+    tokio::task::spawn_blocking(move || {
+        let handle = Handle::current();
+        let mut tx = handle
+            .block_on(pool.begin())
+            .map_err(|e| E::from(e.into()))?;
+        let result = work(&mut StoreTx::new(TxInner::Postgres(Statements {
+            tx: &mut tx,
+            handle: &handle,
+        })));
+        match result {
+            Ok(value) => {
+                handle
+                    .block_on(tx.commit())
+                    .map_err(|e| E::from(e.into()))?;
+                Ok(value)
+            }
+            Err(e) => {
+                // Dropped without commit, sqlx rolls back anyway; this says so at once.
+                let _ = handle.block_on(tx.rollback());
+                Err(e)
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|e| {
+        Err(if e.is_panic() {
+            StoreError::Internal(Cause::Panicked)
+        } else {
+            StoreError::Unavailable(Cause::WorkerStopped)
+        }
+        .into())
+    })
+}
+
+/// The card's enrolment, read outside any transaction. Blocking: call it from a
+/// blocking thread inside the runtime.
+pub(super) fn enrollment_blocking(pool: &PgPool, card: &CardId) -> StoreResult<Option<Enrollment>> {
+    Handle::current().block_on(enrollment(pool, card))
+}
+
+/// The card's enrolment, read outside any transaction.
+pub(super) async fn enrollment(pool: &PgPool, card: &CardId) -> StoreResult<Option<Enrollment>> {
+    let row = sqlx::query_as::<_, (String, String, i64)>(sql::ENROLLMENT)
+        .bind(card.0.as_slice())
+        .fetch_optional(pool)
+        .await?;
+    Ok(row.map(enrollment_from_row))
+}
+
+/// The statements of a transaction, each driven to completion on the
+/// transaction's blocking thread.
+pub(super) struct Statements<'a> {
+    tx: &'a mut sqlx::Transaction<'static, Postgres>,
+    handle: &'a Handle,
+}
+
+impl Statements<'_> {
+    fn execute(
+        &mut self,
+        query: sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments>,
+    ) -> StoreResult<u64> {
+        Ok(self
+            .handle
+            .block_on(query.execute(&mut **self.tx))?
+            .rows_affected())
+    }
+
+    pub(super) fn lock_card(&mut self, card: &CardId) -> StoreResult<()> {
+        self.execute(sqlx::query(LOCK_CARD).bind(card_lock_key(card)))
+            .map(drop)
+    }
+
+    pub(super) fn claim_request(
+        &mut self,
+        client: &str,
+        request_id: &str,
+        now: i64,
+        expires_at: i64,
+    ) -> StoreResult<u64> {
+        self.execute(
+            sqlx::query(sql::CLAIM_REQUEST)
+                .bind(client.to_owned())
+                .bind(request_id.to_owned())
+                .bind(expires_at)
+                .bind(now),
+        )
+    }
+
+    pub(super) fn enrollment(&mut self, card: &CardId) -> StoreResult<Option<Enrollment>> {
+        let query = sqlx::query_as::<_, (String, String, i64)>(sql::ENROLLMENT)
+            .bind(card.0.to_vec())
+            .fetch_optional(&mut **self.tx);
+        Ok(self.handle.block_on(query)?.map(enrollment_from_row))
+    }
+
+    pub(super) fn enroll(&mut self, card: &CardId, e: &Enrollment) -> StoreResult<u64> {
+        self.execute(
+            sqlx::query(sql::ENROLL)
+                .bind(card.0.to_vec())
+                .bind(e.programme.clone())
+                .bind(e.masked_pan.clone())
+                .bind(e.enrolled_at),
+        )
+    }
+
+    pub(super) fn unenroll(&mut self, card: &CardId) -> StoreResult<u64> {
+        self.execute(sqlx::query(sql::UNENROLL).bind(card.0.to_vec()))
+    }
+
+    pub(super) fn failures_since(&mut self, card: &CardId, since: i64) -> StoreResult<i64> {
+        let query = sqlx::query_scalar::<_, i64>(sql::FAILURES_SINCE)
+            .bind(card.0.to_vec())
+            .bind(since)
+            .fetch_one(&mut **self.tx);
+        Ok(self.handle.block_on(query)?)
+    }
+
+    pub(super) fn add_failure(&mut self, card: &CardId, at: i64, expires: i64) -> StoreResult<u64> {
+        self.execute(
+            sqlx::query(sql::ADD_FAILURE)
+                .bind(card.0.to_vec())
+                .bind(at)
+                .bind(expires),
+        )
+    }
+
+    pub(super) fn clear_failures(&mut self, card: &CardId) -> StoreResult<u64> {
+        self.execute(sqlx::query(sql::CLEAR_FAILURES).bind(card.0.to_vec()))
+    }
+
+    pub(super) fn claim_window(
+        &mut self,
+        card: &CardId,
+        window: i64,
+        at: i64,
+        expires: i64,
+    ) -> StoreResult<u64> {
+        self.execute(
+            sqlx::query(sql::CLAIM_WINDOW)
+                .bind(card.0.to_vec())
+                .bind(window)
+                .bind(at)
+                .bind(expires),
+        )
+    }
+
+    pub(super) fn heartbeat(&mut self, now: i64) -> StoreResult<u64> {
+        self.execute(sqlx::query(sql::HEARTBEAT).bind(now))
+    }
+
+    pub(super) fn delete_expired(&mut self, now: i64) -> StoreResult<u64> {
+        let mut deleted = 0;
+        for statement in sql::CLEANUP {
+            deleted += self.execute(sqlx::query(statement).bind(now))?;
+        }
+        Ok(deleted)
+    }
 }
 
 /// Parses a `postgres://` URL. The error never repeats the URL.
