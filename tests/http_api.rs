@@ -383,3 +383,66 @@ async fn key_inventory_health_metrics_and_openapi() {
     assert_eq!(wrong_method.status, 405);
     gw.stop().await;
 }
+
+/// Issue 9: many verifications of one window at once, through the one SQLite
+/// store thread and its group commit: single use stays exact (one approval,
+/// every other `code_already_used`), and the store holds exactly one used window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_verifications_of_one_window_have_exactly_one_approval() {
+    let gw = std::sync::Arc::new(TestGateway::start(Options::default()).await);
+    gw.call("POST", ENROL, &card(json!({}))).await;
+    let code = dynamic(T0 / 300);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..64 {
+        let (gw, code) = (std::sync::Arc::clone(&gw), code.clone());
+        tasks.spawn(async move { verify(&gw, &code).await });
+    }
+    let mut outcomes = std::collections::BTreeMap::<(String, String), usize>::new();
+    while let Some(outcome) = tasks.join_next().await {
+        let (result, reason, method) = outcome.unwrap();
+        assert_eq!(method, "dynamic");
+        *outcomes.entry((result, reason)).or_default() += 1;
+    }
+    assert_eq!(
+        outcomes,
+        std::collections::BTreeMap::from([
+            (("approved".to_owned(), "match".to_owned()), 1),
+            (("declined".to_owned(), "code_already_used".to_owned()), 63),
+        ])
+    );
+    let snapshot = gw.snapshot().await;
+    assert_eq!(snapshot["used_windows"].len(), 1, "{snapshot:?}");
+    std::sync::Arc::into_inner(gw).unwrap().stop().await;
+}
+
+/// Issue 9: 32 wrong codes at once for one card: exactly `failure_limit`
+/// mismatches are counted, every later check is `too_many_failures`, and the
+/// store holds exactly that many failures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_mismatches_stop_exactly_at_the_failure_limit() {
+    let gw = std::sync::Arc::new(TestGateway::start(Options::default()).await);
+    gw.call("POST", ENROL, &card(json!({}))).await;
+    let right = dynamic(T0 / 300);
+    let wrong = if right == "999" { "998" } else { "999" };
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..32 {
+        let gw = std::sync::Arc::clone(&gw);
+        tasks.spawn(async move { verify(&gw, wrong).await });
+    }
+    let mut outcomes = std::collections::BTreeMap::<String, usize>::new();
+    while let Some(outcome) = tasks.join_next().await {
+        let (result, reason, _) = outcome.unwrap();
+        assert_eq!(result, "declined");
+        *outcomes.entry(reason).or_default() += 1;
+    }
+    assert_eq!(
+        outcomes,
+        std::collections::BTreeMap::from([
+            ("mismatch".to_owned(), 5),
+            ("too_many_failures".to_owned(), 27),
+        ])
+    );
+    let snapshot = gw.snapshot().await;
+    assert_eq!(snapshot["failures"].len(), 5, "{snapshot:?}");
+    std::sync::Arc::into_inner(gw).unwrap().stop().await;
+}
