@@ -30,8 +30,11 @@
 //!   (count the failures, then record one) is exact without any further lock.
 //! - A request waits at most `acquire_timeout` for its turn: a closure still
 //!   queued past its deadline is not run and is answered `Unavailable`.
-//! - After a failed batch the connection is dropped and opened again for the
-//!   next one, so a disk that was full or read-only is used again once fixed.
+//! - A failed batch is rolled back and the connection kept: SQLite uses a disk
+//!   that was full or a file that was read-only again once it is fixed. (Closing
+//!   the last connection would checkpoint and shrink the WAL, which frees space
+//!   by chance and hides the fault from readiness.) Only a connection that could
+//!   not be opened is tried again, at the next batch.
 //!
 //! Reads outside a transaction (readiness aside, the enrolment lookup of a
 //! verification) use separate reader connections: in WAL mode they see the
@@ -327,7 +330,7 @@ where
 struct StoreThread {
     path: PathBuf,
     acquire_timeout: Duration,
-    /// `None` after a failed batch: opened again for the next one.
+    /// `None` when it could not be opened (again): tried at the next batch.
     conn: Option<Connection>,
 }
 
@@ -371,8 +374,6 @@ impl StoreThread {
         let (result, batch) = outcome;
         let result = result.map_err(|reason| {
             tracing::warn!(%reason, requests = batch.len(), "store batch lost; its requests get 503");
-            // Start afresh: the next batch opens a new connection.
-            self.conn = None;
             Arc::<str>::from(reason)
         });
         for pending in batch {
