@@ -4,14 +4,23 @@
 //! module with a `sqlite` and a `postgres` test.
 //!
 //! What the store's callers rely on: schema creation and idempotent migrations,
-//! replay refusal with expiry, all-or-nothing transactions, idempotent enrolment,
-//! failure counting, single use of windows under concurrency, cleanup, durability of
-//! a commit across close and reopen, and `Unavailable` (never a bug report) when the
-//! database cannot be written, is locked past the timeout, is stopped, or the store
-//! is closed. Rows are counted through a separate raw connection, not through the
-//! store. SQLite-only tests (read-only files, the file lock, the one connection)
-//! and PostgreSQL-only tests (server stopped and started, several stores on one
-//! database as several gateway processes would have) follow the shared ones.
+//! replay refusal with expiry, all-or-nothing transactions (a closure that returns
+//! `Err` or panics keeps nothing), idempotent enrolment, failure counting, single
+//! use of windows and an exact failure limit under many concurrent transactions,
+//! cleanup, durability of a commit when it returns and across close and reopen, a
+//! refusal half-way through one transaction that leaves the others of its batch
+//! alone, and `Unavailable` (never a bug report) when the database cannot be
+//! written, is locked past the timeout, is stopped, or the store is closed. Rows
+//! are counted through a separate raw connection, not through the store.
+//! SQLite-only tests (read-only files, the file lock, the store thread: reads that
+//! do not wait for it, a request queued past its timeout, a batch whose commit
+//! fails on a full disk) and PostgreSQL-only tests (server stopped and started,
+//! several stores on one database as several gateway processes would have) follow
+//! the shared ones.
+//!
+//! Every transaction is a [`Store::transact`] closure; a test that needs one to
+//! stay open (to race it, or to stop the server under it) stops it inside its
+//! closure at a [`Paused`] point until the test releases it.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -21,18 +30,23 @@ use std::fs::{self, OpenOptions, Permissions};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use common::postgres::PG;
 use dcvv_gateway::store::{
-    CardId, DatabaseUrl, Enrollment, PostgresLocation, Store, StoreError, StoreSettings,
+    CardId, Cause, DatabaseUrl, Enrollment, PostgresLocation, Store, StoreError, StoreResult,
+    StoreSettings, StoreTx,
 };
 use proptest::prelude::*;
 use sqlx::postgres::PgConnection;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
 use sqlx::{ConnectOptions, Connection};
 use tempfile::TempDir;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 
 const T0: i64 = 1_767_225_600; // 2026-01-01T00:00:00Z
 const TABLES: [&str; 5] = [
@@ -160,21 +174,27 @@ impl Raw {
         }
     }
 
-    /// The number of enrolments of `card`.
-    async fn enrolled(&mut self, card: &CardId) -> i64 {
-        let sql = "SELECT COUNT(*) FROM enrollments WHERE card_id = $1";
+    /// The number of rows of `table` (`enrollments`, `used_windows`, `failures`)
+    /// that belong to `card`.
+    async fn rows_of(&mut self, table: &str, card: &CardId) -> i64 {
+        let sql = format!("SELECT COUNT(*) FROM {table} WHERE card_id = $1");
         match self {
-            Raw::Sqlite(conn) => sqlx::query_scalar(sql)
+            Raw::Sqlite(conn) => sqlx::query_scalar(&sql)
                 .bind(card.0.as_slice())
                 .fetch_one(conn)
                 .await
                 .unwrap(),
-            Raw::Postgres(conn) => sqlx::query_scalar(sql)
+            Raw::Postgres(conn) => sqlx::query_scalar(&sql)
                 .bind(card.0.as_slice())
                 .fetch_one(conn)
                 .await
                 .unwrap(),
         }
+    }
+
+    /// The number of enrolments of `card`.
+    async fn enrolled(&mut self, card: &CardId) -> i64 {
+        self.rows_of("enrollments", card).await
     }
 
     async fn execute(&mut self, sql: &str) {
@@ -232,6 +252,14 @@ fn card(n: u8) -> CardId {
     CardId([n; 32])
 }
 
+/// One of many cards (distinct from every `card(n)`, and in its first 8 bytes,
+/// PostgreSQL's card lock key).
+fn card_of(n: u32) -> CardId {
+    let mut id = [0xee; 32];
+    id[..4].copy_from_slice(&n.to_be_bytes());
+    CardId(id)
+}
+
 fn enrollment(programme: &str, at: i64) -> Enrollment {
     Enrollment {
         programme: programme.to_owned(),
@@ -247,6 +275,152 @@ fn assert_unavailable<T: std::fmt::Debug>(result: Result<T, StoreError>) -> Stor
     err
 }
 
+// ---- running transactions ----
+
+/// Runs `work` as one transaction of `store`, with the store's own error type.
+async fn transact<T: Send + 'static>(
+    store: &Store,
+    work: impl FnOnce(&mut StoreTx<'_>) -> StoreResult<T> + Send + 'static,
+) -> StoreResult<T> {
+    store.transact(work).await
+}
+
+/// Runs `work` on `store` in a task of its own, and counts `queued` up once the
+/// store holds the transaction (on SQLite: it is in the store thread's queue; on
+/// PostgreSQL: its blocking thread is started), so a test can wait until every
+/// transaction of a batch is queued before it lets the store thread go on.
+fn spawn_transaction<T: Send + 'static>(
+    store: &Store,
+    queued: &Arc<AtomicUsize>,
+    work: impl FnOnce(&mut StoreTx<'_>) -> StoreResult<T> + Send + 'static,
+) -> JoinHandle<StoreResult<T>> {
+    let (store, queued) = (store.clone(), Arc::clone(queued));
+    tokio::spawn(async move {
+        let mut answer = std::pin::pin!(store.transact(work));
+        // The first poll hands the closure to the store.
+        let early = std::future::poll_fn(|cx| Poll::Ready(answer.as_mut().poll(cx))).await;
+        queued.fetch_add(1, Ordering::SeqCst);
+        match early {
+            Poll::Ready(result) => result,
+            Poll::Pending => answer.await,
+        }
+    })
+}
+
+/// Waits until `n` transactions are queued (see [`spawn_transaction`]).
+async fn until_queued(queued: &AtomicUsize, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while queued.load(Ordering::SeqCst) < n {
+        assert!(
+            Instant::now() < deadline,
+            "the transactions were not queued"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The test's side of a point inside a transaction's closure where the closure
+/// stops until the test releases it.
+struct Pause {
+    reached: oneshot::Receiver<()>,
+    release: mpsc::Sender<()>,
+}
+
+/// The closure's side of a [`Pause`].
+struct Paused {
+    reached: oneshot::Sender<()>,
+    release: mpsc::Receiver<()>,
+}
+
+fn pause() -> (Pause, Paused) {
+    let (reached_tx, reached) = oneshot::channel();
+    let (release, release_rx) = mpsc::channel();
+    (
+        Pause { reached, release },
+        Paused {
+            reached: reached_tx,
+            release: release_rx,
+        },
+    )
+}
+
+impl Pause {
+    /// Waits until the closure is at its pause.
+    async fn reached(&mut self) {
+        (&mut self.reached)
+            .await
+            .expect("the transaction reached its pause");
+    }
+
+    /// Lets the closure go on.
+    fn release(&self) {
+        let _ = self.release.send(());
+    }
+}
+
+impl Paused {
+    /// Inside the closure (on the store's side: it blocks that thread): says the
+    /// closure got here and waits to be released, at most 30 s so a failed test
+    /// cannot hang the store for ever.
+    fn here(self) {
+        let _ = self.reached.send(());
+        let _ = self.release.recv_timeout(Duration::from_secs(30));
+    }
+}
+
+/// A transaction that changes nothing and holds the store (on SQLite the store
+/// thread, so every transaction sent meanwhile waits in its queue and the next
+/// batch takes them all) until [`Held::release`].
+struct Held {
+    pause: Pause,
+    answer: JoinHandle<StoreResult<()>>,
+}
+
+async fn hold(store: &Store) -> Held {
+    let (mut pause, paused) = pause();
+    let store = store.clone();
+    let answer = tokio::spawn(async move {
+        transact(&store, move |_tx| {
+            paused.here();
+            Ok(())
+        })
+        .await
+    });
+    pause.reached().await;
+    Held { pause, answer }
+}
+
+impl Held {
+    async fn release(self) -> StoreResult<()> {
+        self.pause.release();
+        self.answer.await.unwrap()
+    }
+}
+
+/// A refusal of the caller's own, as the domain makes half-way through a request
+/// (a wrong code after the failure count, say): the store only needs its own
+/// errors to convert into it.
+#[derive(Debug)]
+enum Refusal {
+    Refused,
+    Store(StoreError),
+}
+
+impl From<StoreError> for Refusal {
+    fn from(err: StoreError) -> Self {
+        Self::Store(err)
+    }
+}
+
+/// `true` for the caller's refusal, `false` for success; a store error fails.
+fn refused(result: Result<(), Refusal>) -> bool {
+    match result {
+        Ok(()) => false,
+        Err(Refusal::Refused) => true,
+        Err(Refusal::Store(err)) => panic!("store error: {err:?}"),
+    }
+}
+
 on_both_backends!(
     migrations_create_the_schema,
     reopening_runs_no_migration_twice,
@@ -254,7 +428,7 @@ on_both_backends!(
     claim_request_refuses_a_live_duplicate_and_accepts_it_after_expiry,
     request_ids_are_per_client,
     a_rolled_back_transaction_leaves_nothing,
-    a_transaction_dropped_without_commit_leaves_nothing,
+    a_transaction_whose_closure_panics_leaves_nothing_and_the_store_keeps_working,
     committed_state_survives_close_and_reopen,
     enroll_is_idempotent_and_keeps_the_first_enrolment,
     unenroll_is_idempotent_and_clears_only_this_cards_failures,
@@ -262,8 +436,11 @@ on_both_backends!(
     failures_since_counts_only_failures_at_or_after_since,
     claim_window_is_single_use_per_card_and_window,
     concurrent_claims_of_one_window_have_exactly_one_winner,
+    many_concurrent_verifications_of_one_window_have_exactly_one_approval,
     concurrent_commits_are_each_durable_when_they_return,
+    a_request_refused_mid_transaction_leaves_nothing_and_its_batch_is_kept,
     concurrent_failure_counts_under_the_card_lock_never_pass_the_limit,
+    many_concurrent_failure_checks_never_pass_the_limit,
     cleanup_deletes_only_expired_rows_of_all_three_tables,
     probe_writes_the_heartbeat,
     every_call_after_close_is_unavailable,
@@ -395,11 +572,11 @@ async fn claim_request_refuses_a_live_duplicate_and_accepts_it_after_expiry(kind
     let t = TestStore::new(kind).await;
     let expires = T0 + 900;
 
-    let mut tx = t.store.begin().await.unwrap();
-    tx.claim_request("client-a", "req-1", T0, expires)
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    transact(&t.store, move |tx| {
+        tx.claim_request("client-a", "req-1", T0, expires)
+    })
+    .await
+    .unwrap();
     assert!(
         t.store
             .is_request_seen("client-a", "req-1", T0)
@@ -415,14 +592,13 @@ async fn claim_request_refuses_a_live_duplicate_and_accepts_it_after_expiry(kind
 
     // Within the window, also at its last second: refused.
     for now in [T0, expires - 1] {
-        let mut tx = t.store.begin().await.unwrap();
-        let err = tx
-            .claim_request("client-a", "req-1", now, now + 900)
-            .await
-            .unwrap_err();
+        let err = transact(&t.store, move |tx| {
+            tx.claim_request("client-a", "req-1", now, now + 900)
+        })
+        .await
+        .unwrap_err();
         assert!(matches!(err, StoreError::DuplicateRequest), "{err:?}");
         assert!(!err.is_unavailable());
-        tx.rollback().await.unwrap();
     }
 
     // Expired (expires_at <= now): no longer seen, and claimable again.
@@ -432,11 +608,11 @@ async fn claim_request_refuses_a_live_duplicate_and_accepts_it_after_expiry(kind
             .await
             .unwrap()
     );
-    let mut tx = t.store.begin().await.unwrap();
-    tx.claim_request("client-a", "req-1", expires, expires + 900)
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    transact(&t.store, move |tx| {
+        tx.claim_request("client-a", "req-1", expires, expires + 900)
+    })
+    .await
+    .unwrap();
     assert!(
         t.store
             .is_request_seen("client-a", "req-1", expires + 899)
@@ -446,27 +622,23 @@ async fn claim_request_refuses_a_live_duplicate_and_accepts_it_after_expiry(kind
     assert_eq!(t.count("seen_requests").await, 1);
 
     // The renewed claim is live again.
-    let mut tx = t.store.begin().await.unwrap();
-    let err = tx
-        .claim_request("client-a", "req-1", expires + 1, expires + 901)
-        .await
-        .unwrap_err();
+    let err = transact(&t.store, move |tx| {
+        tx.claim_request("client-a", "req-1", expires + 1, expires + 901)
+    })
+    .await
+    .unwrap_err();
     assert!(matches!(err, StoreError::DuplicateRequest), "{err:?}");
 }
 
 async fn request_ids_are_per_client(kind: Kind) {
     let t = TestStore::new(kind).await;
-    let mut tx = t.store.begin().await.unwrap();
-    tx.claim_request("client-a", "req-1", T0, T0 + 900)
-        .await
-        .unwrap();
-    tx.claim_request("client-b", "req-1", T0, T0 + 900)
-        .await
-        .unwrap();
-    tx.claim_request("client-a", "req-2", T0, T0 + 900)
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    transact(&t.store, |tx| {
+        tx.claim_request("client-a", "req-1", T0, T0 + 900)?;
+        tx.claim_request("client-b", "req-1", T0, T0 + 900)?;
+        tx.claim_request("client-a", "req-2", T0, T0 + 900)
+    })
+    .await
+    .unwrap();
     assert_eq!(t.count("seen_requests").await, 3);
     assert!(
         !t.store
@@ -479,28 +651,31 @@ async fn request_ids_are_per_client(kind: Kind) {
 // ---- transactions ----
 
 /// Makes one change of every kind in `tx`.
-async fn change_everything(tx: &mut dcvv_gateway::store::StoreTx) {
-    tx.claim_request("client-a", "req-1", T0, T0 + 900)
-        .await
-        .unwrap();
-    assert!(tx.enroll(&card(1), &enrollment("visa", T0)).await.unwrap());
-    tx.add_failure(&card(1), T0, T0 + 86_400).await.unwrap();
-    assert!(tx.claim_window(&card(1), 7, T0, T0 + 600).await.unwrap());
+fn change_everything(tx: &mut StoreTx<'_>) -> StoreResult<()> {
+    tx.claim_request("client-a", "req-1", T0, T0 + 900)?;
+    assert!(tx.enroll(&card(1), &enrollment("visa", T0))?);
+    tx.add_failure(&card(1), T0, T0 + 86_400)?;
+    assert!(tx.claim_window(&card(1), 7, T0, T0 + 600)?);
     // The transaction sees its own writes.
-    assert_eq!(
-        tx.enrollment(&card(1)).await.unwrap(),
-        Some(enrollment("visa", T0))
-    );
-    assert_eq!(tx.failures_since(&card(1), T0).await.unwrap(), 1);
+    assert_eq!(tx.enrollment(&card(1))?, Some(enrollment("visa", T0)));
+    assert_eq!(tx.failures_since(&card(1), T0)?, 1);
+    Ok(())
 }
 
+/// A closure that returns its caller's own error after changing everything: the
+/// store rolls it all back and hands that error back as it is.
 async fn a_rolled_back_transaction_leaves_nothing(kind: Kind) {
     let t = TestStore::new(kind).await;
     let before = t.counts().await;
 
-    let mut tx = t.store.begin().await.unwrap();
-    change_everything(&mut tx).await;
-    tx.rollback().await.unwrap();
+    let result = t
+        .store
+        .transact(|tx| {
+            change_everything(tx)?;
+            Err::<(), _>(Refusal::Refused)
+        })
+        .await;
+    assert!(refused(result));
 
     assert_eq!(t.counts().await, before);
     assert_eq!(t.store.enrollment(&card(1)).await.unwrap(), None);
@@ -512,42 +687,215 @@ async fn a_rolled_back_transaction_leaves_nothing(kind: Kind) {
     );
 }
 
-async fn a_transaction_dropped_without_commit_leaves_nothing(kind: Kind) {
+/// A closure that panics half-way (a bug in a request) is rolled back: nothing of
+/// it is kept, it is answered `Internal` (a bug, not "unavailable"), and the store
+/// keeps working: the next transaction succeeds, and the transactions running
+/// beside it (on SQLite: in its batch) are kept. Replaces the old API's "a
+/// transaction dropped without commit leaves nothing": a closure cannot be left
+/// half-done any other way.
+async fn a_transaction_whose_closure_panics_leaves_nothing_and_the_store_keeps_working(kind: Kind) {
     let t = TestStore::new(kind).await;
     let before = t.counts().await;
 
-    let mut tx = t.store.begin().await.unwrap();
-    change_everything(&mut tx).await;
-    drop(tx);
+    let err = transact(&t.store, |tx| -> StoreResult<()> {
+        change_everything(tx)?;
+        panic!("a bug half-way through a transaction");
+    })
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Internal(Cause::Panicked)),
+        "{err:?}"
+    );
+    assert!(!err.is_unavailable());
 
-    // The connection is usable again at once, and nothing was kept.
+    // Nothing was kept, and the store takes the next transaction at once.
     assert_eq!(t.store.enrollment(&card(1)).await.unwrap(), None);
     assert_eq!(t.counts().await, before);
-    let mut tx = t.store.begin().await.unwrap();
-    tx.claim_request("client-a", "req-1", T0, T0 + 900)
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    transact(&t.store, |tx| {
+        tx.claim_request("client-a", "req-1", T0, T0 + 900)
+    })
+    .await
+    .unwrap();
+    assert!(
+        t.store
+            .is_request_seen("client-a", "req-1", T0)
+            .await
+            .unwrap()
+    );
+
+    // One panic among 16 transactions queued together (on SQLite: one batch, the
+    // panic in the middle of it): only the panicking one is lost.
+    let held = match kind {
+        Kind::Sqlite => Some(hold(&t.store).await),
+        Kind::Postgres => None,
+    };
+    let queued = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..16_u32)
+        .map(|i| {
+            spawn_transaction(&t.store, &queued, move |tx| {
+                tx.enroll(&card_of(i), &enrollment("visa", T0))?;
+                assert!(i != 5, "a bug in request {i}");
+                Ok(())
+            })
+        })
+        .collect();
+    until_queued(&queued, 16).await;
+    if let Some(held) = held {
+        held.release().await.unwrap();
+    }
+    for (i, task) in (0..16_u32).zip(tasks) {
+        let result = task.await.unwrap();
+        if i == 5 {
+            let err = result.unwrap_err();
+            assert!(
+                matches!(err, StoreError::Internal(Cause::Panicked)),
+                "{err:?}"
+            );
+        } else {
+            result.unwrap();
+        }
+    }
+    let mut conn = t.raw().await;
+    for i in 0..16_u32 {
+        assert_eq!(conn.enrolled(&card_of(i)).await, i64::from(i != 5), "{i}");
+    }
+    conn.close().await;
 }
 
-#[tokio::test]
-async fn sqlite_store_calls_wait_for_an_open_transaction() {
-    // One connection: a read on the handle while a transaction is held waits for it,
-    // and gives up as Unavailable after the acquire timeout.
-    let t = TestStore::with_timeout(Kind::Sqlite, Duration::from_millis(200)).await;
-    let tx = t.store.begin().await.unwrap();
+/// How long a read outside a transaction may take on a quiet store.
+const PROMPT: Duration = Duration::from_secs(2);
+
+/// `read`'s answer, or a failure if it takes as long as waiting for a writer would.
+async fn promptly<T>(read: impl Future<Output = T>) -> T {
+    tokio::time::timeout(PROMPT, read)
+        .await
+        .expect("a read waited for the open transaction")
+}
+
+/// Reads outside a transaction use their own connections (WAL readers): they do
+/// not wait for a transaction under way, and see only what is committed. (With the
+/// old one-connection store, a read waited for an open transaction, up to the
+/// acquire timeout.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_reads_do_not_wait_for_an_open_transaction_and_see_only_committed_state() {
+    // Acquire timeout 10 s: a read that waited for the writer would wait that long.
+    let t = TestStore::new(Kind::Sqlite).await;
+    transact(&t.store, |tx| {
+        tx.enroll(&card(1), &enrollment("visa", T0))?;
+        tx.claim_request("client-a", "req-0", T0, T0 + 900)
+    })
+    .await
+    .unwrap();
+
+    // A transaction that has changed things stops on the store thread (which holds
+    // the file's write lock) until released.
+    let (mut pause, paused) = pause();
+    let open = tokio::spawn({
+        let store = t.store.clone();
+        async move {
+            transact(&store, move |tx| {
+                assert!(tx.unenroll(&card(1))?);
+                assert!(tx.enroll(&card(2), &enrollment("mc", T0 + 1))?);
+                tx.claim_request("client-a", "req-1", T0 + 1, T0 + 901)?;
+                paused.here();
+                Ok(())
+            })
+            .await
+        }
+    });
+    pause.reached().await;
+
     let started = Instant::now();
-    assert_unavailable(t.store.enrollment(&card(1)).await);
-    assert!(started.elapsed() >= Duration::from_millis(150));
-    tx.commit().await.unwrap();
+    let first = promptly(t.store.enrollment(&card(1))).await;
+    assert_eq!(first.unwrap(), Some(enrollment("visa", T0)));
+    assert_eq!(promptly(t.store.enrollment(&card(2))).await.unwrap(), None);
+    let seen = promptly(t.store.is_request_seen("client-a", "req-1", T0 + 1)).await;
+    assert!(!seen.unwrap());
+    let seen = promptly(t.store.is_request_seen("client-a", "req-0", T0)).await;
+    assert!(seen.unwrap());
+    assert!(started.elapsed() < PROMPT, "{:?}", started.elapsed());
+    assert!(!open.is_finished(), "the transaction is still open");
+
+    pause.release();
+    open.await.unwrap().unwrap();
+    // Committed now: the readers see it.
     assert_eq!(t.store.enrollment(&card(1)).await.unwrap(), None);
+    assert_eq!(
+        t.store.enrollment(&card(2)).await.unwrap(),
+        Some(enrollment("mc", T0 + 1))
+    );
+    assert!(
+        t.store
+            .is_request_seen("client-a", "req-1", T0 + 1)
+            .await
+            .unwrap()
+    );
+}
+
+/// A request waits at most the acquire timeout for its turn: a transaction queued
+/// behind one that holds the store thread longer than that is answered
+/// `Unavailable` without being run (its change is not kept); the one that held the
+/// thread started in time and is committed; the store then takes new work.
+/// (Replaces "store calls wait for an open transaction and give up after the
+/// acquire timeout" of the one-connection store.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_a_transaction_queued_past_the_acquire_timeout_is_answered_unavailable_unrun() {
+    let acquire = Duration::from_millis(300);
+    let t = TestStore::with_timeout(Kind::Sqlite, acquire).await;
+
+    let (mut pause, paused) = pause();
+    let slow = tokio::spawn({
+        let store = t.store.clone();
+        async move {
+            transact(&store, move |tx| {
+                tx.enroll(&card(1), &enrollment("visa", T0))?;
+                let _ = paused.reached.send(());
+                std::thread::sleep(acquire * 3);
+                Ok(())
+            })
+            .await
+        }
+    });
+    pause.reached().await;
+
+    let ran = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let err = transact(&t.store, {
+        let ran = Arc::clone(&ran);
+        move |tx| {
+            ran.store(true, Ordering::SeqCst);
+            tx.enroll(&card(2), &enrollment("visa", T0)).map(drop)
+        }
+    })
+    .await
+    .unwrap_err();
+    let waited = started.elapsed();
+    assert!(
+        matches!(err, StoreError::Unavailable(Cause::Timeout(d)) if d == acquire),
+        "{err:?}"
+    );
+    assert!(err.is_unavailable());
+    assert!(!ran.load(Ordering::SeqCst), "a timed-out transaction ran");
+    assert!(waited >= acquire, "answered after {waited:?}");
+
+    slow.await.unwrap().unwrap();
+    assert_eq!(
+        t.store.enrollment(&card(1)).await.unwrap(),
+        Some(enrollment("visa", T0))
+    );
+    assert_eq!(t.store.enrollment(&card(2)).await.unwrap(), None);
+    assert_eq!(t.count("enrollments").await, 1);
+
+    transact(&t.store, |tx| tx.enroll(&card(3), &enrollment("visa", T0)))
+        .await
+        .unwrap();
+    assert_eq!(t.count("enrollments").await, 2);
 }
 
 async fn committed_state_survives_close_and_reopen(kind: Kind) {
     let t = TestStore::new(kind).await;
-    let mut tx = t.store.begin().await.unwrap();
-    change_everything(&mut tx).await;
-    tx.commit().await.unwrap();
+    transact(&t.store, change_everything).await.unwrap();
     t.store.close().await;
 
     let store = t.reopen().await;
@@ -561,15 +909,21 @@ async fn committed_state_survives_close_and_reopen(kind: Kind) {
         store.enrollment(&card(1)).await.unwrap(),
         Some(enrollment("visa", T0))
     );
-    let mut tx = store.begin().await.unwrap();
-    assert_eq!(tx.failures_since(&card(1), T0).await.unwrap(), 1);
-    assert!(!tx.claim_window(&card(1), 7, T0, T0 + 600).await.unwrap());
-    let err = tx
-        .claim_request("client-a", "req-1", T0 + 1, T0 + 901)
-        .await
-        .unwrap_err();
-    assert!(matches!(err, StoreError::DuplicateRequest), "{err:?}");
-    tx.rollback().await.unwrap();
+    let (failures, won, replay) = transact(&store, |tx| {
+        Ok((
+            tx.failures_since(&card(1), T0)?,
+            tx.claim_window(&card(1), 7, T0, T0 + 600)?,
+            tx.claim_request("client-a", "req-1", T0 + 1, T0 + 901),
+        ))
+    })
+    .await
+    .unwrap();
+    assert_eq!(failures, 1);
+    assert!(!won);
+    assert!(
+        matches!(replay, Err(StoreError::DuplicateRequest)),
+        "{replay:?}"
+    );
     store.close().await;
 }
 
@@ -577,20 +931,15 @@ async fn committed_state_survives_close_and_reopen(kind: Kind) {
 
 async fn enroll_is_idempotent_and_keeps_the_first_enrolment(kind: Kind) {
     let t = TestStore::new(kind).await;
-    let mut tx = t.store.begin().await.unwrap();
-    assert_eq!(tx.enrollment(&card(1)).await.unwrap(), None);
-    assert!(tx.enroll(&card(1), &enrollment("visa", T0)).await.unwrap());
-    assert!(
-        !tx.enroll(&card(1), &enrollment("other", T0 + 60))
-            .await
-            .unwrap()
-    );
-    assert!(
-        tx.enroll(&card(2), &enrollment("mc", T0 + 5))
-            .await
-            .unwrap()
-    );
-    tx.commit().await.unwrap();
+    transact(&t.store, |tx| {
+        assert_eq!(tx.enrollment(&card(1))?, None);
+        assert!(tx.enroll(&card(1), &enrollment("visa", T0))?);
+        assert!(!tx.enroll(&card(1), &enrollment("other", T0 + 60))?);
+        assert!(tx.enroll(&card(2), &enrollment("mc", T0 + 5))?);
+        Ok(())
+    })
+    .await
+    .unwrap();
 
     assert_eq!(
         t.store.enrollment(&card(1)).await.unwrap(),
@@ -606,35 +955,33 @@ async fn enroll_is_idempotent_and_keeps_the_first_enrolment(kind: Kind) {
 
 async fn unenroll_is_idempotent_and_clears_only_this_cards_failures(kind: Kind) {
     let t = TestStore::new(kind).await;
-    let mut tx = t.store.begin().await.unwrap();
-    tx.enroll(&card(1), &enrollment("visa", T0)).await.unwrap();
-    tx.enroll(&card(2), &enrollment("visa", T0)).await.unwrap();
-    for i in 0..3 {
-        tx.add_failure(&card(1), T0 + i, T0 + 86_400).await.unwrap();
-    }
-    tx.add_failure(&card(2), T0, T0 + 86_400).await.unwrap();
-    assert!(tx.claim_window(&card(1), 7, T0, T0 + 600).await.unwrap());
-    tx.commit().await.unwrap();
+    transact(&t.store, |tx| {
+        tx.enroll(&card(1), &enrollment("visa", T0))?;
+        tx.enroll(&card(2), &enrollment("visa", T0))?;
+        for i in 0..3 {
+            tx.add_failure(&card(1), T0 + i, T0 + 86_400)?;
+        }
+        tx.add_failure(&card(2), T0, T0 + 86_400)?;
+        assert!(tx.claim_window(&card(1), 7, T0, T0 + 600)?);
+        Ok(())
+    })
+    .await
+    .unwrap();
 
-    let mut tx = t.store.begin().await.unwrap();
-    assert!(tx.unenroll(&card(1)).await.unwrap());
-    assert!(!tx.unenroll(&card(1)).await.unwrap());
-    assert!(!tx.unenroll(&card(3)).await.unwrap());
-    assert_eq!(tx.enrollment(&card(1)).await.unwrap(), None);
-    assert_eq!(tx.failures_since(&card(1), 0).await.unwrap(), 0);
-    assert_eq!(tx.failures_since(&card(2), 0).await.unwrap(), 1);
-    // A used window stays used across an unenrol/enrol cycle.
-    assert!(
-        tx.enroll(&card(1), &enrollment("visa", T0 + 10))
-            .await
-            .unwrap()
-    );
-    assert!(
-        !tx.claim_window(&card(1), 7, T0 + 10, T0 + 600)
-            .await
-            .unwrap()
-    );
-    tx.commit().await.unwrap();
+    transact(&t.store, |tx| {
+        assert!(tx.unenroll(&card(1))?);
+        assert!(!tx.unenroll(&card(1))?);
+        assert!(!tx.unenroll(&card(3))?);
+        assert_eq!(tx.enrollment(&card(1))?, None);
+        assert_eq!(tx.failures_since(&card(1), 0)?, 0);
+        assert_eq!(tx.failures_since(&card(2), 0)?, 1);
+        // A used window stays used across an unenrol/enrol cycle.
+        assert!(tx.enroll(&card(1), &enrollment("visa", T0 + 10))?);
+        assert!(!tx.claim_window(&card(1), 7, T0 + 10, T0 + 600)?);
+        Ok(())
+    })
+    .await
+    .unwrap();
 
     assert_eq!(t.count("failures").await, 1);
     assert_eq!(
@@ -649,60 +996,58 @@ async fn a_masked_pan_made_of_digits_only_is_refused(kind: Kind) {
         masked_pan: "4123456789012345".to_owned(),
         ..enrollment("visa", T0)
     };
-    let mut tx = t.store.begin().await.unwrap();
-    let err = tx.enroll(&card(1), &clear).await.unwrap_err();
+    let err = transact(&t.store, move |tx| tx.enroll(&card(1), &clear))
+        .await
+        .unwrap_err();
     assert!(matches!(err, StoreError::Internal(_)), "{err:?}");
     // The message names the constraint, never the value.
     assert!(!err.to_string().contains("4123456789012345"), "{err}");
-    tx.rollback().await.unwrap();
     assert_eq!(t.count("enrollments").await, 0);
 }
 
 async fn failures_since_counts_only_failures_at_or_after_since(kind: Kind) {
     let t = TestStore::new(kind).await;
-    let mut tx = t.store.begin().await.unwrap();
-    for at in [T0 - 100, T0 - 1, T0, T0 + 1, T0 + 100] {
-        tx.add_failure(&card(1), at, at + 86_400).await.unwrap();
-    }
-    tx.add_failure(&card(2), T0, T0 + 86_400).await.unwrap();
-    assert_eq!(tx.failures_since(&card(1), T0 - 100).await.unwrap(), 5);
-    assert_eq!(tx.failures_since(&card(1), T0).await.unwrap(), 3);
-    assert_eq!(tx.failures_since(&card(1), T0 + 101).await.unwrap(), 0);
-    assert_eq!(tx.failures_since(&card(3), 0).await.unwrap(), 0);
+    transact(&t.store, |tx| {
+        for at in [T0 - 100, T0 - 1, T0, T0 + 1, T0 + 100] {
+            tx.add_failure(&card(1), at, at + 86_400)?;
+        }
+        tx.add_failure(&card(2), T0, T0 + 86_400)?;
+        assert_eq!(tx.failures_since(&card(1), T0 - 100)?, 5);
+        assert_eq!(tx.failures_since(&card(1), T0)?, 3);
+        assert_eq!(tx.failures_since(&card(1), T0 + 101)?, 0);
+        assert_eq!(tx.failures_since(&card(3), 0)?, 0);
 
-    tx.clear_failures(&card(1)).await.unwrap();
-    assert_eq!(tx.failures_since(&card(1), 0).await.unwrap(), 0);
-    assert_eq!(tx.failures_since(&card(2), 0).await.unwrap(), 1);
-    tx.commit().await.unwrap();
+        tx.clear_failures(&card(1))?;
+        assert_eq!(tx.failures_since(&card(1), 0)?, 0);
+        assert_eq!(tx.failures_since(&card(2), 0)?, 1);
+        Ok(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(t.count("failures").await, 1);
 }
 
 // ---- windows ----
 
 async fn claim_window_is_single_use_per_card_and_window(kind: Kind) {
     let t = TestStore::new(kind).await;
-    let mut tx = t.store.begin().await.unwrap();
-    assert!(tx.claim_window(&card(1), 100, T0, T0 + 600).await.unwrap());
-    assert!(
-        !tx.claim_window(&card(1), 100, T0 + 1, T0 + 601)
-            .await
-            .unwrap()
-    );
-    assert!(tx.claim_window(&card(1), 101, T0, T0 + 600).await.unwrap());
-    assert!(tx.claim_window(&card(2), 100, T0, T0 + 600).await.unwrap());
-    tx.commit().await.unwrap();
+    transact(&t.store, |tx| {
+        assert!(tx.claim_window(&card(1), 100, T0, T0 + 600)?);
+        assert!(!tx.claim_window(&card(1), 100, T0 + 1, T0 + 601)?);
+        assert!(tx.claim_window(&card(1), 101, T0, T0 + 600)?);
+        assert!(tx.claim_window(&card(2), 100, T0, T0 + 600)?);
+        Ok(())
+    })
+    .await
+    .unwrap();
 
-    let mut tx = t.store.begin().await.unwrap();
-    assert!(
-        !tx.claim_window(&card(1), 100, T0 + 2, T0 + 602)
-            .await
-            .unwrap()
-    );
-    assert!(
-        !tx.claim_window(&card(2), 100, T0 + 2, T0 + 602)
-            .await
-            .unwrap()
-    );
-    tx.commit().await.unwrap();
+    transact(&t.store, |tx| {
+        assert!(!tx.claim_window(&card(1), 100, T0 + 2, T0 + 602)?);
+        assert!(!tx.claim_window(&card(2), 100, T0 + 2, T0 + 602)?);
+        Ok(())
+    })
+    .await
+    .unwrap();
     assert_eq!(t.count("used_windows").await, 3);
 }
 
@@ -716,13 +1061,11 @@ async fn concurrent_claims_of_one_window_have_exactly_one_winner(kind: Kind) {
             let barrier = barrier.clone();
             tokio::spawn(async move {
                 barrier.wait().await;
-                let mut tx = store.begin().await.unwrap();
-                let won = tx
-                    .claim_window(&card(9), 42, T0 + i, T0 + 600)
-                    .await
-                    .unwrap();
-                tx.commit().await.unwrap();
-                won
+                transact(&store, move |tx| {
+                    tx.claim_window(&card(9), 42, T0 + i, T0 + 600)
+                })
+                .await
+                .unwrap()
             })
         })
         .collect();
@@ -736,26 +1079,71 @@ async fn concurrent_claims_of_one_window_have_exactly_one_winner(kind: Kind) {
     assert_eq!(t.count("used_windows").await, 1);
 }
 
+/// Issue 9: many concurrent requests on one store keep single use exact. 64
+/// verifications of one enrolled card's window race, each the whole transaction
+/// of a request (its request id, the enrolment, the card lock, the failure count,
+/// the window claim): exactly one approves, and every request id is kept.
+async fn many_concurrent_verifications_of_one_window_have_exactly_one_approval(kind: Kind) {
+    const N: usize = 64;
+    const LIMIT: u32 = 5;
+    let t = TestStore::new(kind).await;
+    transact(&t.store, |tx| tx.enroll(&card(9), &enrollment("visa", T0)))
+        .await
+        .unwrap();
+    let barrier = Arc::new(tokio::sync::Barrier::new(N));
+    let tasks: Vec<_> = (0..N)
+        .map(|i| {
+            let store = t.store.clone();
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                barrier.wait().await;
+                transact(&store, move |tx| {
+                    tx.claim_request("client-a", &format!("verify-{i}"), T0, T0 + 900)?;
+                    assert!(tx.enrollment(&card(9))?.is_some());
+                    tx.lock_card(&card(9))?;
+                    assert!(tx.failures_since(&card(9), T0 - 86_400)? < LIMIT);
+                    tx.claim_window(&card(9), 42, T0, T0 + 600)
+                })
+                .await
+                .unwrap()
+            })
+        })
+        .collect();
+    let mut approvals = 0;
+    for task in tasks {
+        if task.await.unwrap() {
+            approvals += 1;
+        }
+    }
+    assert_eq!(approvals, 1);
+    assert_eq!(t.count("used_windows").await, 1);
+    assert_eq!(t.count("seen_requests").await, N as i64);
+}
+
 async fn concurrent_commits_are_each_durable_when_they_return(kind: Kind) {
-    // Group commit: many requests share one durable commit, yet each commit returns
-    // only once its change can be read from another connection, and a rolled-back
-    // transaction in the middle of the group keeps nothing of its own.
+    // Group commit: many requests share one durable commit, yet each transaction
+    // returns only once its change can be read from another connection, and a
+    // transaction refused in the middle of the group keeps nothing of its own.
     let t = Arc::new(TestStore::new(kind).await);
     let tasks: Vec<_> = (0..64_u8)
         .map(|i| {
             let store = t.store.clone();
             let t = Arc::clone(&t);
             tokio::spawn(async move {
-                let mut tx = store.begin().await.unwrap();
-                tx.claim_request("client-a", &format!("req-{i}"), T0, T0 + 900)
-                    .await
-                    .unwrap();
-                tx.enroll(&card(i), &enrollment("visa", T0)).await.unwrap();
+                let result = store
+                    .transact(move |tx| {
+                        tx.claim_request("client-a", &format!("req-{i}"), T0, T0 + 900)?;
+                        tx.enroll(&card(i), &enrollment("visa", T0))?;
+                        if i % 8 == 7 {
+                            return Err(Refusal::Refused);
+                        }
+                        Ok(())
+                    })
+                    .await;
+                assert_eq!(refused(result), i % 8 == 7, "{i}");
                 if i % 8 == 7 {
-                    tx.rollback().await.unwrap();
                     return;
                 }
-                tx.commit().await.unwrap();
                 let mut conn = t.raw().await;
                 let seen = conn.enrolled(&card(i)).await;
                 assert_eq!(
@@ -776,40 +1164,115 @@ async fn concurrent_commits_are_each_durable_when_they_return(kind: Kind) {
     }
 }
 
-/// The service's failure limit: lock the card, count its failures, record one if
-/// under the limit. 24 checks race on one card, through two store handles (on
-/// PostgreSQL two pools, as two gateway processes would have): exactly `LIMIT`
-/// are recorded, however they interleave.
-async fn concurrent_failure_counts_under_the_card_lock_never_pass_the_limit(kind: Kind) {
-    const LIMIT: u32 = 5;
+/// Issue 9: a request refused mid-transaction leaves nothing behind, and the other
+/// requests of its batch are kept and durable. 128 transactions each claim a
+/// request id, enrol a card, claim a window and record a failure; every 8th then
+/// replays a request id already claimed, so the store refuses it
+/// (`DuplicateRequest`) after its writes. On SQLite the store thread is held
+/// while all 128 are queued, so they run as one batch (each in its savepoint of
+/// one `BEGIN IMMEDIATE … COMMIT`); on PostgreSQL each is its own transaction.
+async fn a_request_refused_mid_transaction_leaves_nothing_and_its_batch_is_kept(kind: Kind) {
+    const N: u32 = 128;
     let t = TestStore::new(kind).await;
-    let second = match kind {
-        // Two handles on one SQLite file would be two writers: SQLite has one.
-        Kind::Sqlite => t.store.clone(),
-        Kind::Postgres => t.reopen().await,
+    transact(&t.store, |tx| {
+        tx.claim_request("client-a", "replayed", T0, T0 + 900)
+    })
+    .await
+    .unwrap();
+
+    let held = match kind {
+        Kind::Sqlite => Some(hold(&t.store).await),
+        Kind::Postgres => None,
     };
-    let barrier = Arc::new(tokio::sync::Barrier::new(24));
-    let tasks: Vec<_> = (0..24)
+    let queued = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..N)
         .map(|i| {
-            let store = if i % 2 == 0 {
-                t.store.clone()
-            } else {
-                second.clone()
-            };
+            spawn_transaction(&t.store, &queued, move |tx| {
+                let card = card_of(i);
+                tx.claim_request("client-a", &format!("req-{i}"), T0, T0 + 900)?;
+                assert!(tx.enroll(&card, &enrollment("visa", T0))?);
+                assert!(tx.claim_window(&card, 7, T0, T0 + 600)?);
+                tx.add_failure(&card, T0, T0 + 86_400)?;
+                if i % 8 == 7 {
+                    return tx.claim_request("client-a", "replayed", T0 + 1, T0 + 901);
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    until_queued(&queued, N as usize).await;
+    if let Some(held) = held {
+        held.release().await.unwrap();
+    }
+    for (i, task) in (0..N).zip(tasks) {
+        let result = task.await.unwrap();
+        if i % 8 == 7 {
+            assert!(
+                matches!(result, Err(StoreError::DuplicateRequest)),
+                "{i}: {result:?}"
+            );
+        } else {
+            result.unwrap();
+        }
+    }
+
+    // Durable: checked after the store is closed and opened again.
+    t.store.close().await;
+    let store = t.reopen().await;
+    let kept = i64::from(N - N / 8);
+    for table in ["enrollments", "used_windows", "failures"] {
+        assert_eq!(t.count(table).await, kept, "{table}");
+    }
+    assert_eq!(t.count("seen_requests").await, kept + 1);
+    let mut conn = t.raw().await;
+    for i in 0..N {
+        let expected = i64::from(i % 8 != 7);
+        for table in ["enrollments", "used_windows", "failures"] {
+            assert_eq!(
+                conn.rows_of(table, &card_of(i)).await,
+                expected,
+                "{table} {i}"
+            );
+        }
+        assert_eq!(
+            store
+                .is_request_seen("client-a", &format!("req-{i}"), T0)
+                .await
+                .unwrap(),
+            i % 8 != 7,
+            "req-{i}"
+        );
+    }
+    conn.close().await;
+    store.close().await;
+}
+
+/// The service's failure limit: lock the card, count its failures, record one if
+/// under the limit, `tasks` checks racing on one card through two store handles
+/// (on PostgreSQL two pools, as two gateway processes would have). The gap
+/// between count and record is widened by `gap` (the closure blocks the store's
+/// side, as a slow request would): without the lock, or on SQLite without one
+/// transaction at a time, racing checks would all count fewer than `limit`.
+/// Returns how many recorded a failure.
+async fn race_failure_checks(stores: [&Store; 2], tasks: usize, limit: u32, gap: Duration) -> u32 {
+    let barrier = Arc::new(tokio::sync::Barrier::new(tasks));
+    let tasks: Vec<_> = (0..tasks)
+        .map(|i| {
+            let store = stores[i % 2].clone();
             let barrier = barrier.clone();
             tokio::spawn(async move {
                 barrier.wait().await;
-                let mut tx = store.begin().await.unwrap();
-                tx.lock_card(&card(3)).await.unwrap();
-                let blocked = tx.failures_since(&card(3), T0 - 86_400).await.unwrap() >= LIMIT;
-                // Widen the gap between count and record, as a slow request would:
-                // without the lock, racing checks would all count fewer than LIMIT.
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                if !blocked {
-                    tx.add_failure(&card(3), T0, T0 + 86_400).await.unwrap();
-                }
-                tx.commit().await.unwrap();
-                !blocked
+                transact(&store, move |tx| {
+                    tx.lock_card(&card(3))?;
+                    let blocked = tx.failures_since(&card(3), T0 - 86_400)? >= limit;
+                    std::thread::sleep(gap);
+                    if !blocked {
+                        tx.add_failure(&card(3), T0, T0 + 86_400)?;
+                    }
+                    Ok(!blocked)
+                })
+                .await
+                .unwrap()
             })
         })
         .collect();
@@ -819,21 +1282,68 @@ async fn concurrent_failure_counts_under_the_card_lock_never_pass_the_limit(kind
             recorded += 1;
         }
     }
+    recorded
+}
+
+/// 24 checks with a 20 ms gap: exactly `LIMIT` are recorded, however they
+/// interleave. On PostgreSQL the card lock is per card.
+async fn concurrent_failure_counts_under_the_card_lock_never_pass_the_limit(kind: Kind) {
+    const LIMIT: u32 = 5;
+    let t = TestStore::new(kind).await;
+    let second = match kind {
+        // Two handles on one SQLite file would be two writers: SQLite has one.
+        Kind::Sqlite => t.store.clone(),
+        Kind::Postgres => t.reopen().await,
+    };
+    let recorded =
+        race_failure_checks([&t.store, &second], 24, LIMIT, Duration::from_millis(20)).await;
     assert_eq!(recorded, LIMIT);
     assert_eq!(t.count("failures").await, i64::from(LIMIT));
     if kind == Kind::Sqlite {
-        return; // one connection: a second transaction waits for the first anyway
+        return; // one store thread: a second transaction waits for the first anyway
     }
-    // Another card's lock is another lock: it is granted while card 3's is held.
-    let mut holder = t.store.begin().await.unwrap();
-    holder.lock_card(&card(3)).await.unwrap();
-    let mut other = second.begin().await.unwrap();
-    tokio::time::timeout(Duration::from_secs(5), other.lock_card(&card(4)))
-        .await
-        .expect("a different card's lock is not blocked")
-        .unwrap();
-    other.commit().await.unwrap();
-    holder.commit().await.unwrap();
+    // While card 3's lock is held, another card's lock is granted, and card 3's
+    // is not.
+    let (mut pause, paused) = pause();
+    let holder = tokio::spawn({
+        let store = t.store.clone();
+        async move {
+            transact(&store, move |tx| {
+                tx.lock_card(&card(3))?;
+                paused.here();
+                Ok(())
+            })
+            .await
+        }
+    });
+    pause.reached().await;
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        transact(&second, |tx| tx.lock_card(&card(4))),
+    )
+    .await
+    .expect("a different card's lock is not blocked")
+    .unwrap();
+    let same = tokio::spawn({
+        let second = second.clone();
+        async move { transact(&second, |tx| tx.lock_card(&card(3))).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!same.is_finished(), "card 3's lock waits for its holder");
+    pause.release();
+    holder.await.unwrap().unwrap();
+    same.await.unwrap().unwrap();
+}
+
+/// Issue 9: the failure limit stays exact under 64 concurrent count-then-record
+/// transactions on one store.
+async fn many_concurrent_failure_checks_never_pass_the_limit(kind: Kind) {
+    const LIMIT: u32 = 5;
+    let t = TestStore::new(kind).await;
+    let recorded =
+        race_failure_checks([&t.store, &t.store], 64, LIMIT, Duration::from_millis(5)).await;
+    assert_eq!(recorded, LIMIT);
+    assert_eq!(t.count("failures").await, i64::from(LIMIT));
 }
 
 // ---- cleanup ----
@@ -841,19 +1351,18 @@ async fn concurrent_failure_counts_under_the_card_lock_never_pass_the_limit(kind
 async fn cleanup_deletes_only_expired_rows_of_all_three_tables(kind: Kind) {
     let t = TestStore::new(kind).await;
     let now = T0 + 1000;
-    let mut tx = t.store.begin().await.unwrap();
-    tx.enroll(&card(1), &enrollment("visa", T0)).await.unwrap();
-    // Expired: expires_at < now and == now. Live: now + 1.
-    for (i, expires_at) in [now - 1, now, now + 1].into_iter().enumerate() {
-        tx.claim_request("c", &format!("req-{i}"), T0, expires_at)
-            .await
-            .unwrap();
-        tx.claim_window(&card(1), i as i64, T0, expires_at)
-            .await
-            .unwrap();
-        tx.add_failure(&card(1), T0, expires_at).await.unwrap();
-    }
-    tx.commit().await.unwrap();
+    transact(&t.store, move |tx| {
+        tx.enroll(&card(1), &enrollment("visa", T0))?;
+        // Expired: expires_at < now and == now. Live: now + 1.
+        for (i, expires_at) in (0_i64..).zip([now - 1, now, now + 1]) {
+            tx.claim_request("c", &format!("req-{i}"), T0, expires_at)?;
+            tx.claim_window(&card(1), i, T0, expires_at)?;
+            tx.add_failure(&card(1), T0, expires_at)?;
+        }
+        Ok(())
+    })
+    .await
+    .unwrap();
 
     assert_eq!(t.store.cleanup(now).await.unwrap(), 6);
     assert_eq!(t.count("seen_requests").await, 1);
@@ -945,9 +1454,9 @@ fn writable(path: &Path) -> bool {
 /// A store with one committed enrolment, closed.
 async fn closed_store_with_data() -> TestStore {
     let t = TestStore::new(Kind::Sqlite).await;
-    let mut tx = t.store.begin().await.unwrap();
-    tx.enroll(&card(1), &enrollment("visa", T0)).await.unwrap();
-    tx.commit().await.unwrap();
+    transact(&t.store, |tx| tx.enroll(&card(1), &enrollment("visa", T0)))
+        .await
+        .unwrap();
     t.store.probe(T0).await.unwrap();
     t.store.close().await;
     t
@@ -973,9 +1482,7 @@ async fn sqlite_probe_is_unavailable_on_a_read_only_store() {
         );
         let err = assert_unavailable(store.probe(T0 + 1).await);
         assert!(err.to_string().contains("readonly"), "{err}");
-        let mut tx = store.begin().await.unwrap();
-        assert_unavailable(tx.claim_request("c", "r", T0, T0 + 900).await);
-        drop(tx);
+        assert_unavailable(transact(&store, |tx| tx.claim_request("c", "r", T0, T0 + 900)).await);
         store.close().await;
     }
     reader.close().await.unwrap();
@@ -1033,6 +1540,128 @@ async fn sqlite_probe_is_unavailable_while_another_process_holds_the_write_lock(
     t.store.probe(T0 + 2).await.unwrap();
 }
 
+/// `err` says its batch could not be committed because the disk is full.
+fn assert_batch_lost_to_a_full_disk(err: &StoreError) {
+    assert!(
+        matches!(err, StoreError::Unavailable(Cause::BatchLost(reason)) if reason.contains("full")),
+        "{err:?}"
+    );
+    assert!(err.is_unavailable());
+}
+
+/// Issue 9: a batch whose commit fails answers none of its requests with success
+/// and leaves nothing. The file sits on a small tmpfs (mounting needs root, as in
+/// `tests/http_ops.rs`), which is filled while the store thread is held, so the
+/// transactions queued meanwhile form one batch: 32 that enrol 8 cards each, one
+/// that only reads, one that writes and is then refused. A batch's statements and
+/// savepoints work in SQLite's page cache and its pages reach the WAL only at
+/// `COMMIT` (checked by hand with SQLite 3.40 on a full tmpfs: the inserts and the
+/// `RELEASE`s succeed, `COMMIT` fails with SQLITE_FULL), so it is the batch's
+/// commit that fails here. Every request of it, the reading and the refused one
+/// too, is answered `Unavailable`; nothing of it is on disk after the store is
+/// closed and opened again; and with space again the same handle takes writes
+/// without being reopened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_a_batch_whose_commit_fails_answers_nobody_with_success_and_leaves_nothing() {
+    use common::disk::{Tmpfs, fill};
+    const N: u32 = 32;
+    let mount = tempfile::tempdir().unwrap();
+    let _tmpfs = Tmpfs::mount(mount.path(), "1m");
+    let settings = StoreSettings::sqlite(db_path(mount.path()), Duration::from_secs(10));
+    let store = Store::open(&settings).await.unwrap();
+    transact(&store, |tx| {
+        tx.enroll(&card(1), &enrollment("visa", T0))?;
+        tx.claim_request("client-a", "before", T0, T0 + 900)
+    })
+    .await
+    .unwrap();
+
+    let held = hold(&store).await;
+    let filler = fill(mount.path());
+    let queued = Arc::new(AtomicUsize::new(0));
+    let writers: Vec<_> = (0..N)
+        .map(|i| {
+            spawn_transaction(&store, &queued, move |tx| {
+                tx.claim_request("client-a", &format!("req-{i}"), T0, T0 + 900)?;
+                for j in 0..8 {
+                    assert!(tx.enroll(&card_of(i * 8 + j), &enrollment("visa", T0))?);
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    let reader = spawn_transaction(&store, &queued, |tx| tx.enrollment(&card(1)));
+    let refused = spawn_transaction(&store, &queued, |tx| {
+        tx.enroll(&card(2), &enrollment("visa", T0))?;
+        tx.claim_request("client-a", "before", T0 + 1, T0 + 901)
+    });
+    until_queued(&queued, N as usize + 2).await;
+    // The held transaction wrote nothing: its batch commits even on a full disk.
+    held.release().await.unwrap();
+
+    for (i, writer) in writers.into_iter().enumerate() {
+        let err = writer.await.unwrap().unwrap_err();
+        assert_batch_lost_to_a_full_disk(&err);
+        assert!(
+            !store
+                .is_request_seen("client-a", &format!("req-{i}"), T0)
+                .await
+                .unwrap()
+        );
+    }
+    assert_batch_lost_to_a_full_disk(&reader.await.unwrap().unwrap_err());
+    assert_batch_lost_to_a_full_disk(&refused.await.unwrap().unwrap_err());
+    assert_eq!(store.enrollment(&card_of(0)).await.unwrap(), None);
+    assert_eq!(
+        store.enrollment(&card(1)).await.unwrap(),
+        Some(enrollment("visa", T0))
+    );
+
+    // Space again: the same handle takes writes at once.
+    fs::remove_file(&filler).unwrap();
+    transact(&store, |tx| {
+        tx.enroll(&card(3), &enrollment("visa", T0))?;
+        tx.claim_request("client-a", "after", T0, T0 + 900)
+    })
+    .await
+    .unwrap();
+    store.close().await;
+
+    // Opened again: what was committed is there, nothing of the lost batch is.
+    let store = Store::open(&settings).await.unwrap();
+    let mut conn = raw(&db_path(mount.path())).await;
+    let enrolled: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM enrollments")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    let seen: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM seen_requests")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+    assert_eq!((enrolled, seen), (2, 2));
+    for card in [card(1), card(3)] {
+        assert!(store.enrollment(&card).await.unwrap().is_some());
+    }
+    assert_eq!(store.enrollment(&card(2)).await.unwrap(), None);
+    for i in [0, N * 8 / 2, N * 8 - 1] {
+        assert_eq!(store.enrollment(&card_of(i)).await.unwrap(), None, "{i}");
+    }
+    assert!(
+        store
+            .is_request_seen("client-a", "after", T0)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .is_request_seen("client-a", "req-0", T0)
+            .await
+            .unwrap()
+    );
+    store.close().await;
+}
+
 async fn every_call_after_close_is_unavailable(kind: Kind) {
     let t = TestStore::new(kind).await;
     t.store.probe(T0).await.unwrap();
@@ -1040,7 +1669,21 @@ async fn every_call_after_close_is_unavailable(kind: Kind) {
     t.store.close().await;
 
     assert_unavailable(clone.probe(T0 + 1).await);
-    assert_unavailable(clone.begin().await);
+    let ran = Arc::new(AtomicBool::new(false));
+    assert_unavailable(
+        transact(&clone, {
+            let ran = Arc::clone(&ran);
+            move |tx| {
+                ran.store(true, Ordering::SeqCst);
+                tx.claim_request("c", "r", T0, T0 + 900)
+            }
+        })
+        .await,
+    );
+    assert!(
+        !ran.load(Ordering::SeqCst),
+        "a closed store ran a transaction"
+    );
     assert_unavailable(clone.is_request_seen("c", "r", T0).await);
     assert_unavailable(clone.enrollment(&card(1)).await);
     assert_unavailable(clone.cleanup(T0).await);
@@ -1069,15 +1712,18 @@ fn check_claims(kind: Kind, ops: &[(u8, u8, i64, i64)]) {
                 t.store.is_request_seen(&client, &id, now).await.unwrap(),
                 live
             );
-            let mut tx = t.store.begin().await.unwrap();
-            let result = tx.claim_request(&client, &id, now, now + ttl).await;
+            let result = transact(&t.store, {
+                let (client, id) = (client.clone(), id.clone());
+                move |tx| Ok(tx.claim_request(&client, &id, now, now + ttl))
+            })
+            .await
+            .unwrap();
             if live {
                 assert!(matches!(result, Err(StoreError::DuplicateRequest)));
             } else {
                 result.unwrap();
                 model.insert((client, id), now + ttl);
             }
-            tx.commit().await.unwrap();
         }
         t.store.close().await;
     });
@@ -1107,27 +1753,39 @@ proptest! {
 async fn postgres_stopped_server_is_unavailable_fast_and_the_store_recovers() {
     let acquire = Duration::from_millis(800);
     let t = TestStore::with_timeout(Kind::Postgres, acquire).await;
-    let mut tx = t.store.begin().await.unwrap();
-    tx.claim_request("client-a", "before", T0, T0 + 900)
-        .await
-        .unwrap();
-    tx.enroll(&card(1), &enrollment("visa", T0)).await.unwrap();
-    assert!(tx.claim_window(&card(1), 7, T0, T0 + 600).await.unwrap());
-    tx.commit().await.unwrap();
-    // A transaction open while the server stops: its work is lost, not half-kept.
-    let mut open = t.store.begin().await.unwrap();
-    open.enroll(&card(2), &enrollment("visa", T0))
-        .await
-        .unwrap();
+    transact(&t.store, |tx| {
+        tx.claim_request("client-a", "before", T0, T0 + 900)?;
+        tx.enroll(&card(1), &enrollment("visa", T0))?;
+        assert!(tx.claim_window(&card(1), 7, T0, T0 + 600)?);
+        Ok(())
+    })
+    .await
+    .unwrap();
+    // A transaction under way while the server stops: its work is lost, not
+    // half-kept.
+    let (mut pause, paused) = pause();
+    let open = tokio::spawn({
+        let store = t.store.clone();
+        async move {
+            transact(&store, move |tx| {
+                tx.enroll(&card(2), &enrollment("visa", T0))?;
+                paused.here();
+                Ok(())
+            })
+            .await
+        }
+    });
+    pause.reached().await;
 
     PG.stop_server();
 
     // Every call fails as Unavailable, within the acquire timeout (plus slack for a
     // loaded machine), never as a bug and never by hanging.
     let started = Instant::now();
-    assert_unavailable(open.commit().await);
+    pause.release();
+    assert_unavailable(open.await.unwrap());
     assert_unavailable(t.store.probe(T0 + 1).await);
-    assert_unavailable(t.store.begin().await);
+    assert_unavailable(transact(&t.store, |tx| tx.enrollment(&card(1))).await);
     assert_unavailable(t.store.enrollment(&card(1)).await);
     assert_unavailable(t.store.is_request_seen("client-a", "before", T0).await);
     let each = started.elapsed() / 5;
@@ -1150,23 +1808,24 @@ async fn postgres_stopped_server_is_unavailable_fast_and_the_store_recovers() {
         Some(enrollment("visa", T0))
     );
     assert_eq!(t.store.enrollment(&card(2)).await.unwrap(), None);
-    let mut tx = t.store.begin().await.unwrap();
+    let (won, replay) = transact(&t.store, |tx| {
+        Ok((
+            tx.claim_window(&card(1), 7, T0 + 1, T0 + 600)?,
+            tx.claim_request("client-a", "before", T0 + 1, T0 + 901),
+        ))
+    })
+    .await
+    .unwrap();
+    assert!(!won);
     assert!(
-        !tx.claim_window(&card(1), 7, T0 + 1, T0 + 600)
-            .await
-            .unwrap()
+        matches!(replay, Err(StoreError::DuplicateRequest)),
+        "{replay:?}"
     );
-    let err = tx
-        .claim_request("client-a", "before", T0 + 1, T0 + 901)
-        .await
-        .unwrap_err();
-    assert!(matches!(err, StoreError::DuplicateRequest), "{err:?}");
-    drop(tx);
-    let mut tx = t.store.begin().await.unwrap();
-    tx.claim_request("client-a", "after", T0 + 2, T0 + 902)
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    transact(&t.store, |tx| {
+        tx.claim_request("client-a", "after", T0 + 2, T0 + 902)
+    })
+    .await
+    .unwrap();
     assert_eq!(t.count("seen_requests").await, 2);
 }
 
@@ -1290,8 +1949,9 @@ async fn postgres_a_refused_row_error_does_not_carry_its_values() {
         masked_pan: "4123456789012345".to_owned(),
         ..enrollment("visa", T0)
     };
-    let mut tx = t.store.begin().await.unwrap();
-    let err = tx.enroll(&card(0xab), &clear).await.unwrap_err();
+    let err = transact(&t.store, move |tx| tx.enroll(&card(0xab), &clear))
+        .await
+        .unwrap_err();
     let shown = format!("{err} {err:?}");
     assert!(shown.contains("23514"), "{shown}");
     assert!(shown.contains("enrollments_masked_pan_check"), "{shown}");
@@ -1305,43 +1965,49 @@ async fn postgres_two_stores_on_one_database_see_each_others_claims() {
     // through one is refused through the other, and racing claims have one winner.
     let t = TestStore::new(Kind::Postgres).await;
     let other = t.reopen().await;
-    let mut tx = t.store.begin().await.unwrap();
-    tx.claim_request("client-a", "req-1", T0, T0 + 900)
-        .await
-        .unwrap();
-    tx.enroll(&card(1), &enrollment("visa", T0)).await.unwrap();
-    tx.commit().await.unwrap();
+    transact(&t.store, |tx| {
+        tx.claim_request("client-a", "req-1", T0, T0 + 900)?;
+        tx.enroll(&card(1), &enrollment("visa", T0)).map(drop)
+    })
+    .await
+    .unwrap();
 
     assert_eq!(
         other.enrollment(&card(1)).await.unwrap(),
         Some(enrollment("visa", T0))
     );
-    let mut tx = other.begin().await.unwrap();
-    let err = tx
-        .claim_request("client-a", "req-1", T0 + 1, T0 + 901)
-        .await
-        .unwrap_err();
+    let err = transact(&other, |tx| {
+        tx.claim_request("client-a", "req-1", T0 + 1, T0 + 901)
+    })
+    .await
+    .unwrap_err();
     assert!(matches!(err, StoreError::DuplicateRequest), "{err:?}");
-    drop(tx);
 
     // A claim waits for a racing transaction that holds the same key, then sees it.
-    let mut first = t.store.begin().await.unwrap();
-    assert!(first.claim_window(&card(1), 9, T0, T0 + 600).await.unwrap());
+    let (mut pause, paused) = pause();
+    let first = tokio::spawn({
+        let store = t.store.clone();
+        async move {
+            transact(&store, move |tx| {
+                let won = tx.claim_window(&card(1), 9, T0, T0 + 600)?;
+                paused.here();
+                Ok(won)
+            })
+            .await
+        }
+    });
+    pause.reached().await;
     let second = tokio::spawn({
         let other = other.clone();
-        async move {
-            let mut tx = other.begin().await.unwrap();
-            let won = tx.claim_window(&card(1), 9, T0, T0 + 600).await.unwrap();
-            tx.commit().await.unwrap();
-            won
-        }
+        async move { transact(&other, |tx| tx.claim_window(&card(1), 9, T0, T0 + 600)).await }
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(
         !second.is_finished(),
         "the second claim waits for the first"
     );
-    first.commit().await.unwrap();
-    assert!(!second.await.unwrap());
+    pause.release();
+    assert!(first.await.unwrap().unwrap());
+    assert!(!second.await.unwrap().unwrap());
     assert_eq!(t.count("used_windows").await, 1);
 }
