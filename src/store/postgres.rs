@@ -163,7 +163,9 @@ where
 /// The card's enrolment, read outside any transaction. Blocking: call it from a
 /// blocking thread inside the runtime.
 pub(super) fn enrollment_blocking(pool: &PgPool, card: &CardId) -> StoreResult<Option<Enrollment>> {
-    Handle::current().block_on(enrollment(pool, card))
+    let handle =
+        Handle::try_current().map_err(|_| StoreError::Unavailable(Cause::WorkerStopped))?;
+    handle.block_on(enrollment(pool, card))
 }
 
 /// The card's enrolment, read outside any transaction.
