@@ -36,6 +36,7 @@ body_limit_bytes = 16384
 max_in_flight = 32
 shutdown_grace_seconds = 30
 header_read_timeout_ms = 5000
+keep_alive_timeout_ms = 75000
 body_read_timeout_ms = 5000
 max_connections = 512
 max_connections_per_peer = 64
@@ -107,6 +108,7 @@ struct RawServer {
     max_in_flight: usize,
     shutdown_grace_seconds: u64,
     header_read_timeout_ms: u64,
+    keep_alive_timeout_ms: u64,
     body_read_timeout_ms: u64,
     max_connections: usize,
     max_connections_per_peer: usize,
@@ -242,10 +244,12 @@ pub struct ServerSettings {
     pub max_skew: Duration,
     /// How often expired store rows are deleted.
     pub cleanup_interval: Duration,
-    /// From accept (TLS handshake included), or from the end of the previous
-    /// response, until a complete request head; past it the connection is
-    /// closed. It is also the keep-alive idle timeout.
+    /// From accept (TLS handshake included) to the first complete request
+    /// head, and from a later request's first byte to its complete head; past
+    /// it the connection is closed.
     pub header_read_timeout: Duration,
+    /// How long a connection may stay idle after a response; then it is closed.
+    pub keep_alive_timeout: Duration,
     /// Reading a signed request's body; past it 408 `body_timeout`, before
     /// the request takes an in-flight slot.
     pub body_read_timeout: Duration,
@@ -495,6 +499,9 @@ fn server_settings(
     if !(100..=60_000).contains(&s.header_read_timeout_ms) {
         return Err(err("server.header_read_timeout_ms: 100 to 60000"));
     }
+    if !(100..=3_600_000).contains(&s.keep_alive_timeout_ms) {
+        return Err(err("server.keep_alive_timeout_ms: 100 to 3600000"));
+    }
     if !(100..=60_000).contains(&s.body_read_timeout_ms) {
         return Err(err("server.body_read_timeout_ms: 100 to 60000"));
     }
@@ -522,6 +529,7 @@ fn server_settings(
         max_skew: Duration::from_secs(u64::from(signatures.max_skew_seconds)),
         cleanup_interval: Duration::from_secs(store.cleanup_interval_seconds),
         header_read_timeout: Duration::from_millis(s.header_read_timeout_ms),
+        keep_alive_timeout: Duration::from_millis(s.keep_alive_timeout_ms),
         body_read_timeout: Duration::from_millis(s.body_read_timeout_ms),
         max_connections: s.max_connections,
         max_connections_per_peer: s.max_connections_per_peer,
@@ -795,6 +803,7 @@ mod tests {
     fn connection_limits_default_and_are_refused_by_name() {
         let s = load(MINIMAL).unwrap();
         assert_eq!(s.server.header_read_timeout, Duration::from_millis(5000));
+        assert_eq!(s.server.keep_alive_timeout, Duration::from_millis(75000));
         assert_eq!(s.server.body_read_timeout, Duration::from_millis(5000));
         assert_eq!(s.server.max_connections, 512);
         assert_eq!(s.server.max_connections_per_peer, 64);
@@ -803,6 +812,7 @@ mod tests {
                 "header_read_timeout_ms = 0",
                 "server.header_read_timeout_ms",
             ),
+            ("keep_alive_timeout_ms = 50", "server.keep_alive_timeout_ms"),
             ("body_read_timeout_ms = 99", "server.body_read_timeout_ms"),
             ("max_connections = 0", "server.max_connections"),
             (

@@ -2,7 +2,7 @@
 //! sockets on port 0 against a real gateway (SoftHSM token, SQLite, audit
 //! trail): a connection that never sends, one that trickles its headers and
 //! one that trickles its body are each closed or answered within their
-//! deadline (+1 s); signed requests are served while 64 unsigned slow bodies
+//! deadline (+1 s), and so is an idle keep-alive connection; signed requests are served while 64 unsigned slow bodies
 //! are held open; the connection caps refuse the N+1st connection, accept
 //! again once one closes, and count each refusal by kind.
 //!
@@ -341,5 +341,85 @@ async fn connection_caps_refuse_the_next_connection_and_accept_again() {
         ),
         Some(2.0)
     );
+    gw.stop().await;
+}
+
+/// Sends `GET /healthz` and reads until the end of the response head.
+async fn healthz_on(stream: &mut TcpStream) {
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(MARGIN, stream.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed before answering");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert!(seen.starts_with(b"HTTP/1.1 200"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keep_alive_connection_is_closed_and_a_late_head_has_the_header_deadline() {
+    let header = Duration::from_secs(1);
+    let keep_alive = Duration::from_secs(4);
+    let gw = TestGateway::start(Options {
+        header_read_timeout: header,
+        keep_alive_timeout: keep_alive,
+        ..Options::default()
+    })
+    .await;
+    let idle = async {
+        let mut stream = TcpStream::connect(address(&gw)).await.unwrap();
+        healthz_on(&mut stream).await;
+        let answered = Instant::now();
+        read_until_closed(&mut stream, keep_alive + MARGIN).await;
+        let took = answered.elapsed();
+        eprintln!(
+            "idle keep-alive connection closed {took:?} after its response (keep-alive {keep_alive:?})"
+        );
+        assert!(
+            took >= keep_alive - Duration::from_millis(100),
+            "an idle connection has the keep-alive timeout, not the header deadline: {took:?}"
+        );
+    };
+    let late = async {
+        let mut stream = TcpStream::connect(address(&gw)).await.unwrap();
+        healthz_on(&mut stream).await;
+        let (mut reader, mut writer) = stream.into_split();
+        // Idle for a while (within the keep-alive timeout), then a trickled head.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let started = Instant::now();
+        let trickle = tokio::spawn(async move {
+            let head = format!("POST {ENQUIRY} HTTP/1.1\r\nhost: localhost\r\nx-slow: ");
+            for byte in head.bytes().chain(std::iter::repeat(b'z')) {
+                if writer.write_all(&[byte]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        let closed = tokio::time::timeout(header + MARGIN, async {
+            let mut buf = [0u8; 1024];
+            while let Ok(n) = reader.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
+        let took = started.elapsed();
+        eprintln!(
+            "head trickled after idling closed {took:?} after its first byte (deadline {header:?})"
+        );
+        assert!(closed.is_ok(), "still open {took:?} after its first byte");
+        assert!(took >= header - Duration::from_millis(100), "{took:?}");
+        trickle.abort();
+    };
+    tokio::join!(idle, late);
     gw.stop().await;
 }

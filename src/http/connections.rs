@@ -6,14 +6,20 @@
 //!   `server.max_connections_per_peer` as soon as it is accepted: no TLS
 //!   handshake, no HTTP, one counter increment
 //!   (`dcvv_connections_refused_total{reason}`).
-//! - **Header-read deadline, also the keep-alive idle timeout.** A connection
-//!   with no request being served must bring a complete request head within
-//!   `server.header_read_timeout_ms`, counted from accept (the TLS handshake and
-//!   HTTP version detection included) or from the end of its last response; else
-//!   it is closed. This holds for HTTP/1.1 and HTTP/2 alike, because it is kept
-//!   below both: [`Guarded`] wraps the TCP stream and [`Tracked`] the
-//!   connection's service, which knows when requests start and end. hyper's own
-//!   HTTP/1.1 `header_read_timeout` is set to the same value ([`configure`]).
+//! - **Header-read deadline and keep-alive idle timeout.** A new connection
+//!   must bring its first complete request head within
+//!   `server.header_read_timeout_ms` of accept (the TLS handshake and HTTP
+//!   version detection included). After a response, a connection with no
+//!   request being served may stay idle for `server.keep_alive_timeout_ms`;
+//!   once bytes arrive again, the request they start must be whole within
+//!   `header_read_timeout_ms` of the first. Past either, it is closed. This
+//!   holds for HTTP/1.1 and HTTP/2 alike because it is kept below both:
+//!   [`Guarded`] wraps the TCP stream and [`Tracked`] the connection's
+//!   service, which knows when requests start and end. (For HTTP/2 any frame
+//!   the client sends while idle, a ping too, starts the header deadline.)
+//!   A deadline is only ever judged while the gateway waits for bytes: data
+//!   already received is read first, so a busy process does not cut a client
+//!   that was on time.
 //!
 //! This module holds no request data and logs nothing about a peer but counts.
 //! The body deadline and the in-flight limit live with the router ([`super::app`]).
@@ -44,19 +50,22 @@ pub const REFUSED_MAX_CONNECTIONS: &str = "max_connections";
 /// Refusal reason label: the per-peer cap.
 pub const REFUSED_PER_PEER: &str = "max_connections_per_peer";
 
-/// Sets hyper's own deadlines and bounds: the HTTP/1.1 header-read timeout,
-/// HTTP/2 keep-alive pings (a dead peer is noticed while a request is served)
-/// and HTTP/2 concurrent streams (never more than `max_in_flight` could serve).
+/// Sets hyper's own bounds. HTTP/1.1 `header_read_timeout`: hyper starts it
+/// when it begins waiting for a head, that is at the start of an idle period,
+/// so it can only bound idle time plus head, at `keep_alive_timeout` (a
+/// backstop to [`Guarded`]). HTTP/2: at most `max_in_flight` concurrent streams
+/// per connection, more than the in-flight limit could serve is pointless.
+/// No HTTP/2 keep-alive pings: a dead peer's connection is already bounded by
+/// the request timeout while busy and by the idle timeout after, and a ping's
+/// answer would count as a new request's first bytes.
 pub fn configure(builder: &mut Builder<TokioExecutor>, settings: &ServerSettings) {
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_read_timeout);
+        .header_read_timeout(settings.keep_alive_timeout);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .keep_alive_interval(settings.header_read_timeout)
-        .keep_alive_timeout(settings.header_read_timeout)
         .max_concurrent_streams(u32::try_from(settings.max_in_flight).unwrap_or(u32::MAX));
 }
 
@@ -71,6 +80,7 @@ struct Limits {
     max_total: usize,
     max_per_peer: usize,
     header_read_timeout: Duration,
+    keep_alive_timeout: Duration,
     open: Mutex<Open>,
     metrics: Arc<Metrics>,
 }
@@ -94,6 +104,7 @@ impl Admission {
             max_total: settings.max_connections,
             max_per_peer: settings.max_connections_per_peer,
             header_read_timeout: settings.header_read_timeout,
+            keep_alive_timeout: settings.keep_alive_timeout,
             open: Mutex::new(Open::default()),
             metrics,
         }))
@@ -139,16 +150,21 @@ impl<S> Accept<TcpStream, S> for Admission {
                 return ready(Err(io::Error::other(reason)));
             }
         };
+        let accepted = Instant::now();
         let activity = Arc::new(Activity {
             busy: AtomicUsize::new(0),
-            idle_since: Mutex::new(Instant::now()),
+            idle_since: Mutex::new(accepted),
         });
-        let deadline = Instant::now() + self.0.header_read_timeout;
+        let deadline = accepted + self.0.header_read_timeout;
         ready(Ok((
             Guarded {
                 inner: stream,
                 activity: Arc::clone(&activity),
-                timeout: self.0.header_read_timeout,
+                header_read_timeout: self.0.header_read_timeout,
+                keep_alive_timeout: self.0.keep_alive_timeout,
+                accepted,
+                seen_idle_since: accepted,
+                first_byte: None,
                 sleep: Box::pin(tokio::time::sleep_until(deadline)),
                 timed_out: false,
                 slot,
@@ -248,26 +264,56 @@ where
     }
 }
 
-/// A connection's stream: fails reads and writes once the connection has had
-/// no request being served for the header-read timeout, which closes it.
+/// A connection's stream: fails a read or write that would wait past the
+/// connection's deadline while no request is being served, which closes it.
 #[derive(Debug)]
 pub struct Guarded<IO> {
     inner: IO,
     activity: Arc<Activity>,
-    timeout: Duration,
+    header_read_timeout: Duration,
+    keep_alive_timeout: Duration,
+    accepted: Instant,
+    /// The end of the last request as last seen; a change means a new idle period.
+    seen_idle_since: Instant,
+    /// When the first byte of this idle period arrived (a new request starting).
+    first_byte: Option<Instant>,
     sleep: Pin<Box<Sleep>>,
     timed_out: bool,
     slot: Slot,
 }
 
 impl<IO> Guarded<IO> {
-    /// `Some(error)` once the deadline has passed with no request being served;
-    /// otherwise arms the timer so this task wakes at the deadline.
-    fn expired(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+    /// The deadline now, or `None` while a request is being served.
+    fn deadline(&mut self) -> Option<Instant> {
         if self.activity.busy.load(Ordering::SeqCst) > 0 {
             return None;
         }
-        let deadline = *self.activity.idle_since() + self.timeout;
+        let idle_since = *self.activity.idle_since();
+        if idle_since != self.seen_idle_since {
+            self.seen_idle_since = idle_since;
+            self.first_byte = None;
+        }
+        if idle_since == self.accepted {
+            return Some(self.accepted + self.header_read_timeout);
+        }
+        let idle_until = idle_since + self.keep_alive_timeout;
+        Some(match self.first_byte {
+            Some(first) => idle_until.min(first + self.header_read_timeout),
+            None => idle_until,
+        })
+    }
+
+    /// Bytes arrived: while idle, the first of them starts the header deadline.
+    fn received(&mut self) {
+        if self.deadline().is_some() && self.first_byte.is_none() {
+            self.first_byte = Some(Instant::now());
+        }
+    }
+
+    /// Called when the stream would wait: `Some(error)` once the deadline has
+    /// passed; otherwise arms the timer so this task wakes at the deadline.
+    fn expired(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        let deadline = self.deadline()?;
         if self.sleep.deadline() != deadline {
             self.sleep.as_mut().reset(deadline);
         }
@@ -280,8 +326,17 @@ impl<IO> Guarded<IO> {
         }
         Some(io::Error::new(
             io::ErrorKind::TimedOut,
-            "no complete request head within server.header_read_timeout_ms",
+            "no complete request within server.header_read_timeout_ms or \
+             server.keep_alive_timeout_ms",
         ))
+    }
+
+    /// `waiting` unless the deadline has passed.
+    fn or_expired<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        match self.expired(cx) {
+            Some(e) => Poll::Ready(Err(e)),
+            None => Poll::Pending,
+        }
     }
 }
 
@@ -291,10 +346,15 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Guarded<IO> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if let Some(e) = self.expired(cx) {
-            return Poll::Ready(Err(e));
+        let before = buf.filled().len();
+        match Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Pending => self.or_expired(cx),
+            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                self.received();
+                Poll::Ready(Ok(()))
+            }
+            done => done,
         }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
@@ -304,10 +364,10 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Guarded<IO> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        if let Some(e) = self.expired(cx) {
-            return Poll::Ready(Err(e));
+        match Pin::new(&mut self.inner).poll_write(cx, buf) {
+            Poll::Pending => self.or_expired(cx),
+            done => done,
         }
-        Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -315,10 +375,10 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Guarded<IO> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        if let Some(e) = self.expired(cx) {
-            return Poll::Ready(Err(e));
+        match Pin::new(&mut self.inner).poll_write_vectored(cx, bufs) {
+            Poll::Pending => self.or_expired(cx),
+            done => done,
         }
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -326,7 +386,10 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Guarded<IO> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        match Pin::new(&mut self.inner).poll_flush(cx) {
+            Poll::Pending => self.or_expired(cx),
+            done => done,
+        }
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -349,6 +412,7 @@ mod tests {
             max_skew: Duration::from_secs(300),
             cleanup_interval: Duration::from_secs(60),
             header_read_timeout: Duration::from_secs(5),
+            keep_alive_timeout: Duration::from_secs(75),
             body_read_timeout: Duration::from_secs(5),
             max_connections: max_total,
             max_connections_per_peer: max_per_peer,

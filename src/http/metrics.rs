@@ -234,8 +234,7 @@ impl Metrics {
         );
         registry.register(
             "connections_timed_out",
-            "Connections closed because no complete request head arrived within \
-             server.header_read_timeout_ms (from accept or the previous response)",
+            "Connections closed by server.header_read_timeout_ms or server.keep_alive_timeout_ms",
             connections_timed_out.clone(),
         );
         Metrics {
