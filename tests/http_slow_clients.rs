@@ -423,3 +423,55 @@ async fn an_idle_keep_alive_connection_is_closed_and_a_late_head_has_the_header_
     tokio::join!(idle, late);
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_connection_silent_after_its_handshake_is_closed_at_the_header_deadline() {
+    // The attack of issue 13, over HTTPS: the handshake completes, then nothing.
+    let deadline = Duration::from_secs(1);
+    let dir = tempfile::tempdir().unwrap();
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let cert_path = dir.path().join("server.pem");
+    let key_path = dir.path().join("server.key");
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
+    let gw = TestGateway::start(Options {
+        tls: Some((cert_path, key_path)),
+        header_read_timeout: deadline,
+        ..Options::default()
+    })
+    .await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.cert.der().clone()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let address: SocketAddr = gw.url.trim_start_matches("https://").parse().unwrap();
+    let started = Instant::now();
+    let tcp = TcpStream::connect(address).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    let handshake = started.elapsed();
+    let closed = tokio::time::timeout(deadline + MARGIN, async {
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = tls.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+    let took = started.elapsed();
+    eprintln!(
+        "TLS connection silent after its handshake ({handshake:?}) closed after {took:?} (deadline {deadline:?})"
+    );
+    assert!(closed.is_ok(), "still open after {took:?}");
+    assert!(took >= deadline - Duration::from_millis(100), "{took:?}");
+    wait_for_metric(&gw, "dcvv_connections_timed_out_total", 1.0).await;
+    gw.stop().await;
+}
