@@ -17,9 +17,9 @@
 //!   [`Guarded`] wraps the TCP stream and [`Tracked`] the connection's
 //!   service, which knows when requests start and end. (For HTTP/2 any frame
 //!   the client sends while idle, a ping too, starts the header deadline.)
-//!   A deadline is only ever judged while the gateway waits for bytes: data
-//!   already received is read first, so a busy process does not cut a client
-//!   that was on time.
+//!   A deadline is only ever judged while the stream would wait: data already
+//!   received is read first, so a busy process does not cut a client that was
+//!   on time.
 //!
 //! This module holds no request data and logs nothing about a peer but counts.
 //! The body deadline and the in-flight limit live with the router ([`super::app`]).
