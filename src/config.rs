@@ -35,6 +35,11 @@ request_timeout_ms = 10000
 body_limit_bytes = 16384
 max_in_flight = 32
 shutdown_grace_seconds = 30
+header_read_timeout_ms = 5000
+keep_alive_timeout_ms = 75000
+body_read_timeout_ms = 5000
+max_connections = 512
+max_connections_per_peer = 64
 
 [signatures]
 max_skew_seconds = 300
@@ -102,6 +107,11 @@ struct RawServer {
     body_limit_bytes: usize,
     max_in_flight: usize,
     shutdown_grace_seconds: u64,
+    header_read_timeout_ms: u64,
+    keep_alive_timeout_ms: u64,
+    body_read_timeout_ms: u64,
+    max_connections: usize,
+    max_connections_per_peer: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -234,6 +244,19 @@ pub struct ServerSettings {
     pub max_skew: Duration,
     /// How often expired store rows are deleted.
     pub cleanup_interval: Duration,
+    /// From accept (TLS handshake included) to the first complete request
+    /// head, and from a later request's first byte to its complete head; past
+    /// it the connection is closed.
+    pub header_read_timeout: Duration,
+    /// How long a connection may stay idle after a response; then it is closed.
+    pub keep_alive_timeout: Duration,
+    /// Reading a signed request's body; past it 408 `body_timeout`, before
+    /// the request takes an in-flight slot.
+    pub body_read_timeout: Duration,
+    /// Open connections at most; more are closed at accept.
+    pub max_connections: usize,
+    /// Open connections from one peer IP address at most; more are closed at accept.
+    pub max_connections_per_peer: usize,
 }
 
 /// Everything the gateway needs to start, each layer's part in its own type.
@@ -473,6 +496,23 @@ fn server_settings(
     if !(1..=10_000).contains(&s.max_in_flight) {
         return Err(err("server.max_in_flight: 1 to 10000"));
     }
+    if !(100..=60_000).contains(&s.header_read_timeout_ms) {
+        return Err(err("server.header_read_timeout_ms: 100 to 60000"));
+    }
+    if !(100..=3_600_000).contains(&s.keep_alive_timeout_ms) {
+        return Err(err("server.keep_alive_timeout_ms: 100 to 3600000"));
+    }
+    if !(100..=60_000).contains(&s.body_read_timeout_ms) {
+        return Err(err("server.body_read_timeout_ms: 100 to 60000"));
+    }
+    if !(1..=1_000_000).contains(&s.max_connections) {
+        return Err(err("server.max_connections: 1 to 1000000"));
+    }
+    if !(1..=s.max_connections).contains(&s.max_connections_per_peer) {
+        return Err(err(
+            "server.max_connections_per_peer: 1 to server.max_connections",
+        ));
+    }
     if !(1..=86_400).contains(&signatures.max_skew_seconds) {
         return Err(err("signatures.max_skew_seconds: 1 to 86400"));
     }
@@ -488,6 +528,11 @@ fn server_settings(
         shutdown_grace: Duration::from_secs(s.shutdown_grace_seconds),
         max_skew: Duration::from_secs(u64::from(signatures.max_skew_seconds)),
         cleanup_interval: Duration::from_secs(store.cleanup_interval_seconds),
+        header_read_timeout: Duration::from_millis(s.header_read_timeout_ms),
+        keep_alive_timeout: Duration::from_millis(s.keep_alive_timeout_ms),
+        body_read_timeout: Duration::from_millis(s.body_read_timeout_ms),
+        max_connections: s.max_connections,
+        max_connections_per_peer: s.max_connections_per_peer,
     })
 }
 
@@ -752,6 +797,40 @@ mod tests {
         let bad = MINIMAL.replace("[server]", "max_sessions = 0\n[server]");
         assert!(load(&bad).unwrap_err().to_string().contains("max_sessions"));
         assert!(Settings::load(Path::new("/nonexistent/gateway.toml")).is_err());
+    }
+
+    #[test]
+    fn connection_limits_default_and_are_refused_by_name() {
+        let s = load(MINIMAL).unwrap();
+        assert_eq!(s.server.header_read_timeout, Duration::from_millis(5000));
+        assert_eq!(s.server.keep_alive_timeout, Duration::from_millis(75000));
+        assert_eq!(s.server.body_read_timeout, Duration::from_millis(5000));
+        assert_eq!(s.server.max_connections, 512);
+        assert_eq!(s.server.max_connections_per_peer, 64);
+        for (line, field) in [
+            (
+                "header_read_timeout_ms = 0",
+                "server.header_read_timeout_ms",
+            ),
+            ("keep_alive_timeout_ms = 50", "server.keep_alive_timeout_ms"),
+            ("body_read_timeout_ms = 99", "server.body_read_timeout_ms"),
+            ("max_connections = 0", "server.max_connections"),
+            (
+                "max_connections_per_peer = 0",
+                "server.max_connections_per_peer",
+            ),
+            (
+                "max_connections = 10\nmax_connections_per_peer = 11",
+                "server.max_connections_per_peer",
+            ),
+        ] {
+            let bad = MINIMAL.replace("[server]", &format!("[server]\n{line}"));
+            let e = load(&bad).unwrap_err().to_string();
+            assert!(e.contains(field), "{line}: {e}");
+        }
+        let typo = MINIMAL.replace("[server]", "[server]\nheader_timeout_ms = 5000");
+        let e = load(&typo).unwrap_err().to_string();
+        assert!(e.contains("header_timeout_ms"), "{e}");
     }
 
     const FULL: &str = r#"

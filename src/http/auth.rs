@@ -1,8 +1,9 @@
 //! The signature layer (DESIGN 5), in front of every `/cards/...` and `/keys`
 //! route: parse the four headers, check the timestamp window, read the body
-//! under the size limit, verify the HMAC against each of the client's secrets
+//! under the size limit and the body deadline, verify the HMAC against each of the client's secrets
 //! in constant time, check the route's scope, then pass the request on with
-//! its [`Authenticated`] caller — and sign whatever response comes back.
+//! its [`Authenticated`] caller — and sign whatever response comes back. All
+//! of it happens before the request competes for an in-flight slot.
 //!
 //! Unknown client and wrong signature give one and the same 401, and an unknown
 //! client costs the same HMAC as a known one. The body is parsed only after all
@@ -11,6 +12,7 @@
 //! request's state changes.
 
 use std::sync::{Arc, LazyLock};
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{MatchedPath, Request, State};
@@ -101,7 +103,8 @@ pub async fn authenticate(State(state): State<AppState>, request: Request, next:
     }
 
     let limit = state.settings().body_limit;
-    let body = match read_body(body, limit).await {
+    let deadline = state.settings().body_read_timeout;
+    let body = match read_body(body, limit, deadline).await {
         Ok(bytes) => bytes,
         Err(e) => return e.with_request_id(&ctx.id).into_response(),
     };
@@ -166,9 +169,21 @@ pub async fn authenticate(State(state): State<AppState>, request: Request, next:
     sign_response(response, &client, secret, &headers, state.clock().now_ms()).await
 }
 
-/// Reads the body, refusing more than `limit` bytes with 413.
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    match Limited::new(body, limit).collect().await {
+/// Reads the body, refusing more than `limit` bytes with 413 and a body still
+/// incomplete after `deadline` with 408 `body_timeout` (issue 13: a slow body
+/// must not hold anything the signed requests need).
+async fn read_body(body: Body, limit: usize, deadline: Duration) -> Result<Bytes, ApiError> {
+    let Ok(read) = tokio::time::timeout(deadline, Limited::new(body, limit).collect()).await else {
+        return Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!(
+                "the request body did not arrive within {} ms",
+                deadline.as_millis()
+            ),
+        ));
+    };
+    match read {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(ApiError::too_large(limit)),
         Err(_) => Err(ApiError::new(

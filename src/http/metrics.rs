@@ -77,6 +77,16 @@ pub struct Metrics {
     hsm_reinit_attempts: Counter,
     hsm_reinit_successes: Counter,
     hsm_logins: Counter,
+    // Connection admission and deadlines (issue 13; `super::connections`).
+    connections_open: Gauge<i64, std::sync::atomic::AtomicI64>,
+    connections_refused: Family<RefusalLabels, Counter>,
+    connections_timed_out: Counter,
+}
+
+/// Why a connection was closed at accept.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -208,6 +218,25 @@ impl Metrics {
             "C_Login calls made by recovery (re-login and re-initialization)",
             hsm_logins.clone(),
         );
+        // Connection admission and deadlines (issue 13; `super::connections`).
+        let connections_open = Gauge::default();
+        let connections_refused = Family::<RefusalLabels, Counter>::default();
+        let connections_timed_out = Counter::default();
+        registry.register(
+            "connections_open",
+            "Client connections open now (TLS handshakes included)",
+            connections_open.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections closed at accept, by reason (max_connections, max_connections_per_peer)",
+            connections_refused.clone(),
+        );
+        registry.register(
+            "connections_timed_out",
+            "Connections closed by server.header_read_timeout_ms or server.keep_alive_timeout_ms",
+            connections_timed_out.clone(),
+        );
         Metrics {
             registry,
             audit_records,
@@ -228,6 +257,9 @@ impl Metrics {
             hsm_reinit_attempts,
             hsm_reinit_successes,
             hsm_logins,
+            connections_open,
+            connections_refused,
+            connections_timed_out,
         }
     }
 
@@ -332,6 +364,26 @@ impl HsmObserver for Metrics {
                 programme: programme.to_owned(),
             })
             .inc();
+    }
+}
+
+/// Connection admission and deadlines (issue 13; `super::connections`).
+impl Metrics {
+    /// A connection was admitted (`+1`) or has closed (`-1`).
+    pub fn connection_open(&self, delta: i64) {
+        self.connections_open.inc_by(delta);
+    }
+
+    /// A connection was closed at accept; `reason` is a fixed label.
+    pub fn connection_refused(&self, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&RefusalLabels { reason })
+            .inc();
+    }
+
+    /// A connection was closed by the header-read deadline.
+    pub fn connection_timed_out(&self) {
+        self.connections_timed_out.inc();
     }
 }
 

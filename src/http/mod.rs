@@ -4,10 +4,13 @@
 //!
 //! The stack, outside in: request id (`x-request-id`), trace span, the request
 //! log and metrics ([`observe`], the one place that logs requests), then — on
-//! the signed routes only — a timeout (503), load shedding beyond a global
-//! in-flight limit sized to the HSM pool (429), and the signature layer
-//! ([`auth`]) that also enforces the body limit (413). Health, metrics and
-//! the OpenAPI document stay outside the limit so they answer under load.
+//! the signed routes only — a timeout (503), the signature layer ([`auth`])
+//! that reads the body under its deadline (408) and size limit (413) and
+//! verifies it, and only then load shedding beyond a global in-flight limit
+//! sized to the HSM pool (429): an unsigned, badly signed or slow request
+//! never holds one of those slots (issue 13). Health, metrics and the OpenAPI
+//! document stay outside the limit so they answer under load. Below the
+//! router, [`connections`] bounds connections and their header-read time.
 //! Between the log and the limit sits the audit layer ([`audit`]): every
 //! request but the operational GETs gets its durable audit record before its
 //! response leaves, or a 503 `audit_unavailable` instead.
@@ -16,6 +19,7 @@ pub mod audit;
 pub mod auth;
 pub mod cards;
 pub mod clients;
+pub mod connections;
 pub mod dto;
 pub mod error;
 pub mod health;
@@ -186,6 +190,16 @@ pub fn app(state: AppState) -> Router {
         .route("/cards/security-codes", post(cards::security_code))
         .route("/cards/dcvv/verification", post(cards::verify_dcvv))
         .route("/keys", get(cards::keys))
+        // Innermost: an in-flight slot is taken only by a request the signature
+        // layer has read whole and verified (issue 13).
+        .route_layer(
+            ServiceBuilder::new()
+                .layer(HandleErrorLayer::new(overload_or_timeout))
+                .load_shed()
+                .layer(GlobalConcurrencyLimitLayer::new(
+                    state.settings().max_in_flight,
+                )),
+        )
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::authenticate,
@@ -193,11 +207,7 @@ pub fn app(state: AppState) -> Router {
         .layer(
             ServiceBuilder::new()
                 .layer(HandleErrorLayer::new(overload_or_timeout))
-                .timeout(state.settings().request_timeout)
-                .load_shed()
-                .layer(GlobalConcurrencyLimitLayer::new(
-                    state.settings().max_in_flight,
-                )),
+                .timeout(state.settings().request_timeout),
         );
     let open = Router::new()
         .route("/healthz", get(health::healthz))

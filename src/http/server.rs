@@ -2,7 +2,9 @@
 //! secrets, the store, the card service), refuse to start on a missing or
 //! too-wide key, then serve HTTPS (rustls) — or plain HTTP only when the config
 //! says `allow_insecure_http = true`, with a loud warning — until SIGINT or
-//! SIGTERM, draining in-flight requests within the configured grace.
+//! SIGTERM, draining in-flight requests within the configured grace. Every
+//! connection passes [`connections`] first: the caps at accept, the
+//! header-read deadline, hyper's HTTP/1.1 and HTTP/2 bounds.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -16,6 +18,7 @@ use crate::hsm::{HsmError, Token};
 use crate::store::{Store, StoreError};
 
 use super::clients::{ClientError, Clients};
+use super::connections::{self, Admission};
 use super::metrics::Metrics;
 use super::{AppState, app};
 
@@ -58,6 +61,7 @@ pub struct Gateway {
     transport: Transport,
     cleanup_interval: std::time::Duration,
     grace: std::time::Duration,
+    admission: Admission,
 }
 
 impl Gateway {
@@ -91,6 +95,7 @@ impl Gateway {
         );
         service.check_keys().await.map_err(StartError::Keys)?;
         let trail = open_trail(settings, &token, &metrics).await?;
+        let admission = Admission::new(&settings.server, Arc::clone(&metrics));
         Ok(Gateway {
             state: AppState::new(
                 service,
@@ -103,6 +108,7 @@ impl Gateway {
             transport: settings.server.transport.clone(),
             cleanup_interval: settings.server.cleanup_interval,
             grace: settings.server.shutdown_grace,
+            admission,
         })
     }
 
@@ -149,10 +155,11 @@ impl Gateway {
                     .await
                     .map_err(StartError::Tls)?;
                 tracing::info!(%address, "dcvv-gateway listening (HTTPS)");
-                axum_server::from_tcp_rustls(listener, config)
-                    .handle(handle)
-                    .serve(service)
-                    .await
+                let mut server = axum_server::from_tcp_rustls(listener, config)
+                    .map(|tls| tls.acceptor(self.admission.clone()))
+                    .handle(handle);
+                connections::configure(server.http_builder(), self.state.settings());
+                server.serve(service).await
             }
             Transport::InsecureHttp | Transport::Unconfigured => {
                 tracing::warn!(
@@ -160,10 +167,11 @@ impl Gateway {
                     "INSECURE: serving plain HTTP because allow_insecure_http = true; \
                      card data and signatures cross the network in clear. Development only."
                 );
-                axum_server::from_tcp(listener)
-                    .handle(handle)
-                    .serve(service)
-                    .await
+                let mut server = axum_server::from_tcp(listener)
+                    .acceptor(self.admission.clone())
+                    .handle(handle);
+                connections::configure(server.http_builder(), self.state.settings());
+                server.serve(service).await
             }
         };
         cleaner.abort();

@@ -100,6 +100,15 @@ pub struct Options {
     pub seal_every_records: u64,
     pub seal_interval: Duration,
     pub max_file_bytes: u64,
+    /// `[server]` header-read deadline.
+    pub header_read_timeout: Duration,
+    /// `[server]` keep-alive idle timeout.
+    pub keep_alive_timeout: Duration,
+    /// `[server]` body deadline of signed requests.
+    pub body_read_timeout: Duration,
+    /// `[server]` connection caps.
+    pub max_connections: usize,
+    pub max_connections_per_peer: usize,
 }
 
 impl Default for Options {
@@ -118,6 +127,11 @@ impl Default for Options {
             seal_every_records: 1000,
             seal_interval: Duration::from_secs(60),
             max_file_bytes: 64 << 20,
+            header_read_timeout: Duration::from_secs(5),
+            keep_alive_timeout: Duration::from_secs(75),
+            body_read_timeout: Duration::from_secs(5),
+            max_connections: 1024,
+            max_connections_per_peer: 1024,
         }
     }
 }
@@ -293,6 +307,11 @@ impl TestGateway {
                 shutdown_grace: Duration::from_secs(5),
                 max_skew: Duration::from_secs(300),
                 cleanup_interval: Duration::from_secs(3600),
+                header_read_timeout: options.header_read_timeout,
+                keep_alive_timeout: options.keep_alive_timeout,
+                body_read_timeout: options.body_read_timeout,
+                max_connections: options.max_connections,
+                max_connections_per_peer: options.max_connections_per_peer,
             },
             store: StoreSettings::sqlite(db.clone(), Duration::from_secs(2)),
             service: ServiceSettings {
@@ -560,6 +579,11 @@ impl TestGateway {
                 shutdown_grace: Duration::from_secs(5),
                 max_skew: Duration::from_secs(300),
                 cleanup_interval: Duration::from_secs(3600),
+                header_read_timeout: defaults.header_read_timeout,
+                keep_alive_timeout: defaults.keep_alive_timeout,
+                body_read_timeout: defaults.body_read_timeout,
+                max_connections: defaults.max_connections,
+                max_connections_per_peer: defaults.max_connections_per_peer,
             },
             store: StoreSettings::sqlite(self.db.clone(), Duration::from_secs(2)),
             service: ServiceSettings {
