@@ -281,13 +281,17 @@ impl Metrics {
         }
     }
 
-    /// The text exposition format.
+    /// The text exposition format: these families, then the standard process
+    /// families ([`super::process`], unprefixed).
     ///
     /// # Errors
     /// Formatting failed (does not happen with a `String` sink).
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
         let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
+        encode_registry(&mut text, &self.registry)?;
+        super::process::encode(&mut text)?;
+        encode_eof(&mut text)?;
         Ok(text)
     }
 }
