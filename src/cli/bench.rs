@@ -19,6 +19,7 @@ use crate::domain::{CodeLength, Engine, Expiry, Pan, SecurityCode, StaticCodeKin
 use crate::hsm::{
     BlockCipher, CardCrypto, CvvKeySource, HsmError, KeyKind, KeyLabel, OpCounts, Token,
 };
+use crate::http::process::Stat;
 
 /// Temporary keys, destroyed on drop.
 struct BenchKeys<'t> {
@@ -214,9 +215,30 @@ pub(super) enum EngineOp {
     Tdcvv2Generate(u8),
 }
 
-/// Engine-only operations per second of each of `ops`, each run on `threads`
-/// threads for `seconds`, in this process, on temporary keys created in the
-/// token for the purpose and destroyed before returning (also on error).
+/// What `bench http` sets one HTTP operation against.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct EngineRate {
+    /// Operations per second.
+    pub per_second: f64,
+    /// CPU time of this process (the engine and the token library, which runs
+    /// in it) per operation over the measurement; `None` without `/proc`.
+    pub cpu_seconds_per_op: Option<f64>,
+}
+
+/// Process CPU seconds spent over `cpu_seconds` for `ops` operations.
+pub(super) fn per_op(cpu_seconds: f64, ops: u64) -> Option<f64> {
+    (ops > 0 && cpu_seconds >= 0.0).then(|| cpu_seconds / ops as f64)
+}
+
+/// This process's CPU time so far (user + system), `None` without `/proc`.
+pub(super) fn own_cpu_seconds() -> Option<f64> {
+    Stat::read(None).ok().map(|s| s.cpu_seconds())
+}
+
+/// Engine-only operations per second of each of `ops`, and this process's CPU
+/// per operation, each run on `threads` threads for `seconds`, in this process,
+/// on temporary keys created in the token for the purpose and destroyed before
+/// returning (also on error).
 ///
 /// # Errors
 /// The token's error creating the keys or during a measurement.
@@ -225,18 +247,25 @@ pub(super) fn engine_rates(
     ops: &[EngineOp],
     threads: usize,
     seconds: f64,
-) -> Result<Vec<f64>, CliError> {
+) -> Result<Vec<EngineRate>, CliError> {
     let fixture = Fixture::create(token)?;
     let verify = |i: u64| fixture.verify(i);
     ops.iter()
         .map(|op| {
-            let (rate, _, _) = match *op {
+            let cpu_before = own_cpu_seconds();
+            let (per_second, done, _) = match *op {
                 EngineOp::Tdcvv2Verify => measure(token, threads, seconds, &verify)?,
                 EngineOp::Tdcvv2Generate(count) => measure(token, threads, seconds, &|i: u64| {
                     fixture.generate(i, count)
                 })?,
             };
-            Ok(rate)
+            let cpu_seconds_per_op = cpu_before
+                .zip(own_cpu_seconds())
+                .and_then(|(before, after)| per_op(after - before, done));
+            Ok(EngineRate {
+                per_second,
+                cpu_seconds_per_op,
+            })
         })
         .collect()
 }

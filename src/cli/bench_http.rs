@@ -9,6 +9,14 @@
 //! first (temporary keys, as `bench engine`), then the HTTP phase, so the two do
 //! not compete for the CPU or the token.
 //!
+//! Before and after each HTTP phase it scrapes the gateway's `GET /metrics`
+//! (unsigned) for `process_cpu_seconds_total` and
+//! `process_context_switches_total`, and sets the gateway's CPU per request
+//! against the engine's CPU per operation (this process's own CPU over the
+//! engine-only phase: the engine and the token library run in it). With
+//! `--gateway-pid` the context switches come from `/proc/PID/task/*/status`
+//! instead (and the CPU from `/proc/PID/stat` when the metrics lack it).
+//!
 //! It is a benchmark, not a test: it needs a gateway serving the card API and a
 //! client registered in it. Nothing it prints or logs holds a secret; the card
 //! number is shown masked, codes never.
@@ -33,6 +41,7 @@ use super::bench::{self, EngineOp};
 use super::call::{self, CallError, Credentials, ResponseSignature};
 use crate::config::Settings;
 use crate::domain::{Expiry, Pan};
+use crate::http::process::{self, ContextSwitches, Stat};
 use crate::http::signature::RequestId;
 
 /// Luhn-valid test card in BIN 412345, the development configuration's programme.
@@ -43,9 +52,13 @@ pub(super) const DEMO_EXPIRY: &str = "3012";
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Engine-only threads at most: the reference machine has 2 cores.
 const MAX_ENGINE_THREADS: usize = 2;
-/// The issue's targets.
+/// The issue's targets (issue 9).
+const TARGET_VERIFICATIONS_PER_SECOND: f64 = 3000.0;
 const TARGET_RATIO: f64 = 0.6;
+const TARGET_GATEWAY_CPU_TO_ENGINE: f64 = 2.0;
+const TARGET_SWITCHES_PER_REQUEST: f64 = 8.0;
 const TARGET_P99_MS: f64 = 10.0;
+const TARGET_VALUES_24_TO_1: f64 = 0.8;
 
 /// Arguments of `dcvv-gateway bench http`.
 #[derive(Debug, clap::Args)]
@@ -79,6 +92,10 @@ pub(super) struct HttpBenchArgs {
     /// each task sends its next request when the previous answer arrives (peak).
     #[arg(long, value_name = "R")]
     rate: Option<f64>,
+    /// Process id of a gateway on this machine: its context switches are read
+    /// from /proc/PID/task/*/status (all threads) rather than its metrics.
+    #[arg(long, value_name = "PID")]
+    gateway_pid: Option<u32>,
     /// Emit JSON.
     #[arg(long)]
     json: bool,
@@ -353,6 +370,150 @@ fn percentile(sorted: &[u64], q: f64) -> Option<u64> {
     sorted.get(rank.clamp(1, n) - 1).copied()
 }
 
+/// The value of one sample of a text exposition: `series` is the name with
+/// its labels exactly as the gateway writes them, e.g.
+/// `process_context_switches_total{kind="voluntary"}`.
+fn exposed_value(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+        value.split_ascii_whitespace().next()?.parse().ok()
+    })
+}
+
+/// The gateway process at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct GatewaySample {
+    cpu_seconds: Option<f64>,
+    switches: Option<ContextSwitches>,
+}
+
+impl GatewaySample {
+    /// From the process families of the gateway's `/metrics`.
+    fn from_exposition(text: &str) -> GatewaySample {
+        let switches = |kind: &str| {
+            exposed_value(
+                text,
+                &format!("process_context_switches_total{{kind=\"{kind}\"}}"),
+            )
+            .filter(|v| *v >= 0.0)
+            .map(|v| v as u64)
+        };
+        GatewaySample {
+            cpu_seconds: exposed_value(text, "process_cpu_seconds_total"),
+            switches: switches("voluntary").zip(switches("involuntary")).map(
+                |(voluntary, involuntary)| ContextSwitches {
+                    voluntary,
+                    involuntary,
+                },
+            ),
+        }
+    }
+}
+
+/// Where the gateway's process figures are read: its `/metrics`, and
+/// `/proc/PID` when its process id is known.
+struct GatewayProbe {
+    metrics: Url,
+    pid: Option<u32>,
+}
+
+impl GatewayProbe {
+    fn switches_source(&self) -> &'static str {
+        if self.pid.is_some() {
+            "/proc/PID/task/*/status"
+        } else {
+            "process_context_switches_total of /metrics"
+        }
+    }
+
+    /// Scrapes the metrics (unsigned GET) and, with a pid, reads `/proc`.
+    /// The error is the scrape's, for the report.
+    async fn sample(&self, http: &reqwest::Client) -> (GatewaySample, Option<String>) {
+        let scraped: Result<String, String> = async {
+            let response = http
+                .get(self.metrics.clone())
+                .send()
+                .await
+                .map_err(|e| call::error_chain(&e))?;
+            let status = response.status();
+            if !status.is_success() {
+                return Err(format!("GET /metrics answered {}", status.as_u16()));
+            }
+            response.text().await.map_err(|e| call::error_chain(&e))
+        }
+        .await;
+        let (mut sample, error) = match scraped {
+            Ok(text) => (GatewaySample::from_exposition(&text), None),
+            Err(e) => (GatewaySample::default(), Some(e)),
+        };
+        if let Some(pid) = self.pid {
+            sample.switches = process::process_switches(Some(pid)).ok();
+            if sample.cpu_seconds.is_none() {
+                sample.cpu_seconds = Stat::read(Some(pid)).ok().map(|s| s.cpu_seconds());
+            }
+        }
+        (sample, error)
+    }
+}
+
+/// CPU and context switches of one HTTP phase, per request, beside the
+/// engine's CPU per operation.
+#[derive(Debug, Default, Serialize, PartialEq)]
+struct CpuFigure {
+    /// Gateway CPU time per request sent in the phase, ms.
+    gateway_cpu_ms_per_request: Option<f64>,
+    /// Cores the gateway kept busy on average over the phase.
+    gateway_cores: Option<f64>,
+    /// This process's (the engine-only phase's) CPU time per operation, ms.
+    engine_cpu_ms_per_op: Option<f64>,
+    /// Gateway CPU per request over engine CPU per operation.
+    gateway_cpu_to_engine_cpu: Option<f64>,
+    /// The gateway's context switches (all threads) per request.
+    gateway_context_switches_per_request: Option<f64>,
+    context_switches_source: Option<&'static str>,
+    /// This client process's CPU per request, ms (it shares the machine).
+    client_cpu_ms_per_request: Option<f64>,
+}
+
+/// The phase's figures from the samples before and after it, the requests
+/// sent, its length, this process's CPU over it and the engine's CPU per op.
+fn cpu_figure(
+    gateway: (GatewaySample, GatewaySample),
+    client_cpu_seconds: Option<f64>,
+    requests: u64,
+    elapsed_seconds: f64,
+    engine_cpu_seconds_per_op: Option<f64>,
+    switches_source: &'static str,
+) -> CpuFigure {
+    let (before, after) = gateway;
+    let gateway_cpu = before
+        .cpu_seconds
+        .zip(after.cpu_seconds)
+        .map(|(b, a)| (a - b).max(0.0));
+    let gateway_per_request = gateway_cpu.and_then(|cpu| bench::per_op(cpu, requests));
+    let switches = before
+        .switches
+        .zip(after.switches)
+        .map(|(b, a)| a.since(&b).total());
+    CpuFigure {
+        gateway_cpu_ms_per_request: gateway_per_request.map(|s| s * 1000.0),
+        gateway_cores: gateway_cpu
+            .filter(|_| elapsed_seconds > 0.0)
+            .map(|cpu| cpu / elapsed_seconds),
+        engine_cpu_ms_per_op: engine_cpu_seconds_per_op.map(|s| s * 1000.0),
+        gateway_cpu_to_engine_cpu: gateway_per_request
+            .zip(engine_cpu_seconds_per_op.filter(|e| *e > 0.0))
+            .map(|(g, e)| g / e),
+        gateway_context_switches_per_request: switches
+            .filter(|_| requests > 0)
+            .map(|n| n as f64 / requests as f64),
+        context_switches_source: switches.map(|_| switches_source),
+        client_cpu_ms_per_request: client_cpu_seconds
+            .and_then(|cpu| bench::per_op(cpu.max(0.0), requests))
+            .map(|s| s * 1000.0),
+    }
+}
+
 /// What the tasks of one operation saw.
 #[derive(Default)]
 struct Tally {
@@ -604,15 +765,27 @@ struct OperationReport {
     http: HttpFigure,
     engine_only_per_second: f64,
     http_to_engine: f64,
+    cpu: CpuFigure,
 }
 
-#[derive(Debug, Serialize)]
+/// The issue's targets; a `*_met` is `None` when this run cannot tell (an
+/// open-loop run for the throughput targets, a closed-loop one for p99, no
+/// process figures from the gateway).
+#[derive(Debug, Serialize, PartialEq)]
 struct Targets {
+    verification_per_second: f64,
+    verification_rate_met: Option<bool>,
     verification_ratio: f64,
     verification_ratio_met: Option<bool>,
+    gateway_cpu_to_engine_cpu: Option<f64>,
+    gateway_cpu_met: Option<bool>,
+    context_switches_per_request: Option<f64>,
+    context_switches_met: Option<bool>,
     p99_ms_at_rate: Option<f64>,
     p99_met: Option<bool>,
     suggested_half_peak_rate: Option<f64>,
+    values_24_to_values_1: Option<f64>,
+    values_24_to_values_1_met: Option<bool>,
 }
 
 #[derive(Debug, Serialize)]
@@ -648,6 +821,13 @@ fn check_args(args: &HttpBenchArgs) -> Result<(), CallError> {
 /// generate values for the card, or the token's error in the engine-only phase.
 pub(super) fn run(settings: &Settings, args: HttpBenchArgs) -> Result<(), CliError> {
     check_args(&args)?;
+    if let Some(pid) = args.gateway_pid
+        && process::thread_switches(Some(pid)).is_err()
+    {
+        return Err(CliError::Io(format!(
+            "--gateway-pid {pid}: no such process readable in /proc"
+        )));
+    }
     let concurrency = usize::from(args.concurrency);
     let card = Card::parse(&args.card, &args.expiry)?;
     let credentials = Credentials::from_env(&args.apikey, &args.secret_env)?;
@@ -720,21 +900,58 @@ pub(super) fn run(settings: &Settings, args: HttpBenchArgs) -> Result<(), CliErr
         Ok(())
     })?;
 
-    // 3. HTTP, one operation after the other.
+    // 3. HTTP, one operation after the other, each between two samples of the
+    //    gateway's process figures.
+    let probe = GatewayProbe {
+        metrics: call::target(&args.url, "/metrics")?.0,
+        pid: args.gateway_pid,
+    };
+    let mut scrape_error_shown = false;
+    let mut sample = || {
+        let (sample, error) = runtime.block_on(probe.sample(&run.client.http));
+        if let Some(e) = error.filter(|_| !scrape_error_shown) {
+            scrape_error_shown = true;
+            let _ = writeln!(
+                progress,
+                "note: the gateway's /metrics could not be read ({e}): its CPU is not reported"
+            );
+        }
+        sample
+    };
     let mut operations = Vec::new();
     for (op, engine) in Operation::ALL.into_iter().zip(engine_rates) {
-        let _ = writeln!(progress, "HTTP: {} for {} s ...", op.name(), args.seconds);
+        let _ = writeln!(
+            std::io::stderr(),
+            "HTTP: {} for {} s ...",
+            op.name(),
+            args.seconds
+        );
+        let before = sample();
+        let client_before = bench::own_cpu_seconds();
         let http = runtime.block_on(measure_http(&run, op, concurrency, args.seconds, args.rate));
+        let client_cpu = client_before
+            .zip(bench::own_cpu_seconds())
+            .map(|(b, a)| a - b);
+        let after = sample();
+        let cpu = cpu_figure(
+            (before, after),
+            client_cpu,
+            http.requests,
+            http.elapsed_seconds,
+            engine.cpu_seconds_per_op,
+            probe.switches_source(),
+        );
         operations.push(OperationReport {
             operation: op.name(),
             path: op.path(),
-            http_to_engine: if engine > 0.0 {
-                http.ok_per_second / engine
+            http_to_engine: if engine.per_second > 0.0 {
+                http.ok_per_second / engine.per_second
             } else {
                 0.0
             },
             http,
-            engine_only_per_second: engine,
+            engine_only_per_second: engine.per_second,
+            cpu,
         });
     }
     drop(runtime);
@@ -781,35 +998,65 @@ pub(super) fn run(settings: &Settings, args: HttpBenchArgs) -> Result<(), CliErr
 }
 
 fn targets(operations: &[OperationReport], rate: Option<f64>) -> Targets {
-    let verification = operations
-        .iter()
-        .find(|o| o.path == Operation::Verify.path());
+    let find = |path: &str, op: Operation| {
+        operations
+            .iter()
+            .find(|o| o.path == path && o.operation == op.name())
+    };
+    let verification = find(Operation::Verify.path(), Operation::Verify);
+    let per_second = verification.map_or(0.0, |o| o.http.ok_per_second);
     let ratio = verification.map_or(0.0, |o| o.http_to_engine);
     let p99 = verification.and_then(|o| o.http.p99_ms);
+    let cpu_ratio = verification.and_then(|o| o.cpu.gateway_cpu_to_engine_cpu);
+    let switches = verification.and_then(|o| o.cpu.gateway_context_switches_per_request);
+    let values = |n| find(Operation::Generate(n).path(), Operation::Generate(n));
+    let values_ratio = values(24)
+        .zip(values(1))
+        .filter(|(_, one)| one.http.ok_per_second > 0.0)
+        .map(|(many, one)| many.http.ok_per_second / one.http.ok_per_second);
+    // Per request, so measured by either kind of run.
+    let gateway_cpu_met = cpu_ratio.map(|r| r <= TARGET_GATEWAY_CPU_TO_ENGINE);
+    let context_switches_met = switches.map(|n| n <= TARGET_SWITCHES_PER_REQUEST);
+    let closed = Targets {
+        verification_per_second: per_second,
+        verification_rate_met: Some(per_second >= TARGET_VERIFICATIONS_PER_SECOND),
+        verification_ratio: ratio,
+        verification_ratio_met: Some(ratio >= TARGET_RATIO),
+        gateway_cpu_to_engine_cpu: cpu_ratio,
+        gateway_cpu_met,
+        context_switches_per_request: switches,
+        context_switches_met,
+        p99_ms_at_rate: None,
+        p99_met: None,
+        suggested_half_peak_rate: verification
+            .map(|o| (o.http.ok_per_second / 2.0).floor())
+            .filter(|rate| *rate >= 1.0),
+        values_24_to_values_1: values_ratio,
+        values_24_to_values_1_met: values_ratio.map(|r| r >= TARGET_VALUES_24_TO_1),
+    };
     match rate {
         // Closed loop: the peak. The p99 target is for half of it: a second run.
-        None => Targets {
-            verification_ratio: ratio,
-            verification_ratio_met: Some(ratio >= TARGET_RATIO),
-            p99_ms_at_rate: None,
-            p99_met: None,
-            suggested_half_peak_rate: verification
-                .map(|o| (o.http.ok_per_second / 2.0).floor())
-                .filter(|rate| *rate >= 1.0),
-        },
-        // Open loop: throughput is what --rate asked for, so the ratio says nothing.
+        None => closed,
+        // Open loop: throughput is what --rate asked for, so the throughput
+        // targets say nothing.
         Some(_) => Targets {
-            verification_ratio: ratio,
+            verification_rate_met: None,
             verification_ratio_met: None,
             p99_ms_at_rate: p99,
             p99_met: p99.map(|p| p < TARGET_P99_MS),
             suggested_half_peak_rate: None,
+            values_24_to_values_1_met: None,
+            ..closed
         },
     }
 }
 
 fn fmt_ms(ms: Option<f64>) -> String {
-    ms.map_or_else(|| "-".to_owned(), |v| format!("{v:.2}"))
+    fmt_fixed(ms, 2)
+}
+
+fn fmt_fixed(value: Option<f64>, decimals: usize) -> String {
+    value.map_or_else(|| "-".to_owned(), |v| format!("{v:.decimals$}"))
 }
 
 fn counts<K: std::fmt::Display>(map: &BTreeMap<K, u64>) -> String {
@@ -870,8 +1117,45 @@ fn print_report(r: &Report, out: &mut impl Write) -> std::io::Result<()> {
     writeln!(out)?;
     writeln!(
         out,
+        "{:<30} {:>13} {:>16} {:>14} {:>8} {:>10} {:>17}",
+        "operation",
+        "gw CPU ms/req",
+        "engine CPU ms/op",
+        "gw / engine CPU",
+        "gw cores",
+        "ctx sw/req",
+        "client CPU ms/req"
+    )?;
+    for o in &r.operations {
+        let c = &o.cpu;
+        writeln!(
+            out,
+            "{:<30} {:>13} {:>16} {:>14} {:>8} {:>10} {:>17}",
+            o.operation,
+            fmt_fixed(c.gateway_cpu_ms_per_request, 3),
+            fmt_fixed(c.engine_cpu_ms_per_op, 3),
+            fmt_fixed(c.gateway_cpu_to_engine_cpu, 2),
+            fmt_fixed(c.gateway_cores, 2),
+            fmt_fixed(c.gateway_context_switches_per_request, 1),
+            fmt_fixed(c.client_cpu_ms_per_request, 3)
+        )?;
+    }
+    writeln!(out)?;
+    writeln!(
+        out,
         "HTTP req/s counts 2xx answers (approved and declined verifications alike); \
          p50/p99 are over those answers."
+    )?;
+    writeln!(
+        out,
+        "gw CPU: the gateway's process_cpu_seconds_total before and after the phase over the \
+         requests sent; engine CPU: this process's CPU over the engine-only phase per \
+         operation (10 ms tick resolution); ctx sw: all the gateway's threads ({}); \
+         client CPU: this process over the HTTP phase.",
+        r.operations
+            .iter()
+            .find_map(|o| o.cpu.context_switches_source)
+            .unwrap_or("not available: no process metrics and no --gateway-pid")
     )?;
     for o in &r.operations {
         let h = &o.http;
@@ -916,6 +1200,20 @@ fn print_report(r: &Report, out: &mut impl Write) -> std::io::Result<()> {
     writeln!(out)?;
     writeln!(out, "targets:")?;
     let t = &r.targets;
+    let verdict = |met: bool| if met { "met" } else { "NOT met" };
+    match t.verification_rate_met {
+        Some(met) => writeln!(
+            out,
+            "  end-to-end verification >= {TARGET_VERIFICATIONS_PER_SECOND} req/s: {:.1} -> {}",
+            t.verification_per_second,
+            verdict(met)
+        )?,
+        None => writeln!(
+            out,
+            "  end-to-end verification >= {TARGET_VERIFICATIONS_PER_SECOND} req/s: not measured \
+             by an open-loop run; run without --rate"
+        )?,
+    }
     match t.verification_ratio_met {
         Some(met) => writeln!(
             out,
@@ -963,6 +1261,48 @@ fn print_report(r: &Report, out: &mut impl Write) -> std::io::Result<()> {
                 "  verification p99 < {TARGET_P99_MS} ms at half of peak: no peak measured"
             )?,
         },
+    }
+    match (t.gateway_cpu_to_engine_cpu, t.gateway_cpu_met) {
+        (Some(ratio), Some(met)) => writeln!(
+            out,
+            "  gateway CPU per verification <= {TARGET_GATEWAY_CPU_TO_ENGINE} x engine CPU per \
+             operation: {ratio:.2} -> {}",
+            verdict(met)
+        )?,
+        _ => writeln!(
+            out,
+            "  gateway CPU per verification <= {TARGET_GATEWAY_CPU_TO_ENGINE} x engine CPU per \
+             operation: not measured (no process_cpu_seconds_total from the gateway)"
+        )?,
+    }
+    match (t.context_switches_per_request, t.context_switches_met) {
+        (Some(n), Some(met)) => writeln!(
+            out,
+            "  gateway context switches per verification <= {TARGET_SWITCHES_PER_REQUEST}: \
+             {n:.1} -> {}",
+            verdict(met)
+        )?,
+        _ => writeln!(
+            out,
+            "  gateway context switches per verification <= {TARGET_SWITCHES_PER_REQUEST}: not \
+             measured (no process_context_switches_total and no --gateway-pid)"
+        )?,
+    }
+    match (t.values_24_to_values_1, t.values_24_to_values_1_met) {
+        (Some(ratio), Some(met)) => writeln!(
+            out,
+            "  dynamic values x24 >= {TARGET_VALUES_24_TO_1} x the x1 figure: {ratio:.2} -> {}",
+            verdict(met)
+        )?,
+        (Some(ratio), None) => writeln!(
+            out,
+            "  dynamic values x24 >= {TARGET_VALUES_24_TO_1} x the x1 figure: {ratio:.2}, not \
+             judged in an open-loop run; run without --rate"
+        )?,
+        (None, _) => writeln!(
+            out,
+            "  dynamic values x24 >= {TARGET_VALUES_24_TO_1} x the x1 figure: no x1 answers"
+        )?,
     }
     Ok(())
 }
@@ -1065,5 +1405,173 @@ mod tests {
         assert_eq!(a.errors["timeout"], 1);
         assert_eq!(a.first_errors["timeout"], "operation timed out");
         assert_eq!(a.outcomes["approved/match"], 1);
+    }
+
+    const EXPOSITION: &str = "# HELP dcvv_http_in_flight Card API requests being served now\n\
+        # TYPE dcvv_http_in_flight gauge\n\
+        dcvv_http_in_flight 3\n\
+        # TYPE process_cpu_seconds counter\n\
+        process_cpu_seconds_total 12.34\n\
+        # TYPE process_cpu_seconds_extra counter\n\
+        process_cpu_seconds_total_extra 99\n\
+        # TYPE process_context_switches counter\n\
+        process_context_switches_total{kind=\"voluntary\"} 1500\n\
+        process_context_switches_total{kind=\"involuntary\"} 40\n\
+        # EOF\n";
+
+    #[test]
+    fn exposed_values_are_read_by_their_exact_series() {
+        assert_eq!(
+            exposed_value(EXPOSITION, "process_cpu_seconds_total"),
+            Some(12.34)
+        );
+        assert_eq!(exposed_value(EXPOSITION, "dcvv_http_in_flight"), Some(3.0));
+        assert_eq!(exposed_value(EXPOSITION, "process_cpu"), None);
+        assert_eq!(exposed_value("x 1 1767225600\n", "x"), Some(1.0));
+        assert_eq!(exposed_value("x NaN-ish\n", "x"), None);
+        assert_eq!(
+            GatewaySample::from_exposition(EXPOSITION),
+            GatewaySample {
+                cpu_seconds: Some(12.34),
+                switches: Some(ContextSwitches {
+                    voluntary: 1500,
+                    involuntary: 40
+                }),
+            }
+        );
+        assert_eq!(
+            GatewaySample::from_exposition("dcvv_http_in_flight 1\n# EOF\n"),
+            GatewaySample::default()
+        );
+    }
+
+    fn close(a: Option<f64>, b: f64) -> bool {
+        a.is_some_and(|a| (a - b).abs() < 1e-9)
+    }
+
+    #[test]
+    fn cpu_figures_are_per_request_and_per_operation() {
+        let at = |cpu, voluntary, involuntary| GatewaySample {
+            cpu_seconds: Some(cpu),
+            switches: Some(ContextSwitches {
+                voluntary,
+                involuntary,
+            }),
+        };
+        // 2000 requests in 2 s, 1.1 s of gateway CPU, 66 000 switches; the
+        // engine took 0.19 ms per operation.
+        let f = cpu_figure(
+            (at(10.0, 1_000, 500), at(11.1, 61_000, 6_500)),
+            Some(0.4),
+            2000,
+            2.0,
+            Some(0.000_19),
+            "test",
+        );
+        assert!(close(f.gateway_cpu_ms_per_request, 0.55), "{f:?}");
+        assert!(close(f.gateway_cores, 0.55), "{f:?}");
+        assert!(close(f.engine_cpu_ms_per_op, 0.19), "{f:?}");
+        assert!(close(f.gateway_cpu_to_engine_cpu, 0.55 / 0.19), "{f:?}");
+        assert!(close(f.gateway_context_switches_per_request, 33.0), "{f:?}");
+        assert_eq!(f.context_switches_source, Some("test"));
+        assert!(close(f.client_cpu_ms_per_request, 0.2), "{f:?}");
+        // Nothing to divide by, or nothing read: no figure rather than a wrong one.
+        let none = cpu_figure(
+            (GatewaySample::default(), at(1.0, 1, 1)),
+            None,
+            0,
+            0.0,
+            None,
+            "test",
+        );
+        assert_eq!(none, CpuFigure::default());
+        let no_requests = cpu_figure((at(1.0, 1, 1), at(2.0, 5, 5)), None, 0, 1.0, Some(0.1), "t");
+        assert_eq!(no_requests.gateway_cpu_ms_per_request, None);
+        assert_eq!(no_requests.gateway_context_switches_per_request, None);
+        assert!(close(no_requests.gateway_cores, 1.0));
+        assert_eq!(bench::per_op(1.0, 0), None);
+        assert_eq!(bench::per_op(1.0, 4), Some(0.25));
+    }
+
+    fn report(op: Operation, per_second: f64, engine: f64, cpu: CpuFigure) -> OperationReport {
+        OperationReport {
+            operation: op.name(),
+            path: op.path(),
+            http: HttpFigure {
+                ok_per_second: per_second,
+                attempted_per_second: per_second,
+                p50_ms: Some(1.0),
+                p99_ms: Some(4.0),
+                requests: 1,
+                elapsed_seconds: 1.0,
+                statuses: BTreeMap::new(),
+                outcomes: BTreeMap::new(),
+                errors: BTreeMap::new(),
+                first_errors: BTreeMap::new(),
+                error_count: 0,
+                unsigned_responses: 0,
+                value_refreshes: 0,
+            },
+            engine_only_per_second: engine,
+            http_to_engine: per_second / engine,
+            cpu,
+        }
+    }
+
+    #[test]
+    fn targets_are_judged_as_the_issue_states_them() {
+        let ops = vec![
+            report(
+                Operation::Verify,
+                3200.0,
+                5000.0,
+                CpuFigure {
+                    gateway_cpu_to_engine_cpu: Some(2.5),
+                    gateway_context_switches_per_request: Some(7.5),
+                    ..CpuFigure::default()
+                },
+            ),
+            report(Operation::Generate(1), 1000.0, 5000.0, CpuFigure::default()),
+            report(Operation::Generate(24), 790.0, 400.0, CpuFigure::default()),
+        ];
+        let t = targets(&ops, None);
+        assert_eq!(t.verification_rate_met, Some(true));
+        assert_eq!(t.verification_ratio_met, Some(true));
+        assert!((t.verification_ratio - 0.64).abs() < 1e-9);
+        assert_eq!(t.gateway_cpu_met, Some(false));
+        assert_eq!(t.context_switches_met, Some(true));
+        assert_eq!(t.values_24_to_values_1_met, Some(false));
+        assert!(close(t.values_24_to_values_1, 0.79));
+        assert_eq!(t.suggested_half_peak_rate, Some(1600.0));
+        assert_eq!(t.p99_met, None);
+        let open = targets(&ops, Some(1600.0));
+        assert_eq!(open.verification_rate_met, None);
+        assert_eq!(open.verification_ratio_met, None);
+        assert_eq!(open.values_24_to_values_1_met, None);
+        assert_eq!(open.p99_met, Some(true));
+        assert_eq!(open.gateway_cpu_met, Some(false));
+        let mut text = Vec::new();
+        let r = Report {
+            url: "https://127.0.0.1:8443".into(),
+            card: "412345******0019".into(),
+            http_version: "HTTP/1.1".into(),
+            concurrency: 8,
+            seconds_per_operation: 1.0,
+            target_rate: None,
+            engine_threads: 2,
+            cpu_cores: 2,
+            operations: ops,
+            targets: t,
+        };
+        print_report(&r, &mut text).unwrap();
+        let text = String::from_utf8(text).unwrap();
+        for line in [
+            "end-to-end verification >= 3000 req/s: 3200.0 -> met",
+            "x engine CPU per operation: 2.50 -> NOT met",
+            "context switches per verification <= 8: 7.5 -> met",
+            "dynamic values x24 >= 0.8 x the x1 figure: 0.79 -> NOT met",
+        ] {
+            assert!(text.contains(line), "{line}\n{text}");
+        }
     }
 }

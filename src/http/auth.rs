@@ -144,13 +144,12 @@ pub async fn authenticate(State(state): State<AppState>, request: Request, next:
     let route = parts
         .extensions
         .get::<MatchedPath>()
-        .map(|m| m.as_str().to_owned())
-        .unwrap_or_default();
+        .map_or("", |m| super::route_label(m.as_str()));
     let authenticated = Authenticated {
         client: Arc::clone(&client),
         request_id: headers.request_id.clone(),
     };
-    let response = match scope_of(&route) {
+    let response = match scope_of(route) {
         Some(scope) if client.scopes.contains(&scope) => {
             parts.extensions.insert(authenticated);
             next.run(Request::from_parts(parts, Body::from(body))).await
@@ -160,7 +159,7 @@ pub async fn authenticate(State(state): State<AppState>, request: Request, next:
             "forbidden_scope",
             format!(
                 "this client's scopes do not include {}",
-                scope_of(&route).map_or("this route", Scope::as_str)
+                scope_of(route).map_or("this route", Scope::as_str)
             ),
         )
         .with_request_id(&ctx.id)

@@ -9,6 +9,7 @@
 //! Labels are route templates, methods, statuses, stable error codes, operation
 //! and programme names — never a PAN, a code, a client secret or a request id.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -22,18 +23,32 @@ use crate::audit::AuditObserver;
 use crate::domain::service::HsmObserver;
 use crate::hsm::{RecoveryCounts, TokenState};
 
+// Route templates and error codes are `'static` and the usual methods are
+// borrowed, so recording a request allocates nothing once its series exists.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
-    route: String,
-    method: String,
+    route: &'static str,
+    method: Cow<'static, str>,
     status: u16,
-    code: String,
+    code: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LatencyLabels {
-    route: String,
+    route: &'static str,
     outcome: &'static str,
+}
+
+/// The method as a label: a borrowed constant for the standard methods, a copy
+/// only for an extension method.
+fn method_label(method: &str) -> Cow<'static, str> {
+    const STANDARD: [&str; 9] = [
+        "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "TRACE", "CONNECT",
+    ];
+    STANDARD
+        .into_iter()
+        .find(|m| *m == method)
+        .map_or_else(|| Cow::Owned(method.to_owned()), Cow::Borrowed)
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -263,14 +278,22 @@ impl Metrics {
         }
     }
 
-    /// Records one finished request.
-    pub fn request(&self, route: &str, method: &str, status: u16, code: &str, elapsed: Duration) {
+    /// Records one finished request: `route` is a template from
+    /// [`super::ROUTES`] (or `unmatched`), `code` a stable error code.
+    pub fn request(
+        &self,
+        route: &'static str,
+        method: &str,
+        status: u16,
+        code: &'static str,
+        elapsed: Duration,
+    ) {
         self.requests
             .get_or_create(&RequestLabels {
-                route: route.to_owned(),
-                method: method.to_owned(),
+                route,
+                method: method_label(method),
                 status,
-                code: code.to_owned(),
+                code,
             })
             .inc();
         let outcome = match status {
@@ -279,10 +302,7 @@ impl Metrics {
             _ => "server_error",
         };
         self.latency
-            .get_or_create(&LatencyLabels {
-                route: route.to_owned(),
-                outcome,
-            })
+            .get_or_create(&LatencyLabels { route, outcome })
             .observe(elapsed.as_secs_f64());
     }
 
@@ -313,13 +333,17 @@ impl Metrics {
         }
     }
 
-    /// The text exposition format.
+    /// The text exposition format: these families, then the standard process
+    /// families ([`super::process`], unprefixed).
     ///
     /// # Errors
     /// Formatting failed (does not happen with a `String` sink).
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
         let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
+        encode_registry(&mut text, &self.registry)?;
+        super::process::encode(&mut text)?;
+        encode_eof(&mut text)?;
         Ok(text)
     }
 }
@@ -390,6 +414,19 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn standard_methods_are_borrowed_and_others_kept_as_sent() {
+        assert!(matches!(method_label("POST"), Cow::Borrowed("POST")));
+        assert!(matches!(method_label("GET"), Cow::Borrowed("GET")));
+        assert_eq!(method_label("PURGE"), "PURGE");
+        let m = Metrics::new();
+        m.request("unmatched", "PURGE", 404, "not_found", Duration::ZERO);
+        let text = m.encode().unwrap();
+        assert!(text.contains(
+            "dcvv_http_requests_total{route=\"unmatched\",method=\"PURGE\",status=\"404\",code=\"not_found\"} 1"
+        ), "{text}");
+    }
 
     #[test]
     fn exposition_has_the_families_and_labels() {

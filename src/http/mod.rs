@@ -25,6 +25,7 @@ pub mod error;
 pub mod health;
 pub mod metrics;
 pub mod openapi;
+pub mod process;
 pub mod server;
 pub mod signature;
 

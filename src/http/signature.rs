@@ -31,8 +31,32 @@ pub const MAX_SECRET_CHARS: usize = 256;
 
 /// A client's shared secret: the HMAC key is its UTF-8 bytes. Zeroized on drop;
 /// `Debug` never shows it.
+///
+/// The HMAC is keyed once, when the secret is accepted: each signature or check
+/// clones that keyed state (the two SHA-256 blocks of `K ^ ipad` and `K ^ opad`
+/// already absorbed) instead of hashing the key again on every request. The
+/// keyed state is as secret as the key; `hmac` 0.12 cannot zeroize it, so it
+/// lives boxed (a move copies only the pointer) and is overwritten with the
+/// state of an all-zero key when the secret is dropped.
 #[derive(Clone)]
-pub struct ClientSecret(Zeroizing<String>);
+pub struct ClientSecret {
+    text: Zeroizing<String>,
+    keyed: Box<HmacSha256>,
+}
+
+impl Drop for ClientSecret {
+    fn drop(&mut self) {
+        *self.keyed = keyed(&[0u8; 32]);
+        // Keep the overwrite of memory about to be freed from being elided.
+        std::hint::black_box(&mut *self.keyed);
+    }
+}
+
+/// HMAC-SHA256 keyed with `key`.
+fn keyed(key: &[u8]) -> HmacSha256 {
+    // HMAC takes keys of any length; `new_from_slice` cannot fail for it.
+    <HmacSha256 as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable_hmac())
+}
 
 impl std::fmt::Debug for ClientSecret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -64,7 +88,14 @@ impl ClientSecret {
         if !trimmed.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(SecretError::Characters);
         }
-        Ok(ClientSecret(Zeroizing::new(trimmed.to_owned())))
+        Ok(ClientSecret::keyed_with(Zeroizing::new(trimmed.to_owned())))
+    }
+
+    fn keyed_with(text: Zeroizing<String>) -> ClientSecret {
+        ClientSecret {
+            keyed: Box::new(keyed(text.as_bytes())),
+            text,
+        }
     }
 
     /// A new random secret: 32 bytes from the OS, URL-safe Base64 (43 characters).
@@ -74,20 +105,18 @@ impl ClientSecret {
     pub fn generate() -> Result<ClientSecret, getrandom::Error> {
         let mut bytes = Zeroizing::new([0u8; 32]);
         getrandom::fill(&mut bytes[..])?;
-        Ok(ClientSecret(Zeroizing::new(
+        Ok(ClientSecret::keyed_with(Zeroizing::new(
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&bytes[..]),
         )))
     }
 
     /// The secret itself, for the one place that must show it (the generate command).
     pub fn expose(&self) -> &str {
-        &self.0
+        &self.text
     }
 
     fn mac(&self) -> HmacSha256 {
-        // HMAC takes keys of any length; `new_from_slice` cannot fail for it.
-        <HmacSha256 as Mac>::new_from_slice(self.0.as_bytes())
-            .unwrap_or_else(|_| unreachable_hmac())
+        HmacSha256::clone(&self.keyed)
     }
 
     /// Base64 HMAC-SHA256 of `message`.
@@ -324,6 +353,22 @@ mod tests {
         let mut raw = [0u8; 32];
         raw.copy_from_slice(&BASE64.decode(&tag).unwrap());
         assert!(secret().verify(&REQUEST.message(), &raw));
+    }
+
+    #[test]
+    fn the_keyed_state_is_reused_and_outlives_a_dropped_clone() {
+        let message = REQUEST.message();
+        let original = secret();
+        let copy = original.clone();
+        // Signing and verifying do not change the keyed state.
+        assert_eq!(original.sign(&message), original.sign(&message));
+        assert!(!original.verify(&message, &[0u8; 32]));
+        drop(original);
+        // The dropped secret's overwrite did not touch the clone's own state.
+        assert_eq!(
+            copy.sign(&message),
+            "LmBnXc7gNoyGLZJLFeqAe949hVDepuLsIBFbCBQ1Q6I="
+        );
     }
 
     #[test]
