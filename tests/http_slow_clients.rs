@@ -475,3 +475,35 @@ async fn a_tls_connection_silent_after_its_handshake_is_closed_at_the_header_dea
     wait_for_metric(&gw, "dcvv_connections_timed_out_total", 1.0).await;
     gw.stop().await;
 }
+
+/// The header deadline holds for HTTP/2 too: a client that opens an HTTP/2
+/// connection (prior knowledge: the connection preface and an empty SETTINGS
+/// frame) and then never sends a request's HEADERS is cut at the deadline,
+/// after the gateway's own SETTINGS came back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_connection_that_never_sends_a_request_is_closed_at_the_header_deadline() {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    const EMPTY_SETTINGS: [u8; 9] = [0, 0, 0, 0x04, 0, 0, 0, 0, 0];
+    let deadline = Duration::from_secs(1);
+    let gw = TestGateway::start(Options {
+        header_read_timeout: deadline,
+        ..Options::default()
+    })
+    .await;
+    let started = Instant::now();
+    let mut stream = TcpStream::connect(address(&gw)).await.unwrap();
+    stream.write_all(PREFACE).await.unwrap();
+    stream.write_all(&EMPTY_SETTINGS).await.unwrap();
+    let seen = read_until_closed(&mut stream, deadline + MARGIN).await;
+    let took = started.elapsed();
+    eprintln!("silent HTTP/2 connection closed after {took:?} (deadline {deadline:?})");
+    // The gateway spoke HTTP/2: its first frame is its SETTINGS (type 0x04).
+    assert!(seen.len() >= 9 && seen[3] == 0x04, "{seen:02x?}");
+    assert!(
+        took >= deadline - Duration::from_millis(100),
+        "closed before its deadline: {took:?}"
+    );
+    wait_for_metric(&gw, "dcvv_connections_timed_out_total", 1.0).await;
+    wait_for_metric(&gw, "dcvv_connections_open", 0.0).await;
+    gw.stop().await;
+}
