@@ -112,6 +112,7 @@ struct RawServer {
     body_read_timeout_ms: u64,
     max_connections: usize,
     max_connections_per_peer: usize,
+    worker_threads: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -257,6 +258,12 @@ pub struct ServerSettings {
     pub max_connections: usize,
     /// Open connections from one peer IP address at most; more are closed at accept.
     pub max_connections_per_peer: usize,
+    /// Async runtime worker threads (HTTP, TLS, signatures, JSON). Token calls
+    /// run on blocking threads and the store and audit trail on threads of their
+    /// own, so the default leaves them half the cores: measured on 2 cores, one
+    /// worker instead of two cut the verification p99 at peak from about 45 ms
+    /// to 15 ms and raised throughput by about a tenth (README, HTTP benchmark).
+    pub worker_threads: usize,
 }
 
 /// Everything the gateway needs to start, each layer's part in its own type.
@@ -513,6 +520,9 @@ fn server_settings(
             "server.max_connections_per_peer: 1 to server.max_connections",
         ));
     }
+    if s.worker_threads.is_some_and(|n| !(1..=1024).contains(&n)) {
+        return Err(err("server.worker_threads: 1 to 1024"));
+    }
     if !(1..=86_400).contains(&signatures.max_skew_seconds) {
         return Err(err("signatures.max_skew_seconds: 1 to 86400"));
     }
@@ -533,7 +543,13 @@ fn server_settings(
         body_read_timeout: Duration::from_millis(s.body_read_timeout_ms),
         max_connections: s.max_connections,
         max_connections_per_peer: s.max_connections_per_peer,
+        worker_threads: s.worker_threads.unwrap_or_else(default_worker_threads),
     })
+}
+
+/// Half the cores this process may use, at least one.
+fn default_worker_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
 }
 
 fn programme(p: RawProgramme) -> Result<Programme, ConfigError> {
@@ -831,6 +847,20 @@ mod tests {
         let typo = MINIMAL.replace("[server]", "[server]\nheader_timeout_ms = 5000");
         let e = load(&typo).unwrap_err().to_string();
         assert!(e.contains("header_timeout_ms"), "{e}");
+    }
+
+    #[test]
+    fn worker_threads_default_to_half_the_cores_and_are_refused_by_name() {
+        let s = load(MINIMAL).unwrap();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(s.server.worker_threads, (cores / 2).max(1));
+        let three = MINIMAL.replace("[server]", "[server]\nworker_threads = 3");
+        assert_eq!(load(&three).unwrap().server.worker_threads, 3);
+        for line in ["worker_threads = 0", "worker_threads = 1025"] {
+            let bad = MINIMAL.replace("[server]", &format!("[server]\n{line}"));
+            let e = load(&bad).unwrap_err().to_string();
+            assert!(e.contains("server.worker_threads"), "{line}: {e}");
+        }
     }
 
     const FULL: &str = r#"

@@ -416,6 +416,7 @@ mod tests {
             body_read_timeout: Duration::from_secs(5),
             max_connections: max_total,
             max_connections_per_peer: max_per_peer,
+            worker_threads: 1,
         }
     }
 

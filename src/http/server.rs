@@ -259,8 +259,13 @@ pub fn serve_blocking(settings: Settings) -> Result<(), StartError> {
     let token = Arc::new(Token::open(&settings.hsm)?);
     refuse_wide_keys(&token)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(settings.server.worker_threads)
         .enable_all()
         .build()?;
+    tracing::info!(
+        worker_threads = settings.server.worker_threads,
+        "async runtime started"
+    );
     let served = runtime.block_on({
         let token = Arc::clone(&token);
         async move {

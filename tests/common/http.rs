@@ -312,6 +312,7 @@ impl TestGateway {
                 body_read_timeout: options.body_read_timeout,
                 max_connections: options.max_connections,
                 max_connections_per_peer: options.max_connections_per_peer,
+                worker_threads: 1,
             },
             store: StoreSettings::sqlite(db.clone(), Duration::from_secs(2)),
             service: ServiceSettings {
@@ -584,6 +585,7 @@ impl TestGateway {
                 body_read_timeout: defaults.body_read_timeout,
                 max_connections: defaults.max_connections,
                 max_connections_per_peer: defaults.max_connections_per_peer,
+                worker_threads: 1,
             },
             store: StoreSettings::sqlite(self.db.clone(), Duration::from_secs(2)),
             service: ServiceSettings {
