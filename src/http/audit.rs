@@ -32,10 +32,8 @@ use crate::domain::service::{CardContext, KeyUse, Reason};
 
 use super::auth::ClientId;
 use super::error::{ApiError, ErrorCode};
-use super::{AppState, RequestContext, route_label};
-
-/// Routes that are not recorded (see the module documentation).
-const NOT_RECORDED: &[&str] = &["/healthz", "/readyz", "/metrics", "/openapi.json"];
+use super::routes::Route;
+use super::{AppState, RequestContext};
 
 /// What a handler knows for the audit record.
 #[derive(Debug, Default)]
@@ -113,8 +111,10 @@ impl<S: Send + Sync> FromRequestParts<S> for AuditNote {
 
 /// The middleware.
 pub async fn record(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
-    let operation = route_label(request.uri().path());
-    if NOT_RECORDED.contains(&operation) {
+    let operation = Route::label(request.uri().path());
+    // The open routes are not recorded (see the module documentation); an
+    // unmatched path is.
+    if Route::of(operation).is_some_and(|r| !r.audited()) {
         return next.run(request).await;
     }
     let started = Instant::now();

@@ -26,6 +26,7 @@ use super::AppState;
 use super::RequestContext;
 use super::clients::{Client, Scope};
 use super::error::ApiError;
+use super::routes::Route;
 use super::signature::{
     self, ClientSecret, HeaderError, RequestId, RequestToSign, ResponseToSign, SignatureHeaders,
 };
@@ -42,21 +43,6 @@ pub struct Authenticated {
 /// Set on a response whose request was authenticated (for the request log).
 #[derive(Debug, Clone)]
 pub struct ClientId(pub String);
-
-/// The scope a route needs.
-pub fn scope_of(route: &str) -> Option<Scope> {
-    Some(match route {
-        "/cards/pin/dynamic-values" => Scope::DynamicValues,
-        "/cards/dynamic-cvv2/enrollment"
-        | "/cards/dynamic-cvv2/unenrollment"
-        | "/cards/dynamic-cvv2/enquiry" => Scope::Enrollment,
-        "/cards/cvv2/verification" => Scope::Cvv2Verification,
-        "/cards/security-codes" => Scope::SecurityCodes,
-        "/cards/dcvv/verification" => Scope::DcvvVerification,
-        "/keys" => Scope::Keys,
-        _ => return None,
-    })
-}
 
 /// Verified against when the apikey is unknown, so both failures cost the same.
 static DECOY: LazyLock<Option<ClientSecret>> = LazyLock::new(|| {
@@ -144,12 +130,13 @@ pub async fn authenticate(State(state): State<AppState>, request: Request, next:
     let route = parts
         .extensions
         .get::<MatchedPath>()
-        .map_or("", |m| super::route_label(m.as_str()));
+        .and_then(|m| Route::of(m.as_str()));
     let authenticated = Authenticated {
         client: Arc::clone(&client),
         request_id: headers.request_id.clone(),
     };
-    let response = match scope_of(route) {
+    let scope = route.and_then(Route::scope);
+    let response = match scope {
         Some(scope) if client.scopes.contains(&scope) => {
             parts.extensions.insert(authenticated);
             next.run(Request::from_parts(parts, Body::from(body))).await
@@ -159,7 +146,7 @@ pub async fn authenticate(State(state): State<AppState>, request: Request, next:
             "forbidden_scope",
             format!(
                 "this client's scopes do not include {}",
-                scope_of(route).map_or("this route", Scope::as_str)
+                scope.map_or("this route", Scope::as_str)
             ),
         )
         .with_request_id(&ctx.id)

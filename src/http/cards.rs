@@ -24,6 +24,7 @@ use super::dto::{
     rfc3339_ms,
 };
 use super::error::{ApiError, ErrorBody};
+use super::routes::Route;
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
@@ -50,7 +51,7 @@ fn caller(auth: &Authenticated) -> Caller<'_> {
 
 /// Generate 1–24 TDCVV2-v1 values; enrols the card.
 #[utoipa::path(
-    post, path = "/cards/pin/dynamic-values", tag = "dynamic CVV2",
+    post, path = Route::DYNAMIC_VALUES.path, tag = "dynamic CVV2",
     request_body = DynamicValuesRequest,
     responses(
         (status = 200, body = DynamicValuesResponse),
@@ -135,7 +136,7 @@ async fn set_enrollment(
 
 /// Enrol a card in dynamic CVV2 (idempotent); its static CVV2 is declined from then on.
 #[utoipa::path(
-    post, path = "/cards/dynamic-cvv2/enrollment", tag = "dynamic CVV2",
+    post, path = Route::ENROLLMENT.path, tag = "dynamic CVV2",
     request_body = CardRequest,
     responses((status = 200, body = EnrollmentResponse), (status = "4XX", body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("hmac" = []))
@@ -151,7 +152,7 @@ pub async fn enroll(
 
 /// Unenrol a card (idempotent): its static CVV2 is accepted again.
 #[utoipa::path(
-    post, path = "/cards/dynamic-cvv2/unenrollment", tag = "dynamic CVV2",
+    post, path = Route::UNENROLLMENT.path, tag = "dynamic CVV2",
     request_body = CardRequest,
     responses((status = 200, body = EnrollmentResponse), (status = "4XX", body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("hmac" = []))
@@ -167,7 +168,7 @@ pub async fn unenroll(
 
 /// Is the card enrolled in dynamic CVV2?
 #[utoipa::path(
-    post, path = "/cards/dynamic-cvv2/enquiry", tag = "dynamic CVV2",
+    post, path = Route::ENQUIRY.path, tag = "dynamic CVV2",
     request_body = CardRequest,
     responses((status = 200, body = EnrollmentResponse), (status = "4XX", body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("hmac" = []))
@@ -192,7 +193,7 @@ pub async fn enquiry(
 
 /// Authorization-time CVV2 check: dynamic rules for an enrolled card, static CVV2 otherwise.
 #[utoipa::path(
-    post, path = "/cards/cvv2/verification", tag = "verification",
+    post, path = Route::CVV2_VERIFICATION.path, tag = "verification",
     request_body = Cvv2VerificationRequest,
     responses((status = 200, body = VerificationResponse), (status = "4XX", body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("hmac" = []))
@@ -219,7 +220,7 @@ pub async fn verify_cvv2(
 
 /// Static CVV / CVV2 / iCVV, for card embossing.
 #[utoipa::path(
-    post, path = "/cards/security-codes", tag = "static codes",
+    post, path = Route::SECURITY_CODES.path, tag = "static codes",
     request_body = SecurityCodeRequest,
     responses((status = 200, body = SecurityCodeResponse), (status = "4XX", body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("hmac" = []))
@@ -255,7 +256,7 @@ pub async fn security_code(
 
 /// Contactless dCVV (ATC-based) check.
 #[utoipa::path(
-    post, path = "/cards/dcvv/verification", tag = "verification",
+    post, path = Route::DCVV_VERIFICATION.path, tag = "verification",
     request_body = DcvvVerificationRequest,
     responses((status = 200, body = VerificationResponse), (status = "4XX", body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("hmac" = []))
@@ -283,7 +284,7 @@ pub async fn verify_dcvv(
 /// Key inventory (admin scope): label, kind, version, KCV, attribute compliance,
 /// and which programmes use each key as `current` or `previous` (key rotation).
 #[utoipa::path(
-    get, path = "/keys", tag = "keys",
+    get, path = Route::KEYS.path, tag = "keys",
     responses((status = 200, body = KeysResponse), (status = "4XX", body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("hmac" = []))
 )]

@@ -14,6 +14,7 @@ use crate::domain::DomainError;
 use crate::hsm::{self, TokenState};
 
 use super::AppState;
+use super::routes::Route;
 
 /// Liveness.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -39,7 +40,7 @@ pub struct Readiness {
 }
 
 /// The process answers.
-#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, body = Health)))]
+#[utoipa::path(get, path = Route::HEALTHZ.path, tag = "operations", responses((status = 200, body = Health)))]
 pub async fn healthz() -> Json<Health> {
     Json(Health { status: "ok" })
 }
@@ -47,7 +48,7 @@ pub async fn healthz() -> Json<Health> {
 /// Ready to serve: the token answers with the user logged in, every key the
 /// programmes use is present and within policy, and the store can be written.
 #[utoipa::path(
-    get, path = "/readyz", tag = "operations",
+    get, path = Route::READYZ.path, tag = "operations",
     responses((status = 200, body = Readiness), (status = 503, body = Readiness))
 )]
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
@@ -111,7 +112,7 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readines
 }
 
 /// Prometheus text exposition.
-#[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, content_type = "text/plain", body = String)))]
+#[utoipa::path(get, path = Route::METRICS.path, tag = "operations", responses((status = 200, content_type = "text/plain", body = String)))]
 pub async fn metrics(State(state): State<AppState>) -> Response {
     let (in_use, max) = state.token().session_usage();
     state.metrics().sessions(in_use, max);

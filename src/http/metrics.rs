@@ -279,7 +279,7 @@ impl Metrics {
     }
 
     /// Records one finished request: `route` is a template from
-    /// [`super::ROUTES`] (or `unmatched`), `code` a stable error code.
+    /// [`super::routes::ROUTES`] (or `unmatched`), `code` a stable error code.
     pub fn request(
         &self,
         route: &'static str,

@@ -26,6 +26,7 @@ pub mod health;
 pub mod metrics;
 pub mod openapi;
 pub mod process;
+pub mod routes;
 pub mod server;
 pub mod signature;
 
@@ -39,7 +40,6 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use tower::ServiceBuilder;
 use tower::limit::GlobalConcurrencyLimitLayer;
 use tower_http::request_id::{
@@ -55,24 +55,9 @@ use crate::hsm::Token;
 use clients::Clients;
 use error::{ApiError, ErrorCode, ErrorDetail};
 use metrics::Metrics;
+use routes::Route;
 
 pub use server::{Gateway, serve_blocking};
-
-/// Every route, for the request log, metrics labels and the OpenAPI check.
-pub const ROUTES: &[(&str, &str)] = &[
-    ("POST", "/cards/pin/dynamic-values"),
-    ("POST", "/cards/dynamic-cvv2/enrollment"),
-    ("POST", "/cards/dynamic-cvv2/unenrollment"),
-    ("POST", "/cards/dynamic-cvv2/enquiry"),
-    ("POST", "/cards/cvv2/verification"),
-    ("POST", "/cards/security-codes"),
-    ("POST", "/cards/dcvv/verification"),
-    ("GET", "/keys"),
-    ("GET", "/healthz"),
-    ("GET", "/readyz"),
-    ("GET", "/metrics"),
-    ("GET", "/openapi.json"),
-];
 
 /// The request's id for error bodies and the log: the client's
 /// `X-Client-Request-Id` when it is well formed, else the gateway's own.
@@ -183,14 +168,29 @@ impl MakeRequestId for ServerIds {
 /// The router with its whole stack: what tests drive and `serve` runs.
 pub fn app(state: AppState) -> Router {
     let signed = Router::new()
-        .route("/cards/pin/dynamic-values", post(cards::dynamic_values))
-        .route("/cards/dynamic-cvv2/enrollment", post(cards::enroll))
-        .route("/cards/dynamic-cvv2/unenrollment", post(cards::unenroll))
-        .route("/cards/dynamic-cvv2/enquiry", post(cards::enquiry))
-        .route("/cards/cvv2/verification", post(cards::verify_cvv2))
-        .route("/cards/security-codes", post(cards::security_code))
-        .route("/cards/dcvv/verification", post(cards::verify_dcvv))
-        .route("/keys", get(cards::keys))
+        .route(
+            Route::DYNAMIC_VALUES.path,
+            Route::DYNAMIC_VALUES.to(cards::dynamic_values),
+        )
+        .route(Route::ENROLLMENT.path, Route::ENROLLMENT.to(cards::enroll))
+        .route(
+            Route::UNENROLLMENT.path,
+            Route::UNENROLLMENT.to(cards::unenroll),
+        )
+        .route(Route::ENQUIRY.path, Route::ENQUIRY.to(cards::enquiry))
+        .route(
+            Route::CVV2_VERIFICATION.path,
+            Route::CVV2_VERIFICATION.to(cards::verify_cvv2),
+        )
+        .route(
+            Route::SECURITY_CODES.path,
+            Route::SECURITY_CODES.to(cards::security_code),
+        )
+        .route(
+            Route::DCVV_VERIFICATION.path,
+            Route::DCVV_VERIFICATION.to(cards::verify_dcvv),
+        )
+        .route(Route::KEYS.path, Route::KEYS.to(cards::keys))
         // Innermost: an in-flight slot is taken only by a request the signature
         // layer has read whole and verified (issue 13).
         .route_layer(
@@ -211,10 +211,10 @@ pub fn app(state: AppState) -> Router {
                 .timeout(state.settings().request_timeout),
         );
     let open = Router::new()
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/metrics", get(health::metrics))
-        .route("/openapi.json", get(openapi::document));
+        .route(Route::HEALTHZ.path, Route::HEALTHZ.to(health::healthz))
+        .route(Route::READYZ.path, Route::READYZ.to(health::readyz))
+        .route(Route::METRICS.path, Route::METRICS.to(health::metrics))
+        .route(Route::OPENAPI.path, Route::OPENAPI.to(openapi::document));
     Router::new()
         .merge(signed)
         .merge(open)
@@ -259,15 +259,6 @@ async fn method_not_allowed(context: Option<axum::Extension<RequestContext>>) ->
         .into_response()
 }
 
-/// The route template of a path, or `unmatched` (metrics labels never carry
-/// arbitrary paths).
-pub(crate) fn route_label(path: &str) -> &'static str {
-    ROUTES
-        .iter()
-        .find(|(_, p)| *p == path)
-        .map_or("unmatched", |(_, p)| p)
-}
-
 /// Request context, the request log and the metrics: one line per request with
 /// method, route, status, error code, client, latency and request id; for a
 /// 5xx, also the internal cause. Nothing from the body or the signature headers.
@@ -290,9 +281,9 @@ async fn observe(State(state): State<AppState>, mut request: Request, next: Next
     request
         .extensions_mut()
         .insert(RequestContext { id: id.clone() });
-    let route = route_label(request.uri().path());
+    let route = Route::label(request.uri().path());
     let method = request.method().clone();
-    let api = route.starts_with("/cards") || route == "/keys";
+    let api = Route::of(route).is_some_and(|r| r.scope().is_some());
     if api {
         state.metrics().in_flight(1);
     }

@@ -6,6 +6,7 @@ use axum::Json;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
+use super::routes::Route;
 use super::{cards, dto, error, health};
 
 struct SignatureScheme;
@@ -72,7 +73,7 @@ impl Modify for SignatureScheme {
 pub struct ApiDoc;
 
 /// This document.
-#[utoipa::path(get, path = "/openapi.json", tag = "operations", responses((status = 200, description = "OpenAPI 3 document", content_type = "application/json")))]
+#[utoipa::path(get, path = Route::OPENAPI.path, tag = "operations", responses((status = 200, description = "OpenAPI 3 document", content_type = "application/json")))]
 pub async fn document() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
 }
@@ -80,6 +81,7 @@ pub async fn document() -> Json<utoipa::openapi::OpenApi> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http::routes::ROUTES;
     use std::collections::BTreeSet;
 
     #[test]
@@ -100,9 +102,9 @@ mod tests {
                 methods
             })
             .collect();
-        let served: BTreeSet<(String, String)> = crate::http::ROUTES
+        let served: BTreeSet<(String, String)> = ROUTES
             .iter()
-            .map(|(m, p)| ((*m).to_owned(), (*p).to_owned()))
+            .map(|r| (r.method.as_str().to_owned(), r.path.to_owned()))
             .collect();
         assert_eq!(documented, served);
         let json = serde_json::to_value(&doc).unwrap();
