@@ -127,7 +127,7 @@ pub async fn record(State(state): State<AppState>, mut request: Request, next: N
     let trail = state.trail().clone();
     if trail.down_reason().is_some() {
         trail.refuse();
-        return unavailable(&request_id);
+        return unavailable();
     }
     let method = request.method().as_str().to_owned();
     let peer = request
@@ -185,13 +185,11 @@ pub async fn record(State(state): State<AppState>, mut request: Request, next: N
         Ok(_) => response,
         Err(e) => {
             tracing::error!(error = %e, request_id = %request_id, "audit record not durable; answering 503 instead of the response");
-            unavailable(&request_id)
+            unavailable()
         }
     }
 }
 
-fn unavailable(request_id: &str) -> Response {
-    ApiError::unavailable("audit_unavailable")
-        .with_request_id(request_id)
-        .into_response()
+fn unavailable() -> Response {
+    ApiError::unavailable("audit_unavailable").into_response()
 }

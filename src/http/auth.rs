@@ -23,7 +23,6 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use zeroize::Zeroizing;
 
 use super::AppState;
-use super::RequestContext;
 use super::clients::{Client, Scope};
 use super::error::ApiError;
 use super::routes::Route;
@@ -52,27 +51,20 @@ static DECOY: LazyLock<Option<ClientSecret>> = LazyLock::new(|| {
     .ok()
 });
 
-fn unauthenticated(code: &'static str, message: String, ctx: &RequestContext) -> Response {
-    ApiError::new(StatusCode::UNAUTHORIZED, code, message)
-        .with_request_id(&ctx.id)
-        .into_response()
+fn unauthenticated(code: &'static str, message: String) -> Response {
+    ApiError::new(StatusCode::UNAUTHORIZED, code, message).into_response()
 }
 
 /// The middleware. See the module documentation for the order of checks.
 pub async fn authenticate(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let (mut parts, body) = request.into_parts();
-    let ctx = parts
-        .extensions
-        .get::<RequestContext>()
-        .cloned()
-        .unwrap_or_default();
     let headers = match SignatureHeaders::from_headers(&parts.headers) {
         Ok(h) => h,
         Err(e @ HeaderError::Missing(_)) => {
-            return unauthenticated("missing_header", e.to_string(), &ctx);
+            return unauthenticated("missing_header", e.to_string());
         }
         Err(e @ HeaderError::Malformed(_)) => {
-            return unauthenticated("malformed_header", e.to_string(), &ctx);
+            return unauthenticated("malformed_header", e.to_string());
         }
     };
     let now_ms = state.clock().now_ms();
@@ -84,7 +76,6 @@ pub async fn authenticate(State(state): State<AppState>, request: Request, next:
                 "Timestamp is more than {} s from the gateway's clock",
                 max_skew_ms / 1000
             ),
-            &ctx,
         );
     }
 
@@ -92,7 +83,7 @@ pub async fn authenticate(State(state): State<AppState>, request: Request, next:
     let deadline = state.settings().body_read_timeout;
     let body = match read_body(body, limit, deadline).await {
         Ok(bytes) => bytes,
-        Err(e) => return e.with_request_id(&ctx.id).into_response(),
+        Err(e) => return e.into_response(),
     };
 
     let path_and_query = parts
@@ -122,9 +113,7 @@ pub async fn authenticate(State(state): State<AppState>, request: Request, next:
         }
     };
     let (Some(client), Some(secret)) = (client, secret) else {
-        return ApiError::bad_signature()
-            .with_request_id(&ctx.id)
-            .into_response();
+        return ApiError::bad_signature().into_response();
     };
 
     let route = parts
@@ -149,7 +138,6 @@ pub async fn authenticate(State(state): State<AppState>, request: Request, next:
                 scope.map_or("this route", Scope::as_str)
             ),
         )
-        .with_request_id(&ctx.id)
         .into_response(),
     };
     sign_response(response, &client, secret, &headers, state.clock().now_ms()).await

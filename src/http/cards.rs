@@ -28,17 +28,8 @@ use super::routes::Route;
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
-fn parse<T: DeserializeOwned>(auth: &Authenticated, body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|_| ApiError::malformed().with_request_id(auth.request_id.as_str()))
-}
-
-fn fail(auth: &Authenticated) -> impl Fn(DomainError) -> ApiError + '_ {
-    move |e| {
-        ApiError::from(&e)
-            .with_request_id(auth.request_id.as_str())
-            .with_detail(&e)
-    }
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|_| ApiError::malformed())
 }
 
 fn caller(auth: &Authenticated) -> Caller<'_> {
@@ -68,8 +59,8 @@ pub async fn dynamic_values(
     note: AuditNote,
     body: Bytes,
 ) -> ApiResult<DynamicValuesResponse> {
-    let request: DynamicValuesRequest = parse(&auth, &body)?;
-    let (card, count, channel) = request.parse().map_err(fail(&auth))?;
+    let request: DynamicValuesRequest = parse(&body)?;
+    let (card, count, channel) = request.parse()?;
     note.pan(&card.pan);
     if let Some(channel) = channel {
         note.channel(channel.letter());
@@ -77,8 +68,7 @@ pub async fn dynamic_values(
     let generated = state
         .service()
         .dynamic_values(&caller(&auth), &card, count)
-        .await
-        .map_err(fail(&auth))?;
+        .await?;
     note.card(&generated.card);
     note.key(&generated.key);
     let values: Vec<DynamicValue> = generated
@@ -122,14 +112,13 @@ async fn set_enrollment(
     body: Bytes,
     enrol: bool,
 ) -> ApiResult<EnrollmentResponse> {
-    let request: CardRequest = parse(&auth, &body)?;
-    let card = request.card().map_err(fail(&auth))?;
+    let request: CardRequest = parse(&body)?;
+    let card = request.card()?;
     note.pan(&card.pan);
     let status = state
         .service()
         .set_enrollment(&caller(&auth), &card, enrol)
-        .await
-        .map_err(fail(&auth))?;
+        .await?;
     note.card(&status.card);
     Ok(Json(EnrollmentResponse::from_status(&status)))
 }
@@ -179,14 +168,10 @@ pub async fn enquiry(
     note: AuditNote,
     body: Bytes,
 ) -> ApiResult<EnrollmentResponse> {
-    let request: CardRequest = parse(&auth, &body)?;
-    let card = request.card().map_err(fail(&auth))?;
+    let request: CardRequest = parse(&body)?;
+    let card = request.card()?;
     note.pan(&card.pan);
-    let status = state
-        .service()
-        .enquiry(&caller(&auth), &card)
-        .await
-        .map_err(fail(&auth))?;
+    let status = state.service().enquiry(&caller(&auth), &card).await?;
     note.card(&status.card);
     Ok(Json(EnrollmentResponse::from_status(&status)))
 }
@@ -204,14 +189,13 @@ pub async fn verify_cvv2(
     note: AuditNote,
     body: Bytes,
 ) -> ApiResult<VerificationResponse> {
-    let request: Cvv2VerificationRequest = parse(&auth, &body)?;
-    let (card, cvv2) = request.parse().map_err(fail(&auth))?;
+    let request: Cvv2VerificationRequest = parse(&body)?;
+    let (card, cvv2) = request.parse()?;
     note.pan(&card.pan);
     let verification = state
         .service()
         .verify_cvv2(&caller(&auth), &card, cvv2)
-        .await
-        .map_err(fail(&auth))?;
+        .await?;
     note.card(&verification.card);
     note.key(&verification.key);
     note.verdict(verification.reason);
@@ -231,14 +215,13 @@ pub async fn security_code(
     note: AuditNote,
     body: Bytes,
 ) -> ApiResult<SecurityCodeResponse> {
-    let request: SecurityCodeRequest = parse(&auth, &body)?;
-    let (card, kind, digits) = request.parse().map_err(fail(&auth))?;
+    let request: SecurityCodeRequest = parse(&body)?;
+    let (card, kind, digits) = request.parse()?;
     note.pan(&card.pan);
     let issued = state
         .service()
         .security_code(&caller(&auth), &card, kind, digits)
-        .await
-        .map_err(fail(&auth))?;
+        .await?;
     note.card(&issued.card);
     note.key(&issued.key);
     Ok(Json(SecurityCodeResponse {
@@ -267,14 +250,13 @@ pub async fn verify_dcvv(
     note: AuditNote,
     body: Bytes,
 ) -> ApiResult<VerificationResponse> {
-    let request: DcvvVerificationRequest = parse(&auth, &body)?;
-    let (card, service_code, atc, dcvv) = request.parse().map_err(fail(&auth))?;
+    let request: DcvvVerificationRequest = parse(&body)?;
+    let (card, service_code, atc, dcvv) = request.parse()?;
     note.pan(&card.pan);
     let verification = state
         .service()
         .verify_dcvv(&caller(&auth), &card, service_code, atc, dcvv)
-        .await
-        .map_err(fail(&auth))?;
+        .await?;
     note.card(&verification.card);
     note.key(&verification.key);
     note.verdict(verification.reason);
@@ -297,12 +279,8 @@ pub async fn keys(
     let token = std::sync::Arc::clone(state.token());
     let listing = hsm::blocking(move || token.list_keys())
         .await
-        .map_err(|e| fail(&auth)(DomainError::Hsm(e)))?;
-    state
-        .service()
-        .record_request(&caller(&auth))
-        .await
-        .map_err(fail(&auth))?;
+        .map_err(DomainError::Hsm)?;
+    state.service().record_request(&caller(&auth)).await?;
     let in_use = state.service().keys_in_use();
     let usages = rotation::key_usages(state.service().programmes());
     let keys = listing

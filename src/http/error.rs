@@ -20,6 +20,26 @@ use crate::store::StoreError;
 /// Seconds a client should wait after a 429 or 503.
 const RETRY_AFTER_SECONDS: &str = "1";
 
+tokio::task_local! {
+    /// The id of the request being served: set once by the request layer
+    /// ([`super::observe`], via [`with_request_id`]) around everything below
+    /// it, and read when an error body is written, so no handler or layer
+    /// passes it along by hand.
+    static REQUEST_ID: std::sync::Arc<str>;
+}
+
+/// Runs `serve` with `id` as the request id of every error body it writes.
+pub(super) async fn with_request_id<F: std::future::Future>(id: &str, serve: F) -> F::Output {
+    REQUEST_ID.scope(id.into(), serve).await
+}
+
+fn current_request_id() -> Option<String> {
+    REQUEST_ID
+        .try_with(|id| (!id.is_empty()).then(|| id.to_string()))
+        .ok()
+        .flatten()
+}
+
 /// The stable code of an error response, for the log and the metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ErrorCode(pub &'static str);
@@ -30,7 +50,6 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: Cow<'static, str>,
-    request_id: Option<String>,
     detail: Option<String>,
 }
 
@@ -65,7 +84,6 @@ impl ApiError {
             status,
             code,
             message: message.into(),
-            request_id: None,
             detail: None,
         }
     }
@@ -83,13 +101,6 @@ impl ApiError {
             }
             self.detail = Some(text);
         }
-        self
-    }
-
-    /// Attaches the request id the body reports.
-    #[must_use]
-    pub fn with_request_id(mut self, id: &str) -> Self {
-        self.request_id = Some(id.to_owned());
         self
     }
 
@@ -164,13 +175,14 @@ impl ApiError {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "")
     }
 
-    /// The body as JSON bytes (used where a response must be signed).
+    /// The body: the code, the message on a 4xx, and the id of the request
+    /// being served.
     pub fn body(&self) -> ErrorBody {
         ErrorBody {
             code: self.code,
             message: (!self.status.is_server_error() && !self.message.is_empty())
                 .then(|| self.message.to_string()),
-            request_id: self.request_id.clone(),
+            request_id: current_request_id(),
         }
     }
 }
@@ -244,6 +256,12 @@ fn duplicate() -> ApiError {
     )
 }
 
+impl From<DomainError> for ApiError {
+    fn from(e: DomainError) -> Self {
+        ApiError::from(&e).with_detail(&e)
+    }
+}
+
 impl From<&DomainError> for ApiError {
     fn from(e: &DomainError) -> Self {
         match e {
@@ -280,9 +298,7 @@ mod tests {
 
     #[test]
     fn server_errors_carry_only_the_code_and_retry_after() {
-        let response = ApiError::unavailable("hsm_unavailable")
-            .with_request_id("r-1")
-            .into_response();
+        let response = ApiError::unavailable("hsm_unavailable").into_response();
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(response.headers()[header::RETRY_AFTER], "1");
         let body = serde_json::to_value(ApiError::unavailable("hsm_unavailable").body()).unwrap();
@@ -291,6 +307,14 @@ mod tests {
             response.extensions().get::<ErrorCode>(),
             Some(&ErrorCode("hsm_unavailable"))
         );
+    }
+
+    #[tokio::test]
+    async fn the_body_carries_the_id_of_the_request_being_served() {
+        let inside = with_request_id("req-7", async { ApiError::not_found().body() }).await;
+        assert_eq!(inside.request_id.as_deref(), Some("req-7"));
+        let outside = ApiError::not_found().body();
+        assert_eq!(outside.request_id, None);
     }
 
     #[test]

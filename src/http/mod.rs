@@ -39,7 +39,7 @@ use axum::error_handling::HandleErrorLayer;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method};
 use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use tower::ServiceBuilder;
 use tower::limit::GlobalConcurrencyLimitLayer;
 use tower_http::request_id::{
@@ -231,32 +231,22 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn overload_or_timeout(
-    context: Option<axum::Extension<RequestContext>>,
-    error: tower::BoxError,
-) -> Response {
-    let id = context.map(|c| c.0.id).unwrap_or_default();
+async fn overload_or_timeout(error: tower::BoxError) -> ApiError {
     if error.is::<tower::timeout::error::Elapsed>() {
         ApiError::unavailable("request_timeout")
-            .with_request_id(&id)
-            .into_response()
     } else if error.is::<tower::load_shed::error::Overloaded>() {
-        ApiError::overloaded().with_request_id(&id).into_response()
+        ApiError::overloaded()
     } else {
-        ApiError::internal().with_request_id(&id).into_response()
+        ApiError::internal()
     }
 }
 
-async fn not_found(context: Option<axum::Extension<RequestContext>>) -> Response {
-    let id = context.map(|c| c.0.id).unwrap_or_default();
-    ApiError::not_found().with_request_id(&id).into_response()
+async fn not_found() -> ApiError {
+    ApiError::not_found()
 }
 
-async fn method_not_allowed(context: Option<axum::Extension<RequestContext>>) -> Response {
-    let id = context.map(|c| c.0.id).unwrap_or_default();
+async fn method_not_allowed() -> ApiError {
     ApiError::method_not_allowed()
-        .with_request_id(&id)
-        .into_response()
 }
 
 /// Request context, the request log and the metrics: one line per request with
@@ -287,7 +277,7 @@ async fn observe(State(state): State<AppState>, mut request: Request, next: Next
     if api {
         state.metrics().in_flight(1);
     }
-    let response = next.run(request).await;
+    let response = error::with_request_id(&id, next.run(request)).await;
     if api {
         state.metrics().in_flight(-1);
     }
