@@ -59,7 +59,7 @@ fn missing_key_and_wrong_kind_are_typed() {
         )
         .unwrap_err();
     assert!(
-        matches!(err, DomainError::Hsm(HsmError::KeyNotFound { .. })),
+        matches!(err, DomainError::KeyUnusable(HsmError::KeyNotFound { .. })),
         "{err:?}"
     );
     assert_eq!(err.to_string(), "key not found: no-such-key-v1");
@@ -96,7 +96,7 @@ fn assert_refused(label: &KeyLabel, expected: &str) {
         )
         .unwrap_err();
     match err {
-        DomainError::Hsm(HsmError::KeyPolicy {
+        DomainError::KeyUnusable(HsmError::KeyPolicy {
             label: l,
             violations,
         }) => {

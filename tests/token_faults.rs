@@ -502,8 +502,22 @@ fn softhsm_after_the_token_directory_is_gone() {
             dcvv_gateway::domain::CodeLength::THREE,
         )
     };
-    let refused = static_code().unwrap_err().to_string();
-    assert!(refused.contains("missing"), "{refused}");
+    let refused = static_code().unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            dcvv_gateway::domain::DomainError::Unavailable(
+                dcvv_gateway::domain::Dependency::Hsm,
+                _
+            )
+        ),
+        "{refused:?}"
+    );
+    let cause = std::error::Error::source(&refused).map(ToString::to_string);
+    assert!(
+        cause.as_deref().is_some_and(|c| c.contains("missing")),
+        "{cause:?}"
+    );
     assert_eq!(hsm.state(), TokenState::Missing);
 
     away.put_back();

@@ -128,7 +128,9 @@ struct Fixture<'t> {
 
 fn domain_error(e: crate::domain::DomainError) -> HsmError {
     match e {
-        crate::domain::DomainError::Hsm(h) => h,
+        crate::domain::DomainError::KeyUnusable(h)
+        | crate::domain::DomainError::Unavailable(_, crate::domain::Cause::Hsm(h))
+        | crate::domain::DomainError::Internal(crate::domain::Cause::Hsm(h)) => h,
         other => HsmError::InvalidInput(other.to_string()),
     }
 }

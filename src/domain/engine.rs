@@ -123,7 +123,8 @@ impl<H: CardCrypto> Engine<H> {
     /// A static CVV, CVV2 or iCVV under a CVK (DESIGN 2.1).
     ///
     /// # Errors
-    /// `DomainError::Hsm` when the key is missing, refused, or the token fails.
+    /// `DomainError::KeyUnusable` when the key is missing or refused;
+    /// `Unavailable` or `Internal` when the token fails.
     pub fn static_code(
         &self,
         cvk: &KeyLabel,

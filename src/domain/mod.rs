@@ -16,6 +16,7 @@ pub use card::{Atc, CodeLength, Expiry, Pan, Psn, SecurityCode, ServiceCode, Tdc
 pub use engine::{Engine, IssuedCode, StaticCodeKind, WindowCode};
 
 use crate::hsm::HsmError;
+use crate::store::StoreError;
 
 /// What the domain reports: invalid card data, or a token failure underneath.
 #[derive(Debug, thiserror::Error)]
@@ -40,10 +41,88 @@ pub enum DomainError {
     /// The client's request id was already used within the replay window.
     #[error("duplicate request id")]
     DuplicateRequest,
-    /// The token failed or refused the key.
+    /// A configured key is missing from the token, of another kind, ambiguous
+    /// or wider than its policy (DESIGN 3): nothing a retry mends.
     #[error(transparent)]
-    Hsm(#[from] HsmError),
-    /// The store failed.
+    KeyUnusable(HsmError),
+    /// A dependency cannot serve now; a retry later may succeed.
+    #[error("{0} unavailable")]
+    Unavailable(Dependency, #[source] Cause),
+    /// A fault of the gateway itself.
+    #[error("internal error")]
+    Internal(#[source] Cause),
+}
+
+/// What a request depends on, for [`DomainError::Unavailable`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dependency {
+    /// The token: gone, down, refusing the PIN, or failing.
+    Hsm,
+    /// The token answers, but every session stayed busy for the checkout timeout.
+    HsmSessions,
+    /// The store.
+    Store,
+}
+
+impl std::fmt::Display for Dependency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Dependency::Hsm => "HSM",
+            Dependency::HsmSessions => "HSM session",
+            Dependency::Store => "store",
+        })
+    }
+}
+
+/// The lower layer's error under a [`DomainError`], kept for the log.
+#[derive(Debug, thiserror::Error)]
+pub enum Cause {
+    /// From the token.
     #[error(transparent)]
-    Store(crate::store::StoreError),
+    Hsm(HsmError),
+    /// From the store.
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+impl DomainError {
+    /// Whether the token is what failed (for the HSM call metrics).
+    pub fn is_token_failure(&self) -> bool {
+        matches!(
+            self,
+            DomainError::KeyUnusable(_)
+                | DomainError::Unavailable(Dependency::Hsm | Dependency::HsmSessions, _)
+                | DomainError::Internal(Cause::Hsm(_))
+        )
+    }
+}
+
+/// The one place a token failure is classified for the layers above.
+impl From<HsmError> for DomainError {
+    fn from(e: HsmError) -> Self {
+        match e {
+            HsmError::KeyNotFound { .. }
+            | HsmError::WrongKeyKind { .. }
+            | HsmError::KeyPolicy { .. }
+            | HsmError::DuplicateLabel { .. } => DomainError::KeyUnusable(e),
+            HsmError::Busy { .. } => {
+                DomainError::Unavailable(Dependency::HsmSessions, Cause::Hsm(e))
+            }
+            HsmError::InvalidInput(_) | HsmError::Wrapper(_) | HsmError::Worker(_) => {
+                DomainError::Internal(Cause::Hsm(e))
+            }
+            _ => DomainError::Unavailable(Dependency::Hsm, Cause::Hsm(e)),
+        }
+    }
+}
+
+/// The one place a store failure is classified for the layers above.
+impl From<StoreError> for DomainError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::DuplicateRequest => DomainError::DuplicateRequest,
+            StoreError::Internal(_) => DomainError::Internal(Cause::Store(e)),
+            _ => DomainError::Unavailable(Dependency::Store, Cause::Store(e)),
+        }
+    }
 }

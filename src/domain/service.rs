@@ -363,12 +363,12 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
         let result = hsm::blocking(move || Ok(work(&engine))).await;
         let result = match result {
             Ok(inner) => inner,
-            Err(e) => Err(DomainError::Hsm(e)),
+            Err(e) => Err(DomainError::from(e)),
         };
         self.observer.hsm_call(
             operation,
             started.elapsed(),
-            !matches!(result, Err(DomainError::Hsm(_))),
+            !result.as_ref().is_err_and(DomainError::is_token_failure),
         );
         result
     }
@@ -817,7 +817,7 @@ fn pan_index<H: CardCrypto>(
     input.extend_from_slice(pan.digits().as_bytes());
     let digest = engine.hsm().hmac(label, KeyKind::PanIndex, &input)?;
     let bytes: [u8; 32] = digest[..].try_into().map_err(|_| {
-        DomainError::Hsm(HsmError::Wrapper("PAN-index HMAC is not 32 bytes".into()))
+        DomainError::from(HsmError::Wrapper("PAN-index HMAC is not 32 bytes".into()))
     })?;
     Ok(CardId(bytes))
 }
@@ -942,15 +942,6 @@ fn is_expired(expiry: Expiry, now_ms: u64) -> bool {
     let expiry_month = (2000 + yy) * 12 + i32::from(mm);
     let current_month = now.year() * 12 + i32::from(u8::from(now.month()));
     expiry_month < current_month
-}
-
-impl From<StoreError> for DomainError {
-    fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::DuplicateRequest => DomainError::DuplicateRequest,
-            other => DomainError::Store(other),
-        }
-    }
 }
 
 #[cfg(test)]

@@ -279,7 +279,7 @@ pub async fn keys(
     let token = std::sync::Arc::clone(state.token());
     let listing = hsm::blocking(move || token.list_keys())
         .await
-        .map_err(DomainError::Hsm)?;
+        .map_err(DomainError::from)?;
     state.service().record_request(&caller(&auth)).await?;
     let in_use = state.service().keys_in_use();
     let usages = rotation::key_usages(state.service().programmes());

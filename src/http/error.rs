@@ -13,9 +13,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use crate::domain::DomainError;
-use crate::hsm::HsmError;
-use crate::store::StoreError;
+use crate::domain::{Dependency, DomainError};
 
 /// Seconds a client should wait after a 429 or 503.
 const RETRY_AFTER_SECONDS: &str = "1";
@@ -226,28 +224,6 @@ fn invalid_field_code(field: &str) -> &'static str {
     }
 }
 
-fn from_hsm(e: &HsmError) -> ApiError {
-    match e {
-        HsmError::Busy { .. } => ApiError::unavailable("hsm_busy"),
-        HsmError::KeyNotFound { .. }
-        | HsmError::WrongKeyKind { .. }
-        | HsmError::KeyPolicy { .. }
-        | HsmError::DuplicateLabel { .. } => ApiError::unavailable("key_unavailable"),
-        HsmError::InvalidInput(_) | HsmError::Wrapper(_) | HsmError::Worker(_) => {
-            ApiError::internal()
-        }
-        _ => ApiError::unavailable("hsm_unavailable"),
-    }
-}
-
-fn from_store(e: &StoreError) -> ApiError {
-    match e {
-        StoreError::DuplicateRequest => duplicate(),
-        StoreError::Internal(_) => ApiError::internal(),
-        _ => ApiError::unavailable("store_unavailable"),
-    }
-}
-
 fn duplicate() -> ApiError {
     ApiError::new(
         StatusCode::CONFLICT,
@@ -286,8 +262,17 @@ impl From<&DomainError> for ApiError {
                 "this client may not use the card's programme",
             ),
             DomainError::DuplicateRequest => duplicate(),
-            DomainError::Hsm(h) => from_hsm(h),
-            DomainError::Store(s) => from_store(s),
+            DomainError::KeyUnusable(_) => ApiError::unavailable("key_unavailable"),
+            DomainError::Unavailable(Dependency::Hsm, _) => {
+                ApiError::unavailable("hsm_unavailable")
+            }
+            DomainError::Unavailable(Dependency::HsmSessions, _) => {
+                ApiError::unavailable("hsm_busy")
+            }
+            DomainError::Unavailable(Dependency::Store, _) => {
+                ApiError::unavailable("store_unavailable")
+            }
+            DomainError::Internal(_) => ApiError::internal(),
         }
     }
 }
@@ -295,6 +280,8 @@ impl From<&DomainError> for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hsm::HsmError;
+    use crate::store::StoreError;
 
     #[test]
     fn server_errors_carry_only_the_code_and_retry_after() {
@@ -333,14 +320,24 @@ mod tests {
                 "invalid_card_number",
             ),
             (
-                DomainError::Hsm(HsmError::Busy { millis: 1 }),
+                DomainError::from(HsmError::Busy { millis: 1 }),
                 503,
                 "hsm_busy",
             ),
             (
-                DomainError::Hsm(HsmError::KeyNotFound { label: "k".into() }),
+                DomainError::from(HsmError::KeyNotFound { label: "k".into() }),
                 503,
                 "key_unavailable",
+            ),
+            (
+                DomainError::from(HsmError::Worker("panicked".into())),
+                500,
+                "internal_error",
+            ),
+            (
+                DomainError::from(StoreError::DuplicateRequest),
+                409,
+                "duplicate_request",
             ),
         ];
         for (error, status, code) in cases {

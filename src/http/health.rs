@@ -68,7 +68,7 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readines
     let keys = if hsm == "ok" {
         match state.service().check_keys().await {
             Ok(()) => "ok",
-            Err(DomainError::Hsm(e)) if e.is_unavailable() => "unavailable",
+            Err(DomainError::Unavailable(..) | DomainError::Internal(..)) => "unavailable",
             Err(e) => {
                 tracing::warn!(error = %e, "readiness: a configured key is missing or refused");
                 "missing_or_refused"
