@@ -168,7 +168,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
     match command {
         Command::Call(_) => Ok(()), // handled above
         Command::Serve => {
-            crate::http::serve_blocking(settings).map_err(|e| CliError::Io(e.to_string()))
+            crate::gateway::run_blocking(settings).map_err(|e| CliError::Io(e.to_string()))
         }
         Command::Keys(cmd) => with_token(&settings, |token| keys(token, cmd, &settings.programmes)),
         Command::Hsm(HsmCommand::Check) => with_token(&settings, check),
@@ -216,7 +216,7 @@ fn keys(token: &Token, cmd: KeysCommand, programmes: &Programmes) -> Result<(), 
         }
         KeysCommand::List { json } => {
             let keys = token.list_keys()?;
-            let usages = rotation::key_usages(programmes);
+            let usages = programmes.key_usages();
             let keys: Vec<Listed<'_>> = keys
                 .iter()
                 .map(|key| Listed {

@@ -7,6 +7,7 @@
 pub mod blocks;
 pub mod card;
 pub mod engine;
+pub mod operations;
 pub mod programme;
 pub mod rotation;
 pub mod service;
@@ -14,6 +15,9 @@ pub mod service;
 pub use blocks::CardKeyMethod;
 pub use card::{Atc, CodeLength, Expiry, Pan, Psn, SecurityCode, ServiceCode, Tdcvv2Profile};
 pub use engine::{Engine, IssuedCode, StaticCodeKind, WindowCode};
+
+/// The card service over the PKCS#11 token, as the gateway runs it.
+pub type Service = service::CardService<std::sync::Arc<crate::hsm::Token>>;
 
 use crate::hsm::HsmError;
 use crate::store::StoreError;

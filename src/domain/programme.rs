@@ -3,13 +3,13 @@
 //!
 //! Pure lookups over the configured list; built once at start-up by `config`.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::num::NonZeroU32;
 
 use crate::hsm::{KeyKind, KeyLabel};
 
 use super::card::{Pan, Tdcvv2Profile};
-use super::rotation::PreviousKey;
+use super::rotation::{KeyRole, KeyUsage, PreviousKey};
 
 /// One card programme.
 #[derive(Clone, Debug)]
@@ -80,6 +80,34 @@ pub enum ProgrammeError {
 pub struct Programmes(Vec<Programme>);
 
 impl Programmes {
+    /// Every programme key by label, with each programme's use of it (current keys
+    /// and every configured previous key, ended grace periods included: a listing
+    /// shows the configuration; [`PreviousKey::accepts_at`] says whether it is used).
+    pub fn key_usages(&self) -> BTreeMap<String, Vec<KeyUsage>> {
+        let mut out: BTreeMap<String, Vec<KeyUsage>> = BTreeMap::new();
+        for p in self.iter() {
+            for (kind, label) in p.current_keys() {
+                out.entry(label.to_string()).or_default().push(KeyUsage {
+                    programme: p.name.clone(),
+                    kind,
+                    role: KeyRole::Current,
+                    accept_until_ms: None,
+                });
+            }
+            for prev in &p.previous {
+                out.entry(prev.label.to_string())
+                    .or_default()
+                    .push(KeyUsage {
+                        programme: p.name.clone(),
+                        kind: prev.kind,
+                        role: KeyRole::Previous,
+                        accept_until_ms: Some(prev.accept_until_ms),
+                    });
+            }
+        }
+        out
+    }
+
     /// Checks the list: unique names, prefixes and associations.
     ///
     /// # Errors

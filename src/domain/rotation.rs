@@ -15,11 +15,7 @@
 //! Pure: no token, no store, no clock of its own (callers pass the service
 //! clock's time), so every rule here is unit-tested.
 
-use std::collections::BTreeMap;
-
 use crate::hsm::{KeyKind, KeyLabel};
-
-use super::programme::Programmes;
 
 /// The kinds of key a card programme uses, and so may rotate.
 pub const ROTATING_KINDS: [KeyKind; 3] = [KeyKind::Cvk, KeyKind::ImkDcvv, KeyKind::ImkTdcvv2];
@@ -215,39 +211,11 @@ pub struct KeyUsage {
     pub accept_until_ms: Option<u64>,
 }
 
-/// Every programme key by label, with each programme's use of it (current keys
-/// and every configured previous key, ended grace periods included: a listing
-/// shows the configuration; [`PreviousKey::accepts_at`] says whether it is used).
-pub fn key_usages(programmes: &Programmes) -> BTreeMap<String, Vec<KeyUsage>> {
-    let mut out: BTreeMap<String, Vec<KeyUsage>> = BTreeMap::new();
-    for p in programmes.iter() {
-        for (kind, label) in p.current_keys() {
-            out.entry(label.to_string()).or_default().push(KeyUsage {
-                programme: p.name.clone(),
-                kind,
-                role: KeyRole::Current,
-                accept_until_ms: None,
-            });
-        }
-        for prev in &p.previous {
-            out.entry(prev.label.to_string())
-                .or_default()
-                .push(KeyUsage {
-                    programme: p.name.clone(),
-                    kind: prev.kind,
-                    role: KeyRole::Previous,
-                    accept_until_ms: Some(prev.accept_until_ms),
-                });
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::domain::Tdcvv2Profile;
-    use crate::domain::programme::Programme;
+    use crate::domain::programme::{Programme, Programmes};
 
     fn label(s: &str) -> KeyLabel {
         s.parse().unwrap()
@@ -414,7 +382,7 @@ mod tests {
             programme("b", "5", "cvk-v1", vec![]),
         ])
         .unwrap();
-        let usages = key_usages(&list);
+        let usages = list.key_usages();
         let v1 = &usages["cvk-v1"];
         assert_eq!(v1.len(), 2);
         assert_eq!(

@@ -279,6 +279,11 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
         }
     }
 
+    /// The engine, over the token.
+    pub(super) fn engine(&self) -> &Engine<H> {
+        &self.engine
+    }
+
     /// The configured programmes.
     pub fn programmes(&self) -> &Programmes {
         &self.programmes

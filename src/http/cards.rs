@@ -8,11 +8,8 @@ use axum::body::Bytes;
 use axum::extract::{Extension, State};
 use serde::de::DeserializeOwned;
 
-use crate::domain::DomainError;
 use crate::domain::StaticCodeKind;
-use crate::domain::rotation;
 use crate::domain::service::Caller;
-use crate::hsm;
 
 use super::AppState;
 use super::audit::AuditNote;
@@ -274,50 +271,37 @@ pub async fn keys(
     State(state): State<AppState>,
     Extension(auth): Extension<Authenticated>,
 ) -> ApiResult<KeysResponse> {
-    // Token work first, the request id after: a request refused because the
-    // token is down spends nothing (DESIGN 7.3, 7.6), as for the card routes.
-    let token = std::sync::Arc::clone(state.token());
-    let listing = hsm::blocking(move || token.list_keys())
-        .await
-        .map_err(DomainError::from)?;
-    state.service().record_request(&caller(&auth)).await?;
-    let in_use = state.service().keys_in_use();
-    let usages = rotation::key_usages(state.service().programmes());
-    let keys = listing
+    let inventory = state.service().key_inventory(&caller(&auth)).await?;
+    let keys = inventory
+        .keys
         .into_iter()
-        .map(|k| {
-            // A CVK's KA‖KA twin is used with its CVK.
-            let main = k
-                .label
-                .strip_suffix(":ka")
-                .filter(|_| k.role == "single-des")
-                .unwrap_or(&k.label);
-            (in_use.contains(main), usages.get(main), k)
-        })
-        .map(|(in_use, usages, k)| KeyEntry {
-            in_use,
-            used_by: usages
-                .into_iter()
-                .flatten()
-                .map(|u| KeyUsedBy {
-                    programme: u.programme.clone(),
-                    role: u.role.as_str(),
-                    accept_until: u.accept_until_ms.and_then(rfc3339_ms),
-                })
-                .collect(),
-            kind: k.kind.as_str(),
-            role: k.role,
-            version: k.version,
-            key_check_value: k.kcv.map(|kcv| kcv.to_string()),
-            sensitive: k.attributes.sensitive,
-            extractable: k.attributes.extractable,
-            modifiable: k.attributes.modifiable,
-            violations: k.violations,
-            label: k.label,
+        .map(|entry| {
+            let k = entry.key;
+            KeyEntry {
+                in_use: entry.in_use,
+                used_by: entry
+                    .used_by
+                    .into_iter()
+                    .map(|u| KeyUsedBy {
+                        programme: u.programme,
+                        role: u.role.as_str(),
+                        accept_until: u.accept_until_ms.and_then(rfc3339_ms),
+                    })
+                    .collect(),
+                kind: k.kind.as_str(),
+                role: k.role,
+                version: k.version,
+                key_check_value: k.kcv.map(|kcv| kcv.to_string()),
+                sensitive: k.attributes.sensitive,
+                extractable: k.attributes.extractable,
+                modifiable: k.attributes.modifiable,
+                violations: k.violations,
+                label: k.label,
+            }
         })
         .collect();
     Ok(Json(KeysResponse {
-        token: state.token().label().to_owned(),
+        token: inventory.token,
         keys,
     }))
 }

@@ -41,7 +41,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
-use crate::config::ServerSettings;
+use super::settings::ServerSettings;
 
 use super::metrics::Metrics;
 
@@ -404,7 +404,7 @@ mod tests {
     fn settings(max_total: usize, max_per_peer: usize) -> ServerSettings {
         ServerSettings {
             listen: "127.0.0.1:0".parse().unwrap(),
-            transport: crate::config::Transport::InsecureHttp,
+            transport: crate::http::settings::Transport::InsecureHttp,
             request_timeout: Duration::from_secs(10),
             body_limit: 16 * 1024,
             max_in_flight: 4,

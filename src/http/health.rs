@@ -2,16 +2,11 @@
 //! every configured key present and within policy, store writable, audit trail
 //! writable) and the Prometheus exposition.
 
-use std::sync::Arc;
-
 use axum::Json;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
-
-use crate::domain::DomainError;
-use crate::hsm::{self, TokenState};
 
 use super::AppState;
 use super::routes::Route;
@@ -52,49 +47,12 @@ pub async fn healthz() -> Json<Health> {
     responses((status = 200, body = Readiness), (status = 503, body = Readiness))
 )]
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
-    let token = Arc::clone(state.token());
-    // A real token call while ready; while down, the recovery step if due.
-    let hsm = match hsm::blocking(move || Ok(token.maintain())).await {
-        Ok(TokenState::Ready) => "ok",
-        Ok(down) => {
-            tracing::warn!(state = %down, "readiness: token unavailable");
-            down.as_str()
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "readiness: token probe failed");
-            "unavailable"
-        }
-    };
-    let keys = if hsm == "ok" {
-        match state.service().check_keys().await {
-            Ok(()) => "ok",
-            Err(DomainError::Unavailable(..) | DomainError::Internal(..)) => "unavailable",
-            Err(e) => {
-                tracing::warn!(error = %e, "readiness: a configured key is missing or refused");
-                "missing_or_refused"
-            }
-        }
-    } else {
-        "unknown"
-    };
-    let now = state.clock().now_ms() / 1000;
-    let store = match state
-        .service()
-        .store()
-        .probe(i64::try_from(now).unwrap_or(i64::MAX))
-        .await
-    {
-        Ok(()) => "ok",
-        Err(e) => {
-            tracing::warn!(error = %e, "readiness: store probe failed");
-            "unavailable"
-        }
-    };
+    let checks = state.service().readiness().await;
     let audit = match state.trail().down_reason() {
         None => "ok".to_owned(),
         Some(reason) => format!("down: {reason}"),
     };
-    let ready = hsm == "ok" && keys == "ok" && store == "ok" && audit == "ok";
+    let ready = checks.ready() && audit == "ok";
     (
         if ready {
             StatusCode::OK
@@ -103,9 +61,9 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readines
         },
         Json(Readiness {
             status: if ready { "ready" } else { "unavailable" },
-            hsm,
-            keys,
-            store,
+            hsm: checks.hsm,
+            keys: checks.keys,
+            store: checks.store,
             audit,
         }),
     )
@@ -114,11 +72,11 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readines
 /// Prometheus text exposition.
 #[utoipa::path(get, path = Route::METRICS.path, tag = "operations", responses((status = 200, content_type = "text/plain", body = String)))]
 pub async fn metrics(State(state): State<AppState>) -> Response {
-    let (in_use, max) = state.token().session_usage();
-    state.metrics().sessions(in_use, max);
+    let hsm = state.service().hsm_status();
     state
         .metrics()
-        .token(state.token().state(), state.token().recovery_counts());
+        .sessions(hsm.sessions_in_use, hsm.sessions_max);
+    state.metrics().token(hsm.state, hsm.recovery);
     match state.metrics().encode() {
         Ok(text) => (
             [(

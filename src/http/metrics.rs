@@ -20,8 +20,8 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::audit::AuditObserver;
+use crate::domain::operations::{RecoveryCounts, TokenState};
 use crate::domain::service::HsmObserver;
-use crate::hsm::{RecoveryCounts, TokenState};
 
 // Route templates and error codes are `'static` and the usual methods are
 // borrowed, so recording a request allocates nothing once its series exists.

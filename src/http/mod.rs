@@ -28,6 +28,7 @@ pub mod openapi;
 pub mod process;
 pub mod routes;
 pub mod server;
+pub mod settings;
 pub mod signature;
 
 use std::sync::Arc;
@@ -48,16 +49,14 @@ use tower_http::request_id::{
 use tower_http::trace::TraceLayer;
 
 use crate::audit::Trail;
-use crate::config::ServerSettings;
-use crate::domain::service::{CardService, Clock};
-use crate::hsm::Token;
+use crate::domain::Service;
+use crate::domain::service::Clock;
 
 use clients::Clients;
 use error::{ApiError, ErrorCode, ErrorDetail};
 use metrics::Metrics;
 use routes::Route;
-
-pub use server::{Gateway, serve_blocking};
+use settings::ServerSettings;
 
 /// The request's id for error bodies and the log: the client's
 /// `X-Client-Request-Id` when it is well formed, else the gateway's own.
@@ -69,8 +68,7 @@ pub struct RequestContext {
 
 #[derive(Debug)]
 struct Shared {
-    service: CardService<Arc<Token>>,
-    token: Arc<Token>,
+    service: Service,
     clients: Clients,
     metrics: Arc<Metrics>,
     settings: ServerSettings,
@@ -84,8 +82,7 @@ pub struct AppState(Arc<Shared>);
 impl AppState {
     /// State over a built service.
     pub fn new(
-        service: CardService<Arc<Token>>,
-        token: Arc<Token>,
+        service: Service,
         clients: Clients,
         metrics: Arc<Metrics>,
         settings: ServerSettings,
@@ -93,7 +90,6 @@ impl AppState {
     ) -> Self {
         AppState(Arc::new(Shared {
             service,
-            token,
             clients,
             metrics,
             settings,
@@ -107,13 +103,8 @@ impl AppState {
     }
 
     /// The card service.
-    pub fn service(&self) -> &CardService<Arc<Token>> {
+    pub fn service(&self) -> &Service {
         &self.0.service
-    }
-
-    /// The token.
-    pub fn token(&self) -> &Arc<Token> {
-        &self.0.token
     }
 
     /// The clients.
@@ -124,6 +115,11 @@ impl AppState {
     /// The metrics.
     pub fn metrics(&self) -> &Metrics {
         &self.0.metrics
+    }
+
+    /// The metrics, for a part that keeps its own handle (connection admission).
+    pub(crate) fn shared_metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.0.metrics)
     }
 
     /// The server settings.

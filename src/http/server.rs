@@ -1,323 +1,90 @@
-//! Start-up and serving: assemble the gateway from its settings (clients'
-//! secrets, the store, the card service), refuse to start on a missing or
-//! too-wide key, then serve HTTPS (rustls) — or plain HTTP only when the config
-//! says `allow_insecure_http = true`, with a loud warning — until SIGINT or
-//! SIGTERM, draining in-flight requests within the configured grace. Every
-//! connection passes [`connections`] first: the caps at accept, the
-//! header-read deadline, hyper's HTTP/1.1 and HTTP/2 bounds.
+//! Serving: HTTPS (rustls) or, only when the config says
+//! `allow_insecure_http = true`, plain HTTP with a loud warning, until the
+//! shutdown future completes; then in-flight requests drain within the
+//! configured grace. Every connection passes [`connections`] first: the caps
+//! at accept, the header-read deadline, hyper's HTTP/1.1 and HTTP/2 bounds.
+//! What runs beside the server and what it opens is [`crate::gateway`]'s.
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
 
-use crate::audit::{AuditError, AuditObserver, Sealer, TokenSealer, Trail};
-use crate::config::{Settings, Transport};
-use crate::domain::DomainError;
-use crate::domain::service::{CardService, Clock, SystemClock};
-use crate::hsm::{HsmError, Token};
-use crate::store::{Store, StoreError};
-
-use super::clients::{ClientError, Clients};
 use super::connections::{self, Admission};
-use super::metrics::Metrics;
+use super::settings::Transport;
 use super::{AppState, app};
 
-/// Why the gateway did not start.
+/// Why serving failed.
 #[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    /// The token could not be opened.
-    #[error(transparent)]
-    Hsm(#[from] HsmError),
-    /// A key in the token is wider than its kind allows (DESIGN 3).
-    #[error("refusing to start: key(s) wider than their policy: {0}")]
-    WideKeys(String),
-    /// A configured key is missing or refused.
-    #[error("refusing to start: a configured key is unusable: {0}")]
-    Keys(DomainError),
-    /// A client secret could not be loaded.
-    #[error(transparent)]
-    Clients(#[from] ClientError),
-    /// The config names no client or no programme.
-    #[error("refusing to start: {0}")]
-    Incomplete(&'static str),
-    /// The store could not be opened or migrated.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// The audit trail could not be opened (lock, directory, seal key).
-    #[error("refusing to start: {0}")]
-    Audit(#[from] AuditError),
+pub enum ServeError {
+    /// Neither TLS nor plain HTTP is configured.
+    #[error(
+        "refusing to start: [server] needs tls_cert_file and tls_key_file (HTTPS), or \
+         allow_insecure_http = true for plain HTTP in development"
+    )]
+    Unconfigured,
     /// The certificate or key could not be loaded.
     #[error("TLS: {0}")]
-    Tls(std::io::Error),
-    /// Binding or serving failed.
+    Tls(#[source] std::io::Error),
+    /// The socket failed.
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 
-/// An assembled gateway, ready to serve.
-#[derive(Debug)]
-pub struct Gateway {
-    state: AppState,
-    transport: Transport,
-    cleanup_interval: std::time::Duration,
-    grace: std::time::Duration,
-    admission: Admission,
-}
-
-impl Gateway {
-    /// Loads clients' secrets, opens and migrates the store, builds the service
-    /// and checks that every configured key is present and within policy.
-    ///
-    /// # Errors
-    /// `Clients`, `Store`, `Keys`, `Incomplete`.
-    pub async fn build(
-        settings: &Settings,
-        token: Arc<Token>,
-        clock: Arc<dyn Clock>,
-    ) -> Result<Gateway, StartError> {
-        if settings.clients.is_empty() {
-            return Err(StartError::Incomplete("the config names no [[clients]]"));
-        }
-        if settings.programmes.iter().next().is_none() {
-            return Err(StartError::Incomplete("the config names no [[programmes]]"));
-        }
-        log_ended_grace_periods(settings, clock.now_ms());
-        let clients = Clients::load(&settings.clients)?;
-        let store = Store::open(&settings.store).await?;
-        let metrics = Arc::new(Metrics::new());
-        let service = CardService::new(
-            Arc::clone(&token),
-            store,
-            settings.programmes.clone(),
-            settings.service.clone(),
-            clock,
-            Arc::clone(&metrics) as Arc<dyn crate::domain::service::HsmObserver>,
-        );
-        service.check_keys().await.map_err(StartError::Keys)?;
-        let trail = open_trail(settings, &token, &metrics).await?;
-        let admission = Admission::new(&settings.server, Arc::clone(&metrics));
-        Ok(Gateway {
-            state: AppState::new(
-                service,
-                token,
-                clients,
-                metrics,
-                settings.server.clone(),
-                trail,
-            ),
-            transport: settings.server.transport.clone(),
-            cleanup_interval: settings.server.cleanup_interval,
-            grace: settings.server.shutdown_grace,
-            admission,
-        })
-    }
-
-    /// The handlers' state (tests drive `app(state)` directly).
-    pub fn state(&self) -> AppState {
-        self.state.clone()
-    }
-
-    /// Serves on `listener` until `shutdown` completes, then drains.
-    ///
-    /// # Errors
-    /// `Tls` when the certificate or key cannot be loaded; `Io` from serving.
-    pub async fn serve(
-        self,
-        listener: std::net::TcpListener,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> Result<(), StartError> {
-        if self.transport == Transport::Unconfigured {
-            return Err(StartError::Incomplete(
-                "[server] needs tls_cert_file and tls_key_file (HTTPS), or \
-                 allow_insecure_http = true for plain HTTP in development",
-            ));
-        }
-        listener.set_nonblocking(true)?;
-        let address = listener.local_addr()?;
-        let handle = axum_server::Handle::new();
-        let grace = self.grace;
-        tokio::spawn({
-            let handle = handle.clone();
-            async move {
-                shutdown.await;
-                tracing::info!("shutdown requested; draining in-flight requests");
-                handle.graceful_shutdown(Some(grace));
-            }
-        });
-        let cleaner = tokio::spawn(cleanup(self.state.clone(), self.cleanup_interval));
-        let watchdog = tokio::spawn(watch_token(Arc::clone(self.state.token())));
-        let service = app(self.state.clone()).into_make_service_with_connect_info::<SocketAddr>();
-        let served = match &self.transport {
-            Transport::Tls { cert, key } => {
-                // The process-wide rustls provider is ring; a second install is a no-op.
-                let _ = rustls::crypto::ring::default_provider().install_default();
-                let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
-                    .await
-                    .map_err(StartError::Tls)?;
-                tracing::info!(%address, "dcvv-gateway listening (HTTPS)");
-                let mut server = axum_server::from_tcp_rustls(listener, config)
-                    .map(|tls| tls.acceptor(self.admission.clone()))
-                    .handle(handle);
-                connections::configure(server.http_builder(), self.state.settings());
-                server.serve(service).await
-            }
-            Transport::InsecureHttp | Transport::Unconfigured => {
-                tracing::warn!(
-                    %address,
-                    "INSECURE: serving plain HTTP because allow_insecure_http = true; \
-                     card data and signatures cross the network in clear. Development only."
-                );
-                let mut server = axum_server::from_tcp(listener)
-                    .acceptor(self.admission.clone())
-                    .handle(handle);
-                connections::configure(server.http_builder(), self.state.settings());
-                server.serve(service).await
-            }
-        };
-        cleaner.abort();
-        watchdog.abort();
-        self.state.trail().close().await;
-        self.state.service().store().close().await;
-        tracing::info!("drained, stopping");
-        Ok(served?)
-    }
-}
-
-/// Key rotation: a previous key whose grace period has already ended is not
-/// loaded (not checked in the token, never tried); say so once, at start.
-fn log_ended_grace_periods(settings: &Settings, now_ms: u64) {
-    for p in settings.programmes.iter() {
-        for key in p.previous.iter().filter(|k| !k.accepts_at(now_ms)) {
-            tracing::info!(
-                programme = %p.name,
-                kind = %key.kind,
-                label = %key.label,
-                "previous key not loaded: its grace period (accept_until) has ended; \
-                 remove it from the programme's config"
-            );
-        }
-    }
-}
-
-/// Loads the seal key (kind and policy checked) and opens the trail: its
-/// directory lock, chain head and writer thread.
-async fn open_trail(
-    settings: &Settings,
-    token: &Arc<Token>,
-    metrics: &Arc<Metrics>,
-) -> Result<Trail, StartError> {
-    let audit = settings.audit.clone();
-    let token = Arc::clone(token);
-    let observer = Arc::clone(metrics) as Arc<dyn AuditObserver>;
-    tokio::task::spawn_blocking(move || {
-        let sealer = TokenSealer::new(token, audit.seal_key.clone()).map_err(AuditError::from)?;
-        Trail::open(&audit, Arc::new(sealer) as Arc<dyn Sealer>, observer)
-    })
-    .await
-    .map_err(|e| StartError::Io(std::io::Error::other(e.to_string())))?
-    .map_err(StartError::Audit)
-}
-
-/// Deletes expired request ids, used windows and failures now and then.
-async fn cleanup(state: AppState, every: std::time::Duration) {
-    let mut ticker = tokio::time::interval(every);
-    loop {
-        ticker.tick().await;
-        let now = i64::try_from(state.clock().now_ms() / 1000).unwrap_or(i64::MAX);
-        match state.service().store().cleanup(now).await {
-            Ok(0) => {}
-            Ok(n) => tracing::debug!(rows = n, "store cleanup"),
-            Err(e) => tracing::warn!(error = %e, "store cleanup failed"),
-        }
-    }
-}
-
-/// How often the watchdog checks the token (and, while it is down, whether a
-/// re-initialization is due: the backoff of `hsm::FIRST_BACKOFF`..`MAX_BACKOFF`
-/// decides how often one actually runs).
-const TOKEN_WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// DESIGN 7.6: notices a token that went away even without traffic, and brings
-/// it back without a restart ([`Token::maintain`]).
-async fn watch_token(token: Arc<Token>) {
-    let mut ticker = tokio::time::interval(TOKEN_WATCH_INTERVAL);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        ticker.tick().await;
-        let token = Arc::clone(&token);
-        // `maintain` logs what it finds; a worker failure only skips a tick.
-        let _ = crate::hsm::blocking(move || Ok(token.maintain())).await;
-    }
-}
-
-/// Opens the token, builds the gateway, binds the configured address and serves
-/// until SIGINT/SIGTERM; finalizes the token after the drain.
+/// Serves `state`'s router on `listener` until `shutdown` completes, then drains.
 ///
 /// # Errors
-/// Any [`StartError`].
-pub fn serve_blocking(settings: Settings) -> Result<(), StartError> {
-    let token = Arc::new(Token::open(&settings.hsm)?);
-    refuse_wide_keys(&token)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(settings.server.worker_threads)
-        .enable_all()
-        .build()?;
-    tracing::info!(
-        worker_threads = settings.server.worker_threads,
-        "async runtime started"
-    );
-    let served = runtime.block_on({
-        let token = Arc::clone(&token);
+/// `Unconfigured` before anything is served; `Tls` when the certificate or
+/// key cannot be loaded; `Io` from the socket.
+pub async fn serve(
+    state: AppState,
+    listener: std::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let settings = state.settings();
+    let transport = settings.transport.clone();
+    if transport == Transport::Unconfigured {
+        return Err(ServeError::Unconfigured);
+    }
+    let grace = settings.shutdown_grace;
+    let admission = Admission::new(settings, state.shared_metrics());
+    listener.set_nonblocking(true)?;
+    let address = listener.local_addr()?;
+    let handle = axum_server::Handle::new();
+    tokio::spawn({
+        let handle = handle.clone();
         async move {
-            let gateway = Gateway::build(&settings, token, Arc::new(SystemClock)).await?;
-            let listener = std::net::TcpListener::bind(settings.server.listen)?;
-            gateway.serve(listener, shutdown_signal()).await
+            shutdown.await;
+            tracing::info!("shutdown requested; draining in-flight requests");
+            handle.graceful_shutdown(Some(grace));
         }
     });
-    // In-flight blocking token calls finish with the runtime; then the token is ours alone.
-    drop(runtime);
-    if let Ok(token) = Arc::try_unwrap(token) {
-        token.finalize()?;
-    }
-    served
-}
-
-/// DESIGN 3: the gateway does not start while a gateway key in the token is
-/// wider than its kind allows.
-fn refuse_wide_keys(token: &Token) -> Result<(), StartError> {
-    let wide: Vec<String> = token
-        .list_keys()?
-        .into_iter()
-        .filter(|k| !k.violations.is_empty())
-        .map(|k| format!("{} ({})", k.label, k.violations.join(", ")))
-        .collect();
-    if wide.is_empty() {
-        Ok(())
-    } else {
-        Err(StartError::WideKeys(wide.join("; ")))
-    }
-}
-
-/// Completes on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = interrupt.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = interrupt => {},
-            _ = term.recv() => {},
+    let service = app(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let served = match &transport {
+        Transport::Tls { cert, key } => {
+            // The process-wide rustls provider is ring; a second install is a no-op.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
+                .await
+                .map_err(ServeError::Tls)?;
+            tracing::info!(%address, "dcvv-gateway listening (HTTPS)");
+            let mut server = axum_server::from_tcp_rustls(listener, config)
+                .map(|tls| tls.acceptor(admission.clone()))
+                .handle(handle);
+            connections::configure(server.http_builder(), state.settings());
+            server.serve(service).await
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = interrupt.await;
-    }
+        Transport::InsecureHttp | Transport::Unconfigured => {
+            tracing::warn!(
+                %address,
+                "INSECURE: serving plain HTTP because allow_insecure_http = true; \
+                 card data and signatures cross the network in clear. Development only."
+            );
+            let mut server = axum_server::from_tcp(listener)
+                .acceptor(admission.clone())
+                .handle(handle);
+            connections::configure(server.http_builder(), state.settings());
+            server.serve(service).await
+        }
+    };
+    served?;
+    Ok(())
 }

@@ -13,13 +13,14 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use dcvv_gateway::audit::AuditSettings;
-use dcvv_gateway::config::{ServerSettings, Settings, Transport};
+use dcvv_gateway::config::Settings;
 use dcvv_gateway::domain::Tdcvv2Profile;
 use dcvv_gateway::domain::programme::{Programme, Programmes};
 use dcvv_gateway::domain::service::{Clock, ProgrammeAccess, ServiceSettings};
 use dcvv_gateway::hsm::{KeyKind, KeyLabel};
-use dcvv_gateway::http::Gateway;
+use dcvv_gateway::Gateway;
 use dcvv_gateway::http::clients::{ClientSettings, Scope, SecretSource};
+use dcvv_gateway::http::settings::{ServerSettings, Transport};
 use dcvv_gateway::http::signature::{ClientSecret, RequestToSign, ResponseToSign};
 use dcvv_gateway::store::StoreSettings;
 use serde_json::Value;
@@ -227,7 +228,7 @@ impl TestGateway {
     /// As [`TestGateway::start`], returning the gateway's refusal to start.
     pub async fn try_start(
         options: Options,
-    ) -> Result<TestGateway, dcvv_gateway::http::server::StartError> {
+    ) -> Result<TestGateway, dcvv_gateway::StartError> {
         let dir = tempfile::tempdir().unwrap();
         let secret_file = |name: &str, value: &str| {
             let path = dir.path().join(name);
@@ -530,7 +531,7 @@ impl TestGateway {
     pub async fn restart_with(
         mut self,
         programmes: Vec<Programme>,
-    ) -> Result<TestGateway, dcvv_gateway::http::server::StartError> {
+    ) -> Result<TestGateway, dcvv_gateway::StartError> {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }

@@ -1,0 +1,291 @@
+//! Start-up and shutdown, at the top of the house: open the token, refuse a
+//! key wider than its policy, load the clients' secrets, open and migrate the
+//! store, build the card service, check every configured key, open the audit
+//! trail; then serve ([`crate::http::server`]) with the token watchdog and
+//! the store cleanup beside it until the shutdown signal; then drain, close
+//! the trail and the store, and finalize the token. The library's [`run`] and
+//! the `serve` command ([`run_blocking`]) both go through here; tests build a
+//! [`Gateway`] on a token of their own.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::audit::{AuditError, AuditObserver, Sealer, TokenSealer, Trail};
+use crate::config::Settings;
+use crate::domain::DomainError;
+use crate::domain::service::{CardService, Clock, SystemClock};
+use crate::hsm::{self, HsmError, Token};
+use crate::http::clients::{ClientError, Clients};
+use crate::http::metrics::Metrics;
+use crate::http::server::ServeError;
+use crate::http::{self, AppState};
+use crate::store::{Store, StoreError};
+
+/// Why the gateway did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The token could not be opened.
+    #[error(transparent)]
+    Hsm(#[from] HsmError),
+    /// A key in the token is wider than its kind allows (DESIGN 3).
+    #[error("refusing to start: key(s) wider than their policy: {0}")]
+    WideKeys(String),
+    /// A configured key is missing or refused.
+    #[error("refusing to start: a configured key is unusable: {0}")]
+    Keys(DomainError),
+    /// A client secret could not be loaded.
+    #[error(transparent)]
+    Clients(#[from] ClientError),
+    /// The config names no client or no programme.
+    #[error("refusing to start: {0}")]
+    Incomplete(&'static str),
+    /// The store could not be opened or migrated.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The audit trail could not be opened (lock, directory, seal key).
+    #[error("refusing to start: {0}")]
+    Audit(#[from] AuditError),
+    /// Serving failed: no transport configured, the certificate or key, the socket.
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+    /// Binding the address, or starting the runtime, failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// An assembled gateway, ready to serve.
+#[derive(Debug)]
+pub struct Gateway {
+    state: AppState,
+    cleanup_interval: Duration,
+    token: Arc<Token>,
+}
+
+impl Gateway {
+    /// Loads clients' secrets, opens and migrates the store, builds the service
+    /// and checks that every configured key is present and within policy.
+    ///
+    /// # Errors
+    /// `Clients`, `Store`, `Keys`, `Incomplete`.
+    pub async fn build(
+        settings: &Settings,
+        token: Arc<Token>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Gateway, StartError> {
+        if settings.clients.is_empty() {
+            return Err(StartError::Incomplete("the config names no [[clients]]"));
+        }
+        if settings.programmes.iter().next().is_none() {
+            return Err(StartError::Incomplete("the config names no [[programmes]]"));
+        }
+        log_ended_grace_periods(settings, clock.now_ms());
+        let clients = Clients::load(&settings.clients)?;
+        let store = Store::open(&settings.store).await?;
+        let metrics = Arc::new(Metrics::new());
+        let service = CardService::new(
+            Arc::clone(&token),
+            store,
+            settings.programmes.clone(),
+            settings.service.clone(),
+            clock,
+            Arc::clone(&metrics) as Arc<dyn crate::domain::service::HsmObserver>,
+        );
+        service.check_keys().await.map_err(StartError::Keys)?;
+        let trail = open_trail(settings, &token, &metrics).await?;
+        Ok(Gateway {
+            state: AppState::new(service, clients, metrics, settings.server.clone(), trail),
+            cleanup_interval: settings.server.cleanup_interval,
+            token,
+        })
+    }
+
+    /// The handlers' state (tests drive `app(state)` directly).
+    pub fn state(&self) -> AppState {
+        self.state.clone()
+    }
+
+    /// Serves on `listener` until `shutdown` completes, drains in-flight
+    /// requests within the configured grace, then closes the trail and the
+    /// store.
+    ///
+    /// # Errors
+    /// `Serve`: no transport configured, the certificate or key, the socket.
+    pub async fn serve(
+        self,
+        listener: std::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), StartError> {
+        let cleaner = tokio::spawn(cleanup(self.state.clone(), self.cleanup_interval));
+        let watchdog = tokio::spawn(watch_token(Arc::clone(&self.token)));
+        let served = http::server::serve(self.state.clone(), listener, shutdown).await;
+        cleaner.abort();
+        watchdog.abort();
+        self.state.trail().close().await;
+        self.state.service().store().close().await;
+        tracing::info!("drained, stopping");
+        Ok(served?)
+    }
+}
+
+/// Opens the token, assembles the gateway and serves on `listener` until
+/// `shutdown` completes, then drains and finalizes the token (or leaves that
+/// to its last holder, a token call still finishing on the blocking pool).
+///
+/// # Errors
+/// Any [`StartError`].
+pub async fn run(
+    settings: Settings,
+    listener: std::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    let hsm_settings = settings.hsm.clone();
+    let token = Arc::new(hsm::blocking(move || Token::open(&hsm_settings)).await?);
+    refuse_wide_keys(&token)?;
+    let gateway = Gateway::build(&settings, Arc::clone(&token), Arc::new(SystemClock)).await?;
+    let served = gateway.serve(listener, shutdown).await;
+    if let Ok(token) = Arc::try_unwrap(token) {
+        hsm::blocking(move || token.finalize()).await?;
+    }
+    served
+}
+
+/// The `serve` command: opens the token, starts the runtime, assembles the
+/// gateway, binds the configured address (only once everything is checked)
+/// and serves until SIGINT or SIGTERM; finalizes the token after the drain.
+///
+/// # Errors
+/// Any [`StartError`].
+pub fn run_blocking(settings: Settings) -> Result<(), StartError> {
+    let token = Arc::new(Token::open(&settings.hsm)?);
+    refuse_wide_keys(&token)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(settings.server.worker_threads)
+        .enable_all()
+        .build()?;
+    tracing::info!(
+        worker_threads = settings.server.worker_threads,
+        "async runtime started"
+    );
+    let served = runtime.block_on({
+        let token = Arc::clone(&token);
+        async move {
+            let gateway = Gateway::build(&settings, token, Arc::new(SystemClock)).await?;
+            let listener = std::net::TcpListener::bind(settings.server.listen)?;
+            gateway.serve(listener, shutdown_signal()).await
+        }
+    });
+    // In-flight blocking token calls finish with the runtime; then the token is ours alone.
+    drop(runtime);
+    if let Ok(token) = Arc::try_unwrap(token) {
+        token.finalize()?;
+    }
+    served
+}
+
+/// Key rotation: a previous key whose grace period has already ended is not
+/// loaded (not checked in the token, never tried); say so once, at start.
+fn log_ended_grace_periods(settings: &Settings, now_ms: u64) {
+    for p in settings.programmes.iter() {
+        for key in p.previous.iter().filter(|k| !k.accepts_at(now_ms)) {
+            tracing::info!(
+                programme = %p.name,
+                kind = %key.kind,
+                label = %key.label,
+                "previous key not loaded: its grace period (accept_until) has ended; \
+                 remove it from the programme's config"
+            );
+        }
+    }
+}
+
+/// Loads the seal key (kind and policy checked) and opens the trail: its
+/// directory lock, chain head and writer thread.
+async fn open_trail(
+    settings: &Settings,
+    token: &Arc<Token>,
+    metrics: &Arc<Metrics>,
+) -> Result<Trail, StartError> {
+    let audit = settings.audit.clone();
+    let token = Arc::clone(token);
+    let observer = Arc::clone(metrics) as Arc<dyn AuditObserver>;
+    tokio::task::spawn_blocking(move || {
+        let sealer = TokenSealer::new(token, audit.seal_key.clone()).map_err(AuditError::from)?;
+        Trail::open(&audit, Arc::new(sealer) as Arc<dyn Sealer>, observer)
+    })
+    .await
+    .map_err(|e| StartError::Io(std::io::Error::other(e)))?
+    .map_err(StartError::Audit)
+}
+
+/// Deletes expired request ids, used windows and failures now and then.
+async fn cleanup(state: AppState, every: std::time::Duration) {
+    let mut ticker = tokio::time::interval(every);
+    loop {
+        ticker.tick().await;
+        let now = i64::try_from(state.clock().now_ms() / 1000).unwrap_or(i64::MAX);
+        match state.service().store().cleanup(now).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(rows = n, "store cleanup"),
+            Err(e) => tracing::warn!(error = %e, "store cleanup failed"),
+        }
+    }
+}
+
+/// How often the watchdog checks the token (and, while it is down, whether a
+/// re-initialization is due: the backoff of `hsm::FIRST_BACKOFF`..`MAX_BACKOFF`
+/// decides how often one actually runs).
+const TOKEN_WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// DESIGN 7.6: notices a token that went away even without traffic, and brings
+/// it back without a restart ([`Token::maintain`]).
+async fn watch_token(token: Arc<Token>) {
+    let mut ticker = tokio::time::interval(TOKEN_WATCH_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let token = Arc::clone(&token);
+        // `maintain` logs what it finds; a worker failure only skips a tick.
+        let _ = crate::hsm::blocking(move || Ok(token.maintain())).await;
+    }
+}
+
+/// DESIGN 3: the gateway does not start while a gateway key in the token is
+/// wider than its kind allows.
+fn refuse_wide_keys(token: &Token) -> Result<(), StartError> {
+    let wide: Vec<String> = token
+        .list_keys()?
+        .into_iter()
+        .filter(|k| !k.violations.is_empty())
+        .map(|k| format!("{} ({})", k.label, k.violations.join(", ")))
+        .collect();
+    if wide.is_empty() {
+        Ok(())
+    } else {
+        Err(StartError::WideKeys(wide.join("; ")))
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = interrupt.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = interrupt => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}
