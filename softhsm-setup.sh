@@ -530,7 +530,8 @@ if [ "$mode" = run ]; then
   target/release/dcvv-gateway call --url $url --apikey $demo_client --secret-env DCVV_CLIENT_SECRET --cacert .softhsm/tls/ca.pem \\
     POST /cards/cvv2/verification --data '{"cardNumber":"4123450000000001","expiryDate":"3012","cvv2":"<the dcvv2 from above>"}'
 
-  More (enrolment, static CVV2, the API, signing your own requests): README.md, "Quick start".
+  More (enrolment, static CVV2): README.md, "Quick start"; the API and signing your own
+  requests: docs/api.md.
   Ctrl-C or SIGTERM stops the gateway after in-flight requests finish.
 
 EOF

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# bench http against a gateway on PostgreSQL (README "HTTP benchmark").
+# bench http against a gateway on PostgreSQL (docs/benchmarks.md, "Against a gateway on PostgreSQL").
 #
 # Starts a throwaway PostgreSQL cluster (Debian's initdb + pg_ctl, as the tests do in
 # tests/common/postgres.rs: 127.0.0.1 on a free port and a unix socket in a temporary

@@ -62,6 +62,46 @@ seal_interval_seconds = 60
 max_file_bytes = 67108864
 "#;
 
+/// The built-in defaults of every section as TOML, for `dcvv-gateway config
+/// defaults`: the embedded [`DEFAULTS`], the SQLite file of a store that names no
+/// database, the runtime workers computed from the cores (a comment: the number
+/// depends on the machine), and the serde defaults of each `[[programmes]]` table.
+/// A key it does not name has no default.
+#[must_use]
+pub fn defaults_toml() -> String {
+    let mut text = String::new();
+    for line in DEFAULTS.trim().lines() {
+        text.push_str(line);
+        text.push('\n');
+        match line {
+            "[server]" => text.push_str(&format!(
+                "# worker_threads: unset, half the cores, at least 1 (on this machine: {})\n",
+                default_worker_threads()
+            )),
+            "[store]" => text.push_str(&format!(
+                "# when neither database_url nor database_url_env is set\n\
+                 sqlite_path = \"{DEFAULT_SQLITE_PATH}\"\n"
+            )),
+            _ => {}
+        }
+    }
+    text.push_str(&format!(
+        "\n# Each [[programmes]] table ([[programmes.previous]] tables: none unless given).\n\
+         [[programmes]]\n\
+         past_windows = {}\n\
+         future_windows = {}\n\
+         single_use = {}\n\
+         failure_limit = {}\n\
+         failure_period_seconds = {}\n",
+        default_past(),
+        u32::default(),
+        default_true(),
+        default_failure_limit(),
+        default_failure_period(),
+    ));
+    text
+}
+
 /// A configuration that could not be loaded; the message names the file or field.
 #[derive(Debug, thiserror::Error)]
 #[error("configuration: {0}")]

@@ -345,3 +345,136 @@ fn environment_overrides_the_file_and_can_carry_the_pin() {
         "cannot read the user PIN: environment variable DCVV_TEST_PIN is not set",
     );
 }
+
+/// A config with only the keys that have no default: one programme, one client.
+const WITHOUT_DEFAULTS: &str = r#"
+[hsm]
+module = "/usr/lib/softhsm/libsofthsm2.so"
+token_label = "dcvv-dev"
+pin_file = "user.pin"
+[server]
+tls_cert_file = "server.pem"
+tls_key_file = "server.key"
+[[programmes]]
+name = "demo"
+bin_prefixes = ["412345"]
+cvk = "cvk-demo-v1"
+imk_dcvv = "imk-dcvv-demo-v1"
+imk_tdcvv2 = "imk-tdcvv2-demo-v1"
+window_seconds = 300
+[[clients]]
+apikey = "cms"
+secrets = [{ file = "cms.secret" }]
+scopes = ["keys"]
+programmes = ["*"]
+"#;
+
+/// Keys of the committed gateway.toml that have no built-in default.
+const NO_DEFAULT: &[&str] = &[
+    "hsm.module",
+    "hsm.token_label",
+    "hsm.pin_file",
+    "server.tls_cert_file",
+    "server.tls_key_file",
+    "programmes.name",
+    "programmes.bin_prefixes",
+    "programmes.key_association",
+    "programmes.cvk",
+    "programmes.imk_dcvv",
+    "programmes.imk_tdcvv2",
+    "programmes.window_seconds",
+    "clients.apikey",
+    "clients.secrets",
+    "clients.scopes",
+    "clients.programmes",
+];
+
+/// The tables of a section: the section itself, or each table of an array of tables.
+fn tables_of(value: &toml::Value) -> Vec<&toml::Table> {
+    match value {
+        toml::Value::Table(table) => vec![table],
+        toml::Value::Array(tables) => tables.iter().filter_map(toml::Value::as_table).collect(),
+        other => panic!("not a section: {other}"),
+    }
+}
+
+#[test]
+fn config_defaults_print_the_code_defaults_as_toml() {
+    // No config file is read (this one does not exist), and no token is opened.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dcvv-gateway"))
+        .args(["--config", "/nonexistent.toml", "config", "defaults"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let printed = String::from_utf8(out.stdout).unwrap();
+    let defaults: toml::Table = printed.parse().expect("config defaults prints TOML");
+    assert!(printed.contains("# worker_threads: "), "{printed}");
+
+    // Laid over a config that sets only the keys without a default, the printed
+    // defaults change nothing the gateway loads: they are the code's defaults, and
+    // every key they name exists (unknown keys are refused).
+    let bare: toml::Table = WITHOUT_DEFAULTS.parse().unwrap();
+    let mut with_defaults = bare.clone();
+    for (section, value) in &defaults {
+        let printed = tables_of(value);
+        assert_eq!(printed.len(), 1, "[{section}]: one table of defaults");
+        let target = with_defaults
+            .entry(section.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let targets: Vec<&mut toml::Table> = match target {
+            toml::Value::Table(table) => vec![table],
+            toml::Value::Array(tables) => tables
+                .iter_mut()
+                .filter_map(toml::Value::as_table_mut)
+                .collect(),
+            other => panic!("not a section: {other}"),
+        };
+        for table in targets {
+            for (key, default) in printed[0] {
+                assert!(
+                    table.insert(key.clone(), default.clone()).is_none(),
+                    "{section}.{key} is set by the bare config"
+                );
+            }
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let load = |name: &str, table: &toml::Table| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, toml::to_string(table).unwrap()).unwrap();
+        dcvv_gateway::config::Settings::load(&path)
+            .unwrap_or_else(|e| panic!("{name}: {e}\n{}", toml::to_string(table).unwrap()))
+    };
+    assert_eq!(
+        format!("{:?}", load("bare.toml", &bare)),
+        format!("{:?}", load("with-defaults.toml", &with_defaults)),
+    );
+
+    // Every key the committed config sets either has a printed default or none at all.
+    let committed: toml::Table = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("hsm-config/gateway.toml"),
+    )
+    .unwrap()
+    .parse()
+    .unwrap();
+    for (section, value) in &committed {
+        for table in tables_of(value) {
+            for key in table.keys() {
+                let name = format!("{section}.{key}");
+                let printed = defaults
+                    .get(section)
+                    .map(tables_of)
+                    .is_some_and(|t| t[0].contains_key(key));
+                assert!(
+                    printed || NO_DEFAULT.contains(&name.as_str()),
+                    "{name}: no default printed"
+                );
+                assert!(
+                    !(printed && NO_DEFAULT.contains(&name.as_str())),
+                    "{name}: printed, yet listed as having no default"
+                );
+            }
+        }
+    }
+}

@@ -1,7 +1,8 @@
 //! The command line: the key ceremony (`keys ...`), the policy check
 //! (`hsm check`), `serve`, the signed client for people and scripts (`call`) and
 //! the benchmarks (`bench engine`, `bench http` against a running gateway),
-//! and the audit trail's verifier (`audit verify`).
+//! the audit trail's verifier (`audit verify`), and the configuration's built-in
+//! defaults (`config defaults`).
 //!
 //! Output on stdout is the commands' contract (tooling parses `keys list --json`);
 //! logs go to stderr. Every error is one line and a non-zero exit; no command
@@ -56,6 +57,15 @@ enum Command {
     /// The audit trail.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// The configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Print the built-in default of every key that has one, as TOML (reads no config file).
+    Defaults,
 }
 
 #[derive(Debug, Subcommand)]
@@ -162,11 +172,16 @@ fn run(cli: Cli) -> Result<(), CliError> {
     let command = match cli.command {
         // `call` talks to a running gateway: no configuration file, no token.
         Command::Call(args) => return call::run(args),
+        // The built-in defaults are the code's: no configuration file, no token.
+        Command::Config(ConfigCommand::Defaults) => {
+            print_defaults();
+            return Ok(());
+        }
         command => command,
     };
     let settings = Settings::load(&cli.config)?;
     match command {
-        Command::Call(_) => Ok(()), // handled above
+        Command::Call(_) | Command::Config(_) => Ok(()), // handled above
         Command::Serve => {
             crate::gateway::run_blocking(settings).map_err(|e| CliError::Io(e.to_string()))
         }
@@ -234,6 +249,18 @@ fn keys(token: &Token, cmd: KeysCommand, programmes: &Programmes) -> Result<(), 
             Ok(())
         }
     }
+}
+
+fn print_defaults() {
+    // A closed stdout (e.g. `| head`) is not an error worth reporting.
+    let _ = write!(
+        std::io::stdout().lock(),
+        "# dcvv-gateway {}: built-in configuration defaults, taken by every key that neither\n\
+         # the config file nor the environment sets. Keys not named here have no default.\n\
+         # hsm-config/gateway.toml describes every key.\n{}",
+        env!("CARGO_PKG_VERSION"),
+        crate::config::defaults_toml()
+    );
 }
 
 fn parse_kind_label(kind: &str, label: &str) -> Result<(KeyKind, KeyLabel), CliError> {

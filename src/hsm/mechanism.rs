@@ -58,7 +58,7 @@ fn mechanism_type(m: CK_MECHANISM_TYPE) -> MechanismType {
 /// fails, the value's length is read instead: a list of exactly one mechanism
 /// that cryptoki cannot name is taken to be `CKM_DES3_ECB_ENCRYPT_DATA`, the one
 /// the gateway sets on derive-only keys. A longer unparseable list is reported
-/// as unreadable, which the policy refuses. (Residual risk, README threat model:
+/// as unreadable, which the policy refuses. (Residual risk, docs/security/threat-model.md:
 /// a planted derive-only key allowed one other mechanism unknown to cryptoki.)
 pub fn read_allowed_mechanisms(
     session: &Session,

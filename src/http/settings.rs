@@ -60,6 +60,6 @@ pub struct ServerSettings {
     /// run on blocking threads and the store and audit trail on threads of their
     /// own, so the default leaves them half the cores: measured on 2 cores, one
     /// worker instead of two cut the verification p99 at peak from about 45 ms
-    /// to 15 ms and raised throughput by about a tenth (README, HTTP benchmark).
+    /// to 15 ms and raised throughput by about a tenth (docs/benchmarks.md, HTTP benchmark).
     pub worker_threads: usize,
 }
