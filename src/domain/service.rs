@@ -877,9 +877,51 @@ impl CardRules {
         }
     }
 
-    /// The decision for an enrolled card, recorded in `tx`: blocked by the
-    /// failure limit, else a match spends its window (single use), else a
-    /// failure is counted.
+    /// The decision for an enrolled card, a pure function of what the
+    /// transaction read: blocked by the failure limit (`failures` is the count
+    /// in the period, read only when the programme has a limit), else a match
+    /// spends its window (single use), else a failure is counted.
+    fn decide(
+        self,
+        now: i64,
+        failures: Option<u32>,
+        matched: Option<u64>,
+        is_static: bool,
+    ) -> Decision {
+        if let (Some(limit), Some(failures)) = (self.failure_limit, failures)
+            && failures >= limit
+        {
+            return Decision::Blocked;
+        }
+        if let Some(window) = matched {
+            if !self.single_use {
+                return Decision::Match;
+            }
+            let window = i64::try_from(window).unwrap_or(i64::MAX);
+            let w = i64::from(self.window_seconds);
+            // The window's code is acceptable until G windows after it have passed.
+            let last_acceptable = (window
+                .saturating_add(1)
+                .saturating_add(i64::from(self.past_windows)))
+            .saturating_mul(w);
+            return Decision::SpendWindow {
+                window,
+                last_acceptable,
+            };
+        }
+        Decision::Fail {
+            reason: if is_static {
+                Reason::StaticCvv2Disabled
+            } else {
+                Reason::Mismatch
+            },
+            counted_until: self
+                .failure_limit
+                .map(|_| now + i64::from(self.failure_period_seconds)),
+        }
+    }
+
+    /// Reads what [`CardRules::decide`] needs in `tx`, and records its decision there.
     fn apply(
         self,
         tx: &mut StoreTx<'_>,
@@ -888,33 +930,58 @@ impl CardRules {
         matched: Option<u64>,
         is_static: bool,
     ) -> Result<Reason, StoreError> {
-        if let Some(limit) = self.failure_limit {
-            let since = now - i64::from(self.failure_period_seconds);
-            if tx.failures_since(card, since)? >= limit {
-                return Ok(Reason::TooManyFailures);
+        let failures = match self.failure_limit {
+            Some(_) => Some(tx.failures_since(card, now - i64::from(self.failure_period_seconds))?),
+            None => None,
+        };
+        Ok(match self.decide(now, failures, matched, is_static) {
+            Decision::Blocked => Reason::TooManyFailures,
+            Decision::Match => Reason::Match,
+            Decision::SpendWindow {
+                window,
+                last_acceptable,
+            } => {
+                if tx.claim_window(card, window, now, last_acceptable)? {
+                    Reason::Match
+                } else {
+                    Reason::CodeAlreadyUsed
+                }
             }
-        }
-        if let Some(window) = matched {
-            let window = i64::try_from(window).unwrap_or(i64::MAX);
-            let w = i64::from(self.window_seconds);
-            // The window's code is acceptable until G windows after it have passed.
-            let last_acceptable = (window + 1 + i64::from(self.past_windows)) * w;
-            let fresh = !self.single_use || tx.claim_window(card, window, now, last_acceptable)?;
-            return Ok(if fresh {
-                Reason::Match
-            } else {
-                Reason::CodeAlreadyUsed
-            });
-        }
-        if self.failure_limit.is_some() {
-            tx.add_failure(card, now, now + i64::from(self.failure_period_seconds))?;
-        }
-        Ok(if is_static {
-            Reason::StaticCvv2Disabled
-        } else {
-            Reason::Mismatch
+            Decision::Fail {
+                reason,
+                counted_until,
+            } => {
+                if let Some(until) = counted_until {
+                    tx.add_failure(card, now, until)?;
+                }
+                reason
+            }
         })
     }
+}
+
+/// What the card's rules decide for one verification of an enrolled card.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Decision {
+    /// Refused before the code counts: the failure limit is reached.
+    Blocked,
+    /// A match under a programme without single use.
+    Match,
+    /// A match whose window is spent now: approved if no one spent it before.
+    SpendWindow {
+        /// The matched window.
+        window: i64,
+        /// Until when the spent window must be remembered (Unix seconds).
+        last_acceptable: i64,
+    },
+    /// No match: declined, and counted as a failure until `counted_until`
+    /// when the programme limits failures.
+    Fail {
+        /// Why declined.
+        reason: Reason,
+        /// End of the failure's period, when it is counted.
+        counted_until: Option<i64>,
+    },
 }
 
 /// Checks a static CVV2 under each candidate CVK (current first, then previous
@@ -952,6 +1019,65 @@ fn is_expired(expiry: Expiry, now_ms: u64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn rules(single_use: bool, failure_limit: Option<u32>) -> CardRules {
+        CardRules {
+            single_use,
+            failure_limit,
+            failure_period_seconds: 86_400,
+            window_seconds: 300,
+            past_windows: 1,
+        }
+    }
+
+    const NOW: i64 = 1_800_000_000;
+
+    #[test]
+    fn a_card_at_its_failure_limit_is_blocked_even_with_the_right_code() {
+        let r = rules(true, Some(5));
+        assert_eq!(r.decide(NOW, Some(5), Some(7), false), Decision::Blocked);
+        assert_eq!(r.decide(NOW, Some(9), None, false), Decision::Blocked);
+        // One below the limit still counts the code.
+        assert!(matches!(
+            r.decide(NOW, Some(4), Some(7), false),
+            Decision::SpendWindow { .. }
+        ));
+    }
+
+    #[test]
+    fn a_match_spends_its_window_until_the_grace_windows_after_it_have_passed() {
+        let window = u64::try_from(NOW / 300).unwrap();
+        assert_eq!(
+            rules(true, None).decide(NOW, None, Some(window), false),
+            Decision::SpendWindow {
+                window: NOW / 300,
+                last_acceptable: (NOW / 300 + 2) * 300,
+            }
+        );
+        // Without single use a match is approved and nothing is spent.
+        assert_eq!(
+            rules(false, Some(5)).decide(NOW, Some(0), Some(window), false),
+            Decision::Match
+        );
+    }
+
+    #[test]
+    fn a_mismatch_is_counted_only_under_a_failure_limit_and_names_a_static_code() {
+        assert_eq!(
+            rules(true, Some(5)).decide(NOW, Some(0), None, false),
+            Decision::Fail {
+                reason: Reason::Mismatch,
+                counted_until: Some(NOW + 86_400),
+            }
+        );
+        assert_eq!(
+            rules(true, None).decide(NOW, None, None, true),
+            Decision::Fail {
+                reason: Reason::StaticCvv2Disabled,
+                counted_until: None,
+            }
+        );
+    }
 
     fn ms(date: time::OffsetDateTime) -> u64 {
         u64::try_from(date.unix_timestamp()).unwrap() * 1000

@@ -12,13 +12,13 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use base64::Engine as _;
+use dcvv_gateway::Gateway;
 use dcvv_gateway::audit::AuditSettings;
 use dcvv_gateway::config::Settings;
 use dcvv_gateway::domain::Tdcvv2Profile;
 use dcvv_gateway::domain::programme::{Programme, Programmes};
 use dcvv_gateway::domain::service::{Clock, ProgrammeAccess, ServiceSettings};
 use dcvv_gateway::hsm::{KeyKind, KeyLabel};
-use dcvv_gateway::Gateway;
 use dcvv_gateway::http::clients::{ClientSettings, Scope, SecretSource};
 use dcvv_gateway::http::settings::{ServerSettings, Transport};
 use dcvv_gateway::http::signature::{ClientSecret, RequestToSign, ResponseToSign};
@@ -226,9 +226,7 @@ impl TestGateway {
     }
 
     /// As [`TestGateway::start`], returning the gateway's refusal to start.
-    pub async fn try_start(
-        options: Options,
-    ) -> Result<TestGateway, dcvv_gateway::StartError> {
+    pub async fn try_start(options: Options) -> Result<TestGateway, dcvv_gateway::StartError> {
         let dir = tempfile::tempdir().unwrap();
         let secret_file = |name: &str, value: &str| {
             let path = dir.path().join(name);
