@@ -1543,7 +1543,7 @@ async fn sqlite_probe_is_unavailable_while_another_process_holds_the_write_lock(
 /// `err` says its batch could not be committed because the disk is full.
 fn assert_batch_lost_to_a_full_disk(err: &StoreError) {
     assert!(
-        matches!(err, StoreError::Unavailable(Cause::BatchLost(reason)) if reason.contains("full")),
+        matches!(&err, StoreError::Unavailable(Cause::BatchLost(cause)) if cause.to_string().contains("full")),
         "{err:?}"
     );
     assert!(err.is_unavailable());

@@ -25,7 +25,7 @@ use crate::hsm::{HsmError, KeyKind, KeyLabel, Token};
 
 pub use record::{GENESIS, RequestFacts};
 pub use verify::{VerifyError, VerifyOptions, VerifySummary, verify_paths};
-pub use writer::{AuditObserver, NoAuditObserver, Trail};
+pub use writer::{AuditObserver, DownReason, NoAuditObserver, Trail};
 
 /// The `[audit]` settings.
 #[derive(Clone, Debug)]
@@ -64,7 +64,7 @@ pub enum AuditError {
     SealKey(#[from] HsmError),
     /// The trail is down (a write failed); requests are refused until it recovers.
     #[error("audit trail down: {0}")]
-    Down(String),
+    Down(DownReason),
     /// The record was not made durable in time.
     #[error("audit record not durable within {0:?}")]
     Timeout(Duration),

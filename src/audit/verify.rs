@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use super::SealChecker;
 use super::record::{self, Fields, GENESIS, parse_file_name, seal_message};
-use crate::hsm::KeyLabel;
+use crate::hsm::{HsmError, KeyLabel};
 
 /// How strict a verification is.
 #[derive(Debug, Clone, Copy, Default)]
@@ -238,7 +238,8 @@ fn verify_file(
                 summary.unsealed += 1;
             }
             "seal" => {
-                check_seal(&fields, seq, prev, checker).map_err(|reason| fail(line, reason))?;
+                check_seal(&fields, seq, prev, checker)
+                    .map_err(|problem| fail(line, problem.to_string()))?;
                 summary.seals += 1;
                 summary.last_sealed_seq = Some(seq);
                 summary.unsealed = 0;
@@ -254,29 +255,42 @@ fn verify_file(
     Ok(())
 }
 
+/// Why a seal record does not hold.
+#[derive(Debug, thiserror::Error)]
+enum SealProblem {
+    #[error("seal without key_label")]
+    NoKeyLabel,
+    #[error("seal key_label is not a key label")]
+    BadKeyLabel,
+    #[error("seal mac is not hex")]
+    BadMac,
+    #[error(
+        "seal does not verify under {0} in the token (forged seal, or records before it rewritten)"
+    )]
+    Forged(KeyLabel),
+    #[error("seal cannot be checked: {0}")]
+    Unchecked(#[source] HsmError),
+}
+
 fn check_seal(
     fields: &Fields,
     seq: u64,
     prev: &str,
     checker: &dyn SealChecker,
-) -> Result<(), String> {
+) -> Result<(), SealProblem> {
     let label = fields
         .get("key_label")
         .and_then(Value::as_str)
-        .ok_or("seal without key_label")?;
-    let label: KeyLabel = label
-        .parse()
-        .map_err(|_| "seal key_label is not a key label".to_owned())?;
+        .ok_or(SealProblem::NoKeyLabel)?;
+    let label: KeyLabel = label.parse().map_err(|_| SealProblem::BadKeyLabel)?;
     let mac = fields
         .get("mac")
         .and_then(Value::as_str)
         .and_then(|m| hex::decode(m).ok())
-        .ok_or("seal mac is not hex")?;
+        .ok_or(SealProblem::BadMac)?;
     match checker.check(&label, &seal_message(seq, prev), &mac) {
         Ok(true) => Ok(()),
-        Ok(false) => Err(format!(
-            "seal does not verify under {label} in the token (forged seal, or records before it rewritten)"
-        )),
-        Err(e) => Err(format!("seal cannot be checked: {e}")),
+        Ok(false) => Err(SealProblem::Forged(label)),
+        Err(e) => Err(SealProblem::Unchecked(e)),
     }
 }

@@ -79,7 +79,7 @@ enum Job {
 #[derive(Debug, Default)]
 struct Health {
     down: AtomicBool,
-    reason: Mutex<String>,
+    reason: Mutex<DownReason>,
     refused: AtomicU64,
 }
 
@@ -171,14 +171,11 @@ impl Trail {
     }
 
     /// Why the trail is down, or `None` while it is up.
-    pub fn down_reason(&self) -> Option<String> {
-        self.health.down.load(Ordering::SeqCst).then(|| {
-            self.health
-                .reason
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone()
-        })
+    pub fn down_reason(&self) -> Option<DownReason> {
+        self.health
+            .down
+            .load(Ordering::SeqCst)
+            .then(|| *self.health.reason.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Counts a request refused before it ran because the trail is down (the
@@ -378,8 +375,7 @@ impl Writer {
         if self.down_since.is_none() && self.unsealed > 0 {
             self.seal();
         }
-        *self.health.reason.lock().unwrap_or_else(|p| p.into_inner()) =
-            "the audit trail is closed".into();
+        *self.health.reason.lock().unwrap_or_else(|p| p.into_inner()) = DownReason::Closed;
         self.health.down.store(true, Ordering::SeqCst);
         let _ = reply.send(());
     }
@@ -388,7 +384,7 @@ impl Writer {
         if let Some(reason) = self.down_reason() {
             for (_, reply) in batch {
                 self.health.refused.fetch_add(1, Ordering::SeqCst);
-                let _ = reply.send(Err(AuditError::Down(reason.clone())));
+                let _ = reply.send(Err(AuditError::Down(reason)));
             }
             return;
         }
@@ -418,25 +414,20 @@ impl Writer {
             }
             Err(reason) => {
                 for (_, reply) in batch {
-                    let _ = reply.send(Err(AuditError::Down(reason.clone())));
+                    let _ = reply.send(Err(AuditError::Down(reason)));
                 }
             }
         }
     }
 
-    fn down_reason(&self) -> Option<String> {
-        self.down_since.map(|_| {
-            self.health
-                .reason
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone()
-        })
+    fn down_reason(&self) -> Option<DownReason> {
+        self.down_since
+            .map(|_| *self.health.reason.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Appends records as one write and one fsync; on failure truncates back,
     /// marks the trail down and returns the reason. Returns the first seq.
-    fn append(&mut self, records: Vec<(Fields, &'static str)>) -> Result<u64, String> {
+    fn append(&mut self, records: Vec<(Fields, &'static str)>) -> Result<u64, DownReason> {
         let started = Instant::now();
         let count = records.len();
         let first = self.next_seq;
@@ -458,11 +449,11 @@ impl Writer {
                 Ok(first)
             }
             Err(e) => {
-                let reason = reason_of(&e);
+                let reason = DownReason::of(&e);
                 if self.down_since.is_none() {
                     tracing::error!(directory = %self.dir.display(), error = %e, "audit trail write failed; refusing requests until it recovers");
                 }
-                self.go_down(&reason);
+                self.go_down(reason);
                 Err(reason)
             }
         }
@@ -513,8 +504,8 @@ impl Writer {
         }
     }
 
-    fn go_down(&mut self, reason: &str) {
-        *self.health.reason.lock().unwrap_or_else(|p| p.into_inner()) = reason.to_owned();
+    fn go_down(&mut self, reason: DownReason) {
+        *self.health.reason.lock().unwrap_or_else(|p| p.into_inner()) = reason;
         if self.down_since.is_none() {
             self.down_since = Some(record::now_ms());
             self.health.down.store(true, Ordering::SeqCst);
@@ -603,19 +594,52 @@ impl Drop for Writer {
     /// The writer is gone (closed at shutdown, or a bug): no record can be
     /// written any more, so the trail is down from now on.
     fn drop(&mut self) {
-        *self.health.reason.lock().unwrap_or_else(|p| p.into_inner()) =
-            "the audit writer has stopped".into();
+        *self.health.reason.lock().unwrap_or_else(|p| p.into_inner()) = DownReason::WriterStopped;
         self.health.down.store(true, Ordering::SeqCst);
     }
 }
 
-/// A short, stable reason for `/readyz` and the notice.
-fn reason_of(e: &std::io::Error) -> String {
-    match e.raw_os_error() {
-        Some(28) => "no space left on the trail's device".into(),
-        Some(30) => "the trail's file system is read-only".into(),
-        Some(1 | 13) => "permission denied on the trail's file".into(),
-        _ => format!("write failed: {}", e.kind()),
+/// Why the trail is down: a short, stable text for `/readyz`, the log and
+/// the notices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DownReason {
+    /// The device is full.
+    NoSpace,
+    /// The file system is read-only.
+    ReadOnly,
+    /// The trail's file may not be written.
+    PermissionDenied,
+    /// Another write or fsync failure.
+    WriteFailed(std::io::ErrorKind),
+    /// Closed at shutdown.
+    Closed,
+    /// The writer thread is gone.
+    #[default]
+    WriterStopped,
+}
+
+impl DownReason {
+    /// The reason of a failed write or fsync.
+    pub fn of(e: &std::io::Error) -> Self {
+        match e.kind() {
+            std::io::ErrorKind::StorageFull => DownReason::NoSpace,
+            std::io::ErrorKind::ReadOnlyFilesystem => DownReason::ReadOnly,
+            std::io::ErrorKind::PermissionDenied => DownReason::PermissionDenied,
+            kind => DownReason::WriteFailed(kind),
+        }
+    }
+}
+
+impl std::fmt::Display for DownReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DownReason::NoSpace => f.write_str("no space left on the trail's device"),
+            DownReason::ReadOnly => f.write_str("the trail's file system is read-only"),
+            DownReason::PermissionDenied => f.write_str("permission denied on the trail's file"),
+            DownReason::WriteFailed(kind) => write!(f, "write failed: {kind}"),
+            DownReason::Closed => f.write_str("the audit trail is closed"),
+            DownReason::WriterStopped => f.write_str("the audit writer has stopped"),
+        }
     }
 }
 

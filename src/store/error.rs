@@ -56,8 +56,8 @@ pub enum Cause {
     #[error("the store is closed")]
     Closed,
     /// The batch the transaction ran in could not be committed: nothing of it is kept.
-    #[error("group commit failed: {0}")]
-    BatchLost(Arc<str>),
+    #[error("group commit failed")]
+    BatchLost(#[source] Arc<StoreError>),
     /// The thread or task running the transaction stopped before answering.
     #[error("the store's worker stopped")]
     WorkerStopped,

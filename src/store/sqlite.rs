@@ -270,7 +270,7 @@ trait Pending: Send {
     /// Runs the closure; `true` when it returned `Ok` (its savepoint is kept).
     fn run(&mut self, tx: &mut StoreTx<'_>) -> bool;
     /// Answers the request once its batch has ended.
-    fn finish(self: Box<Self>, batch: &Result<(), Arc<str>>);
+    fn finish(self: Box<Self>, batch: &Result<(), Arc<StoreError>>);
 }
 
 struct Request<F, T, E> {
@@ -311,7 +311,7 @@ where
         ok
     }
 
-    fn finish(mut self: Box<Self>, batch: &Result<(), Arc<str>>) {
+    fn finish(mut self: Box<Self>, batch: &Result<(), Arc<StoreError>>) {
         let answer = match (batch, self.result.take()) {
             (Ok(()), Some(result)) => result,
             (Ok(()), None) => Err(StoreError::Unavailable(Cause::WorkerStopped).into()),
@@ -356,7 +356,7 @@ impl StoreThread {
             if let Some(done) = close {
                 // Requests queued behind the close are answered unavailable.
                 while let Ok(Job::Work(pending)) = queue.try_recv() {
-                    pending.finish(&Err(Arc::from("the store is closed")));
+                    pending.finish(&Err(Arc::new(StoreError::Unavailable(Cause::Closed))));
                 }
                 self.conn = None;
                 let _ = done.send(());
@@ -369,12 +369,12 @@ impl StoreThread {
     fn commit(&mut self, batch: Vec<Box<dyn Pending>>) {
         let outcome = match self.connection() {
             Ok(conn) => run_batch(conn, batch),
-            Err(e) => (Err(e.to_string()), batch),
+            Err(e) => (Err(e), batch),
         };
         let (result, batch) = outcome;
-        let result = result.map_err(|reason| {
-            tracing::warn!(%reason, requests = batch.len(), "store batch lost; its requests get 503");
-            Arc::<str>::from(reason)
+        let result = result.map_err(|e| {
+            tracing::warn!(error = %e, requests = batch.len(), "store batch lost; its requests get 503");
+            Arc::new(e)
         });
         for pending in batch {
             pending.finish(&result);
@@ -396,9 +396,9 @@ impl StoreThread {
 fn run_batch(
     conn: &Connection,
     mut batch: Vec<Box<dyn Pending>>,
-) -> (Result<(), String>, Vec<Box<dyn Pending>>) {
+) -> (StoreResult<()>, Vec<Box<dyn Pending>>) {
     if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
-        return (Err(StoreError::from(e).to_string()), batch);
+        return (Err(StoreError::from(e)), batch);
     }
     let now = Instant::now();
     let mut lost = None;
@@ -407,7 +407,7 @@ fn run_batch(
             continue;
         }
         if let Err(e) = conn.execute_batch(SAVEPOINT) {
-            lost = Some(StoreError::from(e).to_string());
+            lost = Some(StoreError::from(e));
             break;
         }
         let mut tx = StoreTx::new(TxInner::Sqlite(Statements { conn }));
@@ -417,15 +417,13 @@ fn run_batch(
             ROLLBACK_TO
         };
         if let Err(e) = conn.execute_batch(end) {
-            lost = Some(StoreError::from(e).to_string());
+            lost = Some(StoreError::from(e));
             break;
         }
     }
     let committed = match lost {
         Some(reason) => Err(reason),
-        None => conn
-            .execute_batch("COMMIT")
-            .map_err(|e| StoreError::from(e).to_string()),
+        None => conn.execute_batch("COMMIT").map_err(StoreError::from),
     };
     if committed.is_err() && !conn.is_autocommit() {
         // SQLite rolls some failures back by itself; otherwise end it here.
