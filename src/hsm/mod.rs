@@ -14,6 +14,7 @@ mod error;
 mod mechanism;
 mod policy;
 mod pool;
+mod sync;
 mod token;
 
 pub use admin::{Component, CreatedKey, KeyListing};

@@ -16,6 +16,7 @@ use cryptoki::session::Session;
 use cryptoki::slot::Slot;
 
 use super::error::{HsmError, HsmResult};
+use super::sync::{lock, wait_timeout};
 
 #[derive(Debug, Default)]
 struct PoolState {
@@ -43,9 +44,8 @@ impl SessionPool {
     }
 
     fn lock(&self) -> MutexGuard<'_, PoolState> {
-        // A panic while holding this lock cannot leave the state inconsistent
-        // (every update is a single push/pop/counter change), so recover it.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        // Every update is a single push/pop/counter change (see `sync`).
+        lock(&self.state)
     }
 
     /// Sessions checked out now, and the most that may be.
@@ -83,11 +83,7 @@ impl SessionPool {
                     millis: u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX),
                 });
             }
-            state = self
-                .freed
-                .wait_timeout(state, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            state = wait_timeout(&self.freed, state, deadline - now);
         }
     }
 
