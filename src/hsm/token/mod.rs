@@ -28,7 +28,6 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use cryptoki::context::Pkcs11;
 use cryptoki::session::Session;
 use cryptoki::slot::Slot;
-use zeroize::Zeroizing;
 
 use super::availability::Availability;
 use super::error::HsmResult;
@@ -43,6 +42,7 @@ pub use counters::OpCounts;
 pub(in crate::hsm) use inspect::{find_key, inspect};
 pub use ops::{CvvCipher, CvvKeySource};
 pub(in crate::hsm) use ops::{EphemeralKey, hmac_kcv, kcv_des, session_des_encrypt_template};
+use settings::UserPin;
 pub use settings::{HsmSettings, PinSource};
 
 /// An open, logged-in token.
@@ -58,7 +58,8 @@ pub struct Token {
     slot: Mutex<Slot>,
     label: String,
     pin_source: PinSource,
-    pin: Mutex<Zeroizing<String>>,
+    /// The PIN the token last accepted: logged in with again by recovery.
+    pin: Mutex<UserPin>,
     /// `None` only between the teardown and the end of a re-initialization.
     anchor: Mutex<Option<Session>>,
     pool: SessionPool,
@@ -91,7 +92,7 @@ impl Token {
         let slot = find_token(&ctx, &settings.token_label)?;
         let pin = settings.pin.read()?;
         let anchor = ctx.open_ro_session(slot)?;
-        login(&anchor, &pin)?;
+        login(&anchor, pin.secret())?;
         tracing::info!(token = %settings.token_label, "logged in to the token");
         Ok(Token {
             ctx,

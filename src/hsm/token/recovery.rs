@@ -25,10 +25,9 @@ use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::session::{Session, SessionState, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
-use zeroize::Zeroizing;
 
 use super::Token;
-use crate::hsm::availability::{RecoveryCounts, TokenState, pin_digest};
+use crate::hsm::availability::{RecoveryCounts, TokenState};
 use crate::hsm::error::{HsmError, HsmResult};
 use crate::hsm::pool::PooledSession;
 use crate::hsm::sync::{lock, try_read, write};
@@ -125,8 +124,7 @@ impl Token {
         tracing::warn!(error = %e, "re-opening and logging in again failed");
         let state = e.token_state();
         if state == TokenState::PinRefused {
-            let digest = pin_digest(&lock(&self.pin));
-            self.availability.refuse_pin(digest);
+            self.availability.refuse_pin(lock(&self.pin).digest());
         }
         self.lost(state)
     }
@@ -149,9 +147,8 @@ impl Token {
         *lock(&self.slot) = slot;
         let mut anchor = self.anchor();
         let fresh = self.ctx.open_ro_session(slot)?;
-        let pin = lock(&self.pin).clone();
         self.availability.count_login();
-        login(&fresh, &pin)?;
+        login(&fresh, lock(&self.pin).secret())?;
         *anchor = Some(fresh);
         Ok(())
     }
@@ -213,7 +210,7 @@ impl Token {
                 return;
             }
         };
-        let digest = pin_digest(&pin);
+        let digest = pin.digest();
         if self.availability.is_refused(&digest) {
             self.availability.still_refused();
             return;
@@ -222,7 +219,7 @@ impl Token {
         let started = Instant::now();
         let result = {
             let _exclusive = write(&self.library);
-            self.reinitialize(&pin)
+            self.reinitialize(pin.secret())
         };
         match result {
             Ok(()) => {
@@ -253,7 +250,7 @@ impl Token {
 
     /// Closes every session, finalizes and initializes the library, finds the
     /// token by label and logs in. Runs under the exclusive library lock.
-    fn reinitialize(&self, pin: &Zeroizing<String>) -> HsmResult<()> {
+    fn reinitialize(&self, pin: &AuthPin) -> HsmResult<()> {
         self.forget_all_keys();
         self.pool.clear();
         let mut anchor = self.anchor();
@@ -379,9 +376,8 @@ pub(super) fn ensure_logged_in(session: &Session) -> HsmResult<()> {
 }
 
 /// Logs the user in; already logged in (by another session) is success (STYLE 3).
-pub(super) fn login(session: &Session, pin: &Zeroizing<String>) -> HsmResult<()> {
-    let pin = AuthPin::from(pin.as_str().to_owned());
-    match session.login(UserType::User, Some(&pin)) {
+pub(super) fn login(session: &Session, pin: &AuthPin) -> HsmResult<()> {
+    match session.login(UserType::User, Some(pin)) {
         Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
         Err(e) => Err(e.into()),
     }

@@ -6,8 +6,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use cryptoki::types::AuthPin;
 use zeroize::Zeroizing;
 
+use crate::hsm::availability::pin_digest;
 use crate::hsm::error::{HsmError, HsmResult};
 
 /// Where the user PIN comes from (DESIGN 3: never from a committed file).
@@ -21,8 +23,9 @@ pub enum PinSource {
 
 impl PinSource {
     /// Reads the PIN now (again at every re-initialization: an operator may fix
-    /// a refused PIN while the gateway runs).
-    pub(super) fn read(&self) -> HsmResult<Zeroizing<String>> {
+    /// a refused PIN while the gateway runs). The value is read once into a
+    /// zeroizing buffer and copied once, trimmed, into the `AuthPin`.
+    pub(super) fn read(&self) -> HsmResult<UserPin> {
         let raw = Zeroizing::new(match self {
             PinSource::Env(name) => std::env::var(name).map_err(|_| {
                 HsmError::PinUnavailable(format!("environment variable {name} is not set"))
@@ -35,7 +38,36 @@ impl PinSource {
         if pin.is_empty() {
             return Err(HsmError::PinUnavailable("the PIN is empty".into()));
         }
-        Ok(Zeroizing::new(pin.to_owned()))
+        Ok(UserPin {
+            digest: pin_digest(pin),
+            secret: AuthPin::from(pin),
+        })
+    }
+}
+
+/// The user PIN as read from its source: the secret `C_Login` takes, and its
+/// digest, to recognize a PIN the token refused without keeping a second copy.
+pub(super) struct UserPin {
+    secret: AuthPin,
+    digest: [u8; 32],
+}
+
+impl UserPin {
+    /// The PIN, for `C_Login` only.
+    pub(super) fn secret(&self) -> &AuthPin {
+        &self.secret
+    }
+
+    /// SHA-256 of the PIN (see `availability`).
+    pub(super) fn digest(&self) -> [u8; 32] {
+        self.digest
+    }
+}
+
+/// Never shows the PIN or its digest.
+impl std::fmt::Debug for UserPin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UserPin(***)")
     }
 }
 
@@ -52,4 +84,22 @@ pub struct HsmSettings {
     pub max_sessions: usize,
     /// How long a call waits for a free session before failing with `Busy`.
     pub checkout_timeout: Duration,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pin_is_read_trimmed_and_never_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pin");
+        std::fs::write(&path, "1234\r\n").unwrap();
+        let pin = PinSource::File(path.clone()).read().unwrap();
+        assert_eq!(pin.digest(), pin_digest("1234"));
+        assert_eq!(format!("{pin:?}"), "UserPin(***)");
+        std::fs::write(&path, "\n").unwrap();
+        let err = PinSource::File(path).read().unwrap_err();
+        assert!(matches!(err, HsmError::PinUnavailable(_)), "{err:?}");
+    }
 }
