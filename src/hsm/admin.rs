@@ -86,7 +86,7 @@ fn secret_key_template(kind: KeyKind, token: bool) -> Vec<Attribute> {
     let usage = kind.usage();
     vec![
         Attribute::Class(ObjectClass::SECRET_KEY),
-        Attribute::KeyType(kind.key_type()),
+        Attribute::KeyType(kind.key_type().to_cryptoki()),
         Attribute::Token(token),
         Attribute::Private(true),
         Attribute::Sensitive(true),

@@ -16,12 +16,14 @@ mod policy;
 mod pool;
 mod sync;
 mod token;
+mod types;
 
 pub use admin::{Component, CreatedKey, KeyListing};
 pub use availability::{FIRST_BACKOFF, MAX_BACKOFF, RecoveryCounts, TokenState};
 pub use error::{HsmError, HsmResult};
 pub use policy::{Kcv, KeyAttributes, KeyKind, KeyLabel, Usage};
 pub use token::{CvvCipher, CvvKeySource, HsmSettings, OpCounts, PinSource, Token};
+pub use types::{ForeignKeyType, ForeignMechanism, KeyType, Mechanism};
 
 use zeroize::Zeroizing;
 

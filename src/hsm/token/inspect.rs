@@ -6,12 +6,13 @@
 //! object, or reads a key value. An attribute the token hides or cannot report
 //! is taken at its widest, so a key can never look narrower than it is.
 
-use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 
 use crate::hsm::error::{HsmError, HsmResult};
 use crate::hsm::mechanism::{AllowedMechanisms, read_allowed_mechanisms};
 use crate::hsm::policy::{Kcv, KeyAttributes, KeyKind, Usage};
+use crate::hsm::types::KeyType;
 
 /// What the token says about one key object.
 #[derive(Debug)]
@@ -90,7 +91,7 @@ pub(in crate::hsm) fn inspect(session: &Session, handle: ObjectHandle) -> HsmRes
     // Unknown or absent attributes stay at their widest reading, so a token that
     // hides one cannot make a key look narrower than it is.
     let mut attrs = KeyAttributes {
-        key_type: KeyType::GENERIC_SECRET,
+        key_type: KeyType::GenericSecret,
         token: false,
         private: false,
         sensitive: false,
@@ -116,7 +117,7 @@ pub(in crate::hsm) fn inspect(session: &Session, handle: ObjectHandle) -> HsmRes
         match attribute {
             Attribute::Label(v) => label = String::from_utf8_lossy(&v).into_owned(),
             Attribute::Id(v) => kind = KeyKind::from_object_id(&v),
-            Attribute::KeyType(t) => attrs.key_type = t,
+            Attribute::KeyType(t) => attrs.key_type = KeyType::from_cryptoki(t),
             Attribute::Token(b) => attrs.token = b,
             Attribute::Private(b) => attrs.private = b,
             Attribute::Sensitive(b) => attrs.sensitive = b,
