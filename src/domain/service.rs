@@ -817,7 +817,10 @@ fn pan_index<H: CardCrypto>(
     input.extend_from_slice(pan.digits().as_bytes());
     let digest = engine.hsm().hmac(label, KeyKind::PanIndex, &input)?;
     let bytes: [u8; 32] = digest[..].try_into().map_err(|_| {
-        DomainError::Hsm(HsmError::Wrapper("PAN-index HMAC is not 32 bytes".into()))
+        DomainError::Hsm(HsmError::Wrapper(hsm::Malfunction::OutputLength {
+            mechanism: hsm::Mechanism::Sha256Hmac,
+            len: digest.len(),
+        }))
     })?;
     Ok(CardId(bytes))
 }

@@ -6,7 +6,6 @@
 //! holding that value cannot be parsed by cryptoki either: see
 //! [`read_allowed_mechanisms`].
 
-use cryptoki::error::Error as CkError;
 use cryptoki::mechanism::misc::KeyDerivationStringData;
 use cryptoki::mechanism::vendor_defined::VendorDefinedMechanism;
 use cryptoki::mechanism::{Mechanism as CkMechanism, MechanismType};
@@ -14,6 +13,7 @@ use cryptoki::object::{Attribute, AttributeInfo, AttributeType, ObjectHandle};
 use cryptoki::session::Session;
 use cryptoki_sys::{CK_MECHANISM_TYPE, CK_ULONG, CKM_DES3_ECB_ENCRYPT_DATA};
 
+use super::error::{Benign, HsmResult, tolerate};
 use super::types::Mechanism;
 
 /// The `MechanismType` of `CKM_DES3_ECB_ENCRYPT_DATA`.
@@ -55,9 +55,10 @@ pub(super) fn allowed_mechanisms(mechanisms: &[Mechanism]) -> Attribute {
 pub(super) fn read_allowed_mechanisms(
     session: &Session,
     handle: ObjectHandle,
-) -> cryptoki::error::Result<AllowedMechanisms> {
-    match session.get_attributes(handle, &[AttributeType::AllowedMechanisms]) {
-        Ok(attrs) => Ok(AllowedMechanisms::Listed(
+) -> HsmResult<AllowedMechanisms> {
+    let read = session.get_attributes(handle, &[AttributeType::AllowedMechanisms]);
+    if let Some(attrs) = tolerate(read, Benign::Unparseable)? {
+        return Ok(AllowedMechanisms::Listed(
             attrs
                 .into_iter()
                 .find_map(|a| match a {
@@ -67,18 +68,15 @@ pub(super) fn read_allowed_mechanisms(
                     _ => None,
                 })
                 .unwrap_or_default(),
-        )),
-        Err(CkError::NotSupported | CkError::InvalidValue) => {
-            let info = session.get_attribute_info(handle, &[AttributeType::AllowedMechanisms])?;
-            Ok(match info.first() {
-                Some(AttributeInfo::Available(len)) if *len == size_of::<CK_ULONG>() => {
-                    AllowedMechanisms::Listed(vec![Mechanism::Des3EcbEncryptData])
-                }
-                _ => AllowedMechanisms::Unreadable,
-            })
-        }
-        Err(e) => Err(e),
+        ));
     }
+    let info = session.get_attribute_info(handle, &[AttributeType::AllowedMechanisms])?;
+    Ok(match info.first() {
+        Some(AttributeInfo::Available(len)) if *len == size_of::<CK_ULONG>() => {
+            AllowedMechanisms::Listed(vec![Mechanism::Des3EcbEncryptData])
+        }
+        _ => AllowedMechanisms::Unreadable,
+    })
 }
 
 /// What `CKA_ALLOWED_MECHANISMS` says.

@@ -9,7 +9,7 @@ use std::str::FromStr;
 
 use serde::Serialize;
 
-use super::error::HsmError;
+use super::error::{HsmError, KeyInputError};
 use super::types::{KeyType, Mechanism};
 
 /// Prefix of `CKA_ID` on every object the gateway owns; the rest names the kind.
@@ -138,11 +138,7 @@ impl FromStr for KeyKind {
         KeyKind::ALL
             .into_iter()
             .find(|k| k.as_str() == s)
-            .ok_or_else(|| {
-                HsmError::InvalidInput(format!(
-                    "unknown key kind {s:?} (expected one of cvk, imk-dcvv, imk-tdcvv2, pan-index, audit-seal)"
-                ))
-            })
+            .ok_or_else(|| HsmError::InvalidInput(KeyInputError::UnknownKind(s.to_owned())))
     }
 }
 
@@ -182,9 +178,7 @@ impl FromStr for KeyLabel {
         if ok {
             Ok(KeyLabel(s.to_owned()))
         } else {
-            Err(HsmError::InvalidInput(
-                "a key label is 1 to 64 characters of A-Z a-z 0-9 . _ -".into(),
-            ))
+            Err(HsmError::InvalidInput(KeyInputError::BadLabel))
         }
     }
 }

@@ -10,7 +10,6 @@
 
 use std::sync::Arc;
 
-use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::object::{Attribute, ObjectHandle};
 use cryptoki::session::Session;
 
@@ -18,7 +17,7 @@ use super::Token;
 use super::inspect::inspect_checked;
 use super::ops::{hmac_kcv, kcv_des};
 use super::recovery::ensure_logged_in;
-use crate::hsm::error::{HsmError, HsmResult};
+use crate::hsm::error::{Benign, HsmError, HsmResult, SessionLoss, tolerate};
 use crate::hsm::policy::{Kcv, KeyKind, KeyLabel};
 use crate::hsm::sync::{read, write};
 
@@ -88,10 +87,9 @@ impl Token {
 
     fn resolve(&self, label: &KeyLabel) -> HsmResult<LoadedKey> {
         let guard = self.anchor();
-        let anchor = guard.as_ref().ok_or(HsmError::Unavailable {
-            function: cryptoki::context::Function::GetSessionInfo,
-            rv: RvError::SessionHandleInvalid,
-        })?;
+        let anchor = guard
+            .as_ref()
+            .ok_or(HsmError::SessionLost(SessionLoss::NoAnchor))?;
         // Logged out, private keys are invisible: that is a lost login to
         // recover from, not a missing key.
         ensure_logged_in(anchor)?;
@@ -148,8 +146,8 @@ fn check_kind(label: &KeyLabel, key: &LoadedKey, wanted: KeyKind) -> HsmResult<(
     } else {
         Err(HsmError::WrongKeyKind {
             label: label.to_string(),
-            found: key.kind.as_str(),
-            wanted: wanted.as_str(),
+            found: key.kind,
+            wanted,
         })
     }
 }
@@ -159,9 +157,8 @@ fn check_kind(label: &KeyLabel, key: &LoadedKey, wanted: KeyKind) -> HsmResult<(
 /// on every use). Tokens that refuse to copy a non-modifiable key (SoftHSM 2.6
 /// does) keep using the token object: `None`.
 fn working_copy(session: &Session, handle: ObjectHandle) -> HsmResult<Option<ObjectHandle>> {
-    match session.copy_object(handle, &[Attribute::Token(false)]) {
-        Ok(copy) => Ok(Some(copy)),
-        Err(CkError::Pkcs11(RvError::AttributeReadOnly | RvError::ActionProhibited, _)) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
+    tolerate(
+        session.copy_object(handle, &[Attribute::Token(false)]),
+        Benign::CopyRefused,
+    )
 }

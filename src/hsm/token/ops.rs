@@ -9,7 +9,6 @@
 //! labels, blocks and derivation data, and nothing returned or logged carries
 //! them.
 
-use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::mechanism::misc::KeyDerivationStringData;
 use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
@@ -18,9 +17,10 @@ use zeroize::Zeroizing;
 
 use super::Token;
 use super::counters::OpCounters;
-use crate::hsm::error::{HsmError, HsmResult};
+use crate::hsm::error::{Benign, HsmError, HsmResult, Malfunction, tolerate};
 use crate::hsm::mechanism::{allowed_mechanisms, des3_ecb_encrypt_data};
 use crate::hsm::policy::{Kcv, KeyKind, KeyLabel};
+use crate::hsm::types::Mechanism as KeyMechanism;
 use crate::hsm::{BlockCipher, CardCrypto};
 
 /// Where the two keys of the CVV construction (DESIGN 2.1) come from.
@@ -100,7 +100,10 @@ pub(in crate::hsm) fn kcv_des(
     counters: &OpCounters,
 ) -> HsmResult<Kcv> {
     let out = encrypt(session, key, &[0u8; 8], counters)?;
-    Kcv::from_prefix(&out).ok_or_else(|| HsmError::Wrapper("short DES3 output".into()))
+    Kcv::from_prefix(&out).ok_or(HsmError::Wrapper(Malfunction::OutputLength {
+        mechanism: KeyMechanism::Des3Ecb,
+        len: out.len(),
+    }))
 }
 
 /// HMAC-SHA256 of `data` under `key`.
@@ -125,7 +128,10 @@ pub(in crate::hsm) fn hmac_kcv(
     counters: &OpCounters,
 ) -> HsmResult<Kcv> {
     let mac = hmac(session, key, &[0u8; 8], counters)?;
-    Kcv::from_prefix(&mac).ok_or_else(|| HsmError::Wrapper("short HMAC output".into()))
+    Kcv::from_prefix(&mac).ok_or(HsmError::Wrapper(Malfunction::OutputLength {
+        mechanism: KeyMechanism::Sha256Hmac,
+        len: mac.len(),
+    }))
 }
 
 /// A key object that is destroyed when dropped: per-card keys and temporary
@@ -265,13 +271,8 @@ impl Token {
     ) -> HsmResult<bool> {
         self.with_session(|session| {
             let key = self.key(label, kind)?;
-            match session.verify(&Mechanism::Sha256Hmac, key.main, data, mac) {
-                Ok(()) => Ok(true),
-                Err(CkError::Pkcs11(RvError::SignatureInvalid | RvError::SignatureLenRange, _)) => {
-                    Ok(false)
-                }
-                Err(e) => Err(e.into()),
-            }
+            let verified = session.verify(&Mechanism::Sha256Hmac, key.main, data, mac);
+            Ok(tolerate(verified, Benign::SignatureMismatch)?.is_some())
         })
     }
 }

@@ -21,14 +21,13 @@ use std::sync::{MutexGuard, RwLockReadGuard};
 use std::time::Instant;
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
-use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::session::{Session, SessionState, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 
 use super::Token;
 use crate::hsm::availability::{RecoveryCounts, TokenState};
-use crate::hsm::error::{HsmError, HsmResult};
+use crate::hsm::error::{Benign, HsmError, HsmResult, SessionLoss, tolerate};
 use crate::hsm::pool::PooledSession;
 use crate::hsm::sync::{lock, try_read, write};
 
@@ -260,13 +259,10 @@ impl Token {
         if let Err(e) = self.ctx.clone().finalize() {
             tracing::debug!(error = %HsmError::from(e), "C_Finalize before re-initialization");
         }
-        match self
+        let initialized = self
             .ctx
-            .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
-        {
-            Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
-            Err(e) => return Err(e.into()),
-        }
+            .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK));
+        tolerate(initialized, Benign::AlreadyInitialized)?;
         let slot = find_token(&self.ctx, &self.label)?;
         *lock(&self.slot) = slot;
         if self.ctx.get_token_info(slot)?.user_pin_locked() {
@@ -325,12 +321,11 @@ pub(super) fn load_module(path: &Path) -> HsmResult<Pkcs11> {
         return Err(not_found());
     }
     let ctx = Pkcs11::new(path).map_err(|_| not_found())?;
-    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-        // Another `Token` of this process initialized the library already; the
-        // library state is per process (issue 2), so that is success.
-        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(ctx),
-        Err(e) => Err(e.into()),
-    }
+    // Another `Token` of this process initialized the library already; the
+    // library state is per process (issue 2), so that is success.
+    let initialized = ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK));
+    tolerate(initialized, Benign::AlreadyInitialized)?;
+    Ok(ctx)
 }
 
 /// The one slot whose initialized token carries `label`.
@@ -368,17 +363,15 @@ pub(super) fn ensure_logged_in(session: &Session) -> HsmResult<()> {
     if matches!(state, SessionState::RoUser | SessionState::RwUser) {
         Ok(())
     } else {
-        Err(HsmError::Unavailable {
-            function: cryptoki::context::Function::GetSessionInfo,
-            rv: RvError::UserNotLoggedIn,
-        })
+        Err(HsmError::SessionLost(SessionLoss::LoggedOut))
     }
 }
 
 /// Logs the user in; already logged in (by another session) is success (STYLE 3).
 pub(super) fn login(session: &Session, pin: &AuthPin) -> HsmResult<()> {
-    match session.login(UserType::User, Some(pin)) {
-        Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
-        Err(e) => Err(e.into()),
-    }
+    tolerate(
+        session.login(UserType::User, Some(pin)),
+        Benign::AlreadyLoggedIn,
+    )?;
+    Ok(())
 }

@@ -10,7 +10,7 @@ use cryptoki::types::AuthPin;
 use zeroize::Zeroizing;
 
 use crate::hsm::availability::pin_digest;
-use crate::hsm::error::{HsmError, HsmResult};
+use crate::hsm::error::{HsmError, HsmResult, PinSourceError};
 
 /// Where the user PIN comes from (DESIGN 3: never from a committed file).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,16 +27,18 @@ impl PinSource {
     /// zeroizing buffer and copied once, trimmed, into the `AuthPin`.
     pub(super) fn read(&self) -> HsmResult<UserPin> {
         let raw = Zeroizing::new(match self {
-            PinSource::Env(name) => std::env::var(name).map_err(|_| {
-                HsmError::PinUnavailable(format!("environment variable {name} is not set"))
-            })?,
+            PinSource::Env(name) => std::env::var(name)
+                .map_err(|_| HsmError::PinUnavailable(PinSourceError::EnvNotSet(name.clone())))?,
             PinSource::File(path) => std::fs::read_to_string(path).map_err(|e| {
-                HsmError::PinUnavailable(format!("{}: {}", path.display(), e.kind()))
+                HsmError::PinUnavailable(PinSourceError::File {
+                    path: path.clone(),
+                    kind: e.kind(),
+                })
             })?,
         });
         let pin = raw.trim_end_matches(['\r', '\n']);
         if pin.is_empty() {
-            return Err(HsmError::PinUnavailable("the PIN is empty".into()));
+            return Err(HsmError::PinUnavailable(PinSourceError::Empty));
         }
         Ok(UserPin {
             digest: pin_digest(pin),
@@ -100,6 +102,9 @@ mod tests {
         assert_eq!(format!("{pin:?}"), "UserPin(***)");
         std::fs::write(&path, "\n").unwrap();
         let err = PinSource::File(path).read().unwrap_err();
-        assert!(matches!(err, HsmError::PinUnavailable(_)), "{err:?}");
+        assert!(
+            matches!(err, HsmError::PinUnavailable(PinSourceError::Empty)),
+            "{err:?}"
+        );
     }
 }
