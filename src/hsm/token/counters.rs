@@ -12,7 +12,7 @@ pub(in crate::hsm) struct OpCounters {
     sign: AtomicU64,
 }
 
-/// A snapshot of [`OpCounters`].
+/// A snapshot of the token's operation counts ([`Token::counters`](super::Token::counters)).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct OpCounts {
     /// `C_DeriveKey` calls.

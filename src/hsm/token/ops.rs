@@ -9,7 +9,7 @@
 //! labels, blocks and derivation data, and nothing returned or logged carries
 //! them.
 
-use cryptoki::mechanism::Mechanism;
+use cryptoki::mechanism::Mechanism as CkMechanism;
 use cryptoki::mechanism::misc::KeyDerivationStringData;
 use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
@@ -20,7 +20,7 @@ use super::counters::OpCounters;
 use crate::hsm::error::{Benign, HsmError, HsmResult, Malfunction, tolerate};
 use crate::hsm::mechanism::{allowed_mechanisms, des3_ecb_encrypt_data};
 use crate::hsm::policy::{Kcv, KeyKind, KeyLabel};
-use crate::hsm::types::Mechanism as KeyMechanism;
+use crate::hsm::types::Mechanism;
 use crate::hsm::{BlockCipher, CardCrypto};
 
 /// Where the two keys of the CVV construction (DESIGN 2.1) come from.
@@ -87,7 +87,7 @@ fn encrypt(
 ) -> HsmResult<Zeroizing<Vec<u8>>> {
     counters.count_encrypt();
     Ok(Zeroizing::new(session.encrypt(
-        &Mechanism::Des3Ecb,
+        &CkMechanism::Des3Ecb,
         key,
         blocks,
     )?))
@@ -101,7 +101,7 @@ pub(in crate::hsm) fn kcv_des(
 ) -> HsmResult<Kcv> {
     let out = encrypt(session, key, &[0u8; 8], counters)?;
     Kcv::from_prefix(&out).ok_or(HsmError::Wrapper(Malfunction::OutputLength {
-        mechanism: KeyMechanism::Des3Ecb,
+        mechanism: Mechanism::Des3Ecb,
         len: out.len(),
     }))
 }
@@ -115,7 +115,7 @@ fn hmac(
 ) -> HsmResult<Zeroizing<Vec<u8>>> {
     counters.count_sign();
     Ok(Zeroizing::new(session.sign(
-        &Mechanism::Sha256Hmac,
+        &CkMechanism::Sha256Hmac,
         key,
         data,
     )?))
@@ -129,7 +129,7 @@ pub(in crate::hsm) fn hmac_kcv(
 ) -> HsmResult<Kcv> {
     let mac = hmac(session, key, &[0u8; 8], counters)?;
     Kcv::from_prefix(&mac).ok_or(HsmError::Wrapper(Malfunction::OutputLength {
-        mechanism: KeyMechanism::Sha256Hmac,
+        mechanism: Mechanism::Sha256Hmac,
         len: mac.len(),
     }))
 }
@@ -271,7 +271,7 @@ impl Token {
     ) -> HsmResult<bool> {
         self.with_session(|session| {
             let key = self.key(label, kind)?;
-            let verified = session.verify(&Mechanism::Sha256Hmac, key.main, data, mac);
+            let verified = session.verify(&CkMechanism::Sha256Hmac, key.main, data, mac);
             Ok(tolerate(verified, Benign::SignatureMismatch)?.is_some())
         })
     }
