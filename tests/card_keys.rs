@@ -69,7 +69,10 @@ fn card_keys_are_destroyed_after_every_call_and_calls_are_constant() {
     let err = common::HSM
         .with_cvv_keys(source, |keys: &dyn BlockCipher| -> Result<(), HsmError> {
             keys.encrypt_single(&[0u8; 8])?;
-            Err(HsmError::InvalidInput("fail on purpose".into()))
+            // Any error of the caller's own: fail on purpose.
+            Err(HsmError::InvalidInput(
+                dcvv_gateway::hsm::KeyInputError::ZeroKey,
+            ))
         })
         .unwrap_err();
     assert!(matches!(err, HsmError::InvalidInput(_)));

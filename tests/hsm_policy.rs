@@ -75,8 +75,8 @@ fn missing_key_and_wrong_kind_are_typed() {
         matches!(
             err,
             HsmError::WrongKeyKind {
-                found: "imk-dcvv",
-                wanted: "cvk",
+                found: KeyKind::ImkDcvv,
+                wanted: KeyKind::Cvk,
                 ..
             }
         ),

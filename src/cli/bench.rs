@@ -14,10 +14,13 @@ use serde::Serialize;
 use super::CliError;
 
 /// One benchmarked operation; the argument varies the card per call.
-type BenchOp<'a> = &'a (dyn Fn(u64) -> Result<(), HsmError> + Sync);
-use crate::domain::{CodeLength, Engine, Expiry, Pan, SecurityCode, StaticCodeKind, Tdcvv2Profile};
+type BenchOp<'a> = &'a (dyn Fn(u64) -> Result<(), DomainError> + Sync);
+use crate::domain::{
+    CodeLength, DomainError, Engine, Expiry, Pan, SecurityCode, StaticCodeKind, Tdcvv2Profile,
+};
 use crate::hsm::{
     BlockCipher, CardCrypto, CvvKeySource, HsmError, KeyKind, KeyLabel, OpCounts, Token,
+    WorkerFailure,
 };
 use crate::http::process::Stat;
 
@@ -76,11 +79,11 @@ fn measure(
     let before = token.counters();
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(seconds);
-    let failures: Vec<HsmError> = std::thread::scope(|scope| {
+    let failures: Vec<DomainError> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..threads)
             .map(|t| {
                 let done = &done;
-                scope.spawn(move || -> Result<(), HsmError> {
+                scope.spawn(move || -> Result<(), DomainError> {
                     let mut i = t as u64 * 1_000_000_007;
                     while Instant::now() < deadline {
                         op(i)?;
@@ -96,7 +99,7 @@ fn measure(
             .filter_map(|w| match w.join() {
                 Ok(Ok(())) => None,
                 Ok(Err(e)) => Some(e),
-                Err(_) => Some(HsmError::Worker("benchmark thread panicked".into())),
+                Err(_) => Some(HsmError::Worker(WorkerFailure::Panicked).into()),
             })
             .collect()
     });
@@ -109,10 +112,8 @@ fn measure(
 }
 
 /// A Luhn-free test PAN that changes with `i` (the engine does not need Luhn).
-fn pan_for(i: u64) -> Result<Pan, HsmError> {
-    format!("4{:015}", i % 1_000_000_000_000_000)
-        .parse()
-        .map_err(|_| HsmError::InvalidInput("benchmark PAN".into()))
+fn pan_for(i: u64) -> Result<Pan, DomainError> {
+    format!("4{:015}", i % 1_000_000_000_000_000).parse()
 }
 
 /// The temporary keys, the engine over the token, and fixed card data: what
@@ -124,15 +125,6 @@ struct Fixture<'t> {
     profile: Tdcvv2Profile,
     now: u64,
     wrong: SecurityCode,
-}
-
-fn domain_error(e: crate::domain::DomainError) -> HsmError {
-    match e {
-        crate::domain::DomainError::KeyUnusable(h)
-        | crate::domain::DomainError::Unavailable(_, crate::domain::Cause::Hsm(h))
-        | crate::domain::DomainError::Internal(crate::domain::Cause::Hsm(h)) => h,
-        other => HsmError::InvalidInput(other.to_string()),
-    }
 }
 
 impl<'t> Fixture<'t> {
@@ -156,15 +148,16 @@ impl<'t> Fixture<'t> {
         Ok(fixture)
     }
 
-    fn raw(&self, _: u64) -> Result<(), HsmError> {
+    fn raw(&self, _: u64) -> Result<(), DomainError> {
         self.engine
             .hsm()
             .with_cvv_keys(CvvKeySource::Cvk(&self.keys.cvk), |k: &dyn BlockCipher| {
                 k.encrypt_double(&[0u8; 8]).map(drop)
             })
+            .map_err(DomainError::from)
     }
 
-    fn static_cvv2(&self, i: u64) -> Result<(), HsmError> {
+    fn static_cvv2(&self, i: u64) -> Result<(), DomainError> {
         self.engine
             .static_code(
                 &self.keys.cvk,
@@ -174,12 +167,11 @@ impl<'t> Fixture<'t> {
                 CodeLength::THREE,
             )
             .map(drop)
-            .map_err(domain_error)
     }
 
     /// A code that (almost always) does not match: every window is computed and
     /// compared, as for any verification (the engine has no early exit).
-    fn verify(&self, i: u64) -> Result<(), HsmError> {
+    fn verify(&self, i: u64) -> Result<(), DomainError> {
         self.engine
             .tdcvv2_verify(
                 &self.keys.imk,
@@ -190,10 +182,9 @@ impl<'t> Fixture<'t> {
                 &self.wrong,
             )
             .map(drop)
-            .map_err(domain_error)
     }
 
-    fn generate(&self, i: u64, count: u8) -> Result<(), HsmError> {
+    fn generate(&self, i: u64, count: u8) -> Result<(), DomainError> {
         self.engine
             .tdcvv2_generate(
                 &self.keys.imk,
@@ -204,7 +195,6 @@ impl<'t> Fixture<'t> {
                 count,
             )
             .map(drop)
-            .map_err(domain_error)
     }
 }
 

@@ -131,6 +131,9 @@ pub enum CliError {
     /// The token said no.
     #[error(transparent)]
     Hsm(#[from] HsmError),
+    /// A card operation of the benchmark failed.
+    #[error(transparent)]
+    Domain(#[from] crate::domain::DomainError),
     /// Keys too wide for their policy.
     #[error("{0} key(s) refused by policy")]
     PolicyViolations(usize),

@@ -93,9 +93,10 @@ impl<H: CardCrypto> Engine<H> {
         self.hsm.with_cvv_keys(source, |keys: &dyn BlockCipher| {
             let mut x = keys.encrypt_single(&b1)?;
             if x.len() != b1.len() {
-                return Err(HsmError::Wrapper(
-                    "DES3-ECB output length differs from input".into(),
-                ));
+                return Err(HsmError::Wrapper(crate::hsm::Malfunction::OutputLength {
+                    mechanism: crate::hsm::Mechanism::Des3Ecb,
+                    len: x.len(),
+                }));
             }
             for (chunk, (_, second)) in x.chunks_exact_mut(8).zip(inputs) {
                 chunk

@@ -822,7 +822,10 @@ fn pan_index<H: CardCrypto>(
     input.extend_from_slice(pan.digits().as_bytes());
     let digest = engine.hsm().hmac(label, KeyKind::PanIndex, &input)?;
     let bytes: [u8; 32] = digest[..].try_into().map_err(|_| {
-        DomainError::from(HsmError::Wrapper("PAN-index HMAC is not 32 bytes".into()))
+        DomainError::from(HsmError::Wrapper(hsm::Malfunction::OutputLength {
+            mechanism: hsm::Mechanism::Sha256Hmac,
+            len: digest.len(),
+        }))
     })?;
     Ok(CardId(bytes))
 }

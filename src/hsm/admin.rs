@@ -13,7 +13,7 @@ use cryptoki::session::Session;
 use serde::Serialize;
 use zeroize::Zeroizing;
 
-use super::error::{HsmError, HsmResult};
+use super::error::{HsmError, HsmResult, KeyInputError};
 use super::mechanism::{allowed_mechanisms, des3_ecb_encrypt_data};
 use super::policy::{Kcv, KeyAttributes, KeyKind, KeyLabel};
 use super::token::{
@@ -33,13 +33,16 @@ impl Component {
         let digits: Zeroizing<String> =
             Zeroizing::new(text.chars().filter(|c| !c.is_whitespace()).collect());
         let want = kind.key_len() * 2;
+        let malformed = || {
+            HsmError::InvalidInput(KeyInputError::ComponentFormat {
+                position,
+                digits: want,
+            })
+        };
         if digits.len() != want || !digits.chars().all(|c| c.is_ascii_hexdigit()) {
-            return Err(HsmError::InvalidInput(format!(
-                "component {position} is not {want} hex digits"
-            )));
+            return Err(malformed());
         }
-        let bytes = hex::decode(digits.as_bytes())
-            .map_err(|_| HsmError::InvalidInput(format!("component {position} is not hex")))?;
+        let bytes = hex::decode(digits.as_bytes()).map_err(|_| malformed())?;
         Ok(Component(Zeroizing::new(bytes)))
     }
 }
@@ -86,7 +89,7 @@ fn secret_key_template(kind: KeyKind, token: bool) -> Vec<Attribute> {
     let usage = kind.usage();
     vec![
         Attribute::Class(ObjectClass::SECRET_KEY),
-        Attribute::KeyType(kind.key_type()),
+        Attribute::KeyType(kind.key_type().to_cryptoki()),
         Attribute::Token(token),
         Attribute::Private(true),
         Attribute::Sensitive(true),
@@ -215,18 +218,16 @@ impl Token {
         components: &[Component],
     ) -> HsmResult<CreatedKey> {
         if !(2..=3).contains(&components.len()) {
-            return Err(HsmError::InvalidInput(format!(
-                "a key is imported from 2 or 3 components, not {}",
-                components.len()
+            return Err(HsmError::InvalidInput(KeyInputError::ComponentCount(
+                components.len(),
             )));
         }
         for (i, a) in components.iter().enumerate() {
             for (j, b) in components.iter().enumerate().skip(i + 1) {
                 if a.0 == b.0 {
-                    return Err(HsmError::InvalidInput(format!(
-                        "components {} and {} are the same",
+                    return Err(HsmError::InvalidInput(KeyInputError::RepeatedComponents(
                         i + 1,
-                        j + 1
+                        j + 1,
                     )));
                 }
             }
@@ -242,9 +243,7 @@ impl Token {
             value.iter_mut().zip(c.0.iter()).for_each(|(v, b)| *v ^= b);
         }
         if value.iter().all(|b| *b == 0) {
-            return Err(HsmError::InvalidInput(
-                "the components cancel out to a zero key".into(),
-            ));
+            return Err(HsmError::InvalidInput(KeyInputError::ZeroKey));
         }
         if kind.is_des() {
             set_odd_parity(&mut value);
@@ -275,9 +274,10 @@ impl Token {
         }
         let kcv = self.created_kcv(&session, kind, &created.handles, label)?;
         if kcv != expected {
-            return Err(HsmError::InvalidInput(format!(
-                "the token reports KCV {kcv} for the stored key but {expected} for the combined value; nothing kept"
-            )));
+            return Err(HsmError::InvalidInput(KeyInputError::KcvMismatch {
+                stored: kcv,
+                combined: expected,
+            }));
         }
         created.keep();
         tracing::info!(key = %label, kind = %kind, kcv = %kcv, "key imported from components");
@@ -393,9 +393,7 @@ impl Token {
                 let pair = self.object_kcv(&session, kind, created.handles[0])?;
                 let twin = self.object_kcv(&session, kind, created.handles[1])?;
                 if pair == twin {
-                    return Err(HsmError::InvalidInput(
-                        "generated halves are equal; run again".into(),
-                    ));
+                    return Err(HsmError::InvalidInput(KeyInputError::EqualHalves));
                 }
             }
             KeyKind::ImkDcvv | KeyKind::ImkTdcvv2 => {

@@ -10,12 +10,14 @@
 //! (never the PIN) and is not offered again: retrying a wrong PIN would lock the
 //! token. A changed PIN (a new value in its file or variable) is tried once.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+
+use super::sync::{lock, try_lock};
 
 /// First delay between two re-initialization attempts.
 pub const FIRST_BACKOFF: Duration = Duration::from_secs(1);
@@ -118,9 +120,9 @@ impl Availability {
         }
     }
 
-    fn schedule(&self) -> std::sync::MutexGuard<'_, Schedule> {
-        // Every update is a few plain assignments: a panic cannot leave it torn.
-        self.schedule.lock().unwrap_or_else(|p| p.into_inner())
+    fn schedule(&self) -> MutexGuard<'_, Schedule> {
+        // Every update is a few plain assignments: a panic cannot leave it torn (see `sync`).
+        lock(&self.schedule)
     }
 
     /// One atomic load: the fast path of every token call.
@@ -156,12 +158,8 @@ impl Availability {
     }
 
     /// The single-attempt guard; `None` when another thread is attempting.
-    pub(crate) fn try_attempt(&self) -> Option<std::sync::MutexGuard<'_, ()>> {
-        match self.attempting.try_lock() {
-            Ok(guard) => Some(guard),
-            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
-            Err(std::sync::TryLockError::WouldBlock) => None,
-        }
+    pub(crate) fn try_attempt(&self) -> Option<MutexGuard<'_, ()>> {
+        try_lock(&self.attempting)
     }
 
     pub(crate) fn count_attempt(&self) {

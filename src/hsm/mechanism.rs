@@ -6,19 +6,19 @@
 //! holding that value cannot be parsed by cryptoki either: see
 //! [`read_allowed_mechanisms`].
 
-use cryptoki::error::Error as CkError;
 use cryptoki::mechanism::misc::KeyDerivationStringData;
 use cryptoki::mechanism::vendor_defined::VendorDefinedMechanism;
-use cryptoki::mechanism::{Mechanism, MechanismType};
+use cryptoki::mechanism::{Mechanism as CkMechanism, MechanismType};
 use cryptoki::object::{Attribute, AttributeInfo, AttributeType, ObjectHandle};
 use cryptoki::session::Session;
-use cryptoki_sys::{CK_MECHANISM_TYPE, CK_ULONG};
+use cryptoki_sys::{CK_MECHANISM_TYPE, CK_ULONG, CKM_DES3_ECB_ENCRYPT_DATA};
 
-pub use cryptoki_sys::{CKM_DES3_ECB, CKM_DES3_ECB_ENCRYPT_DATA, CKM_SHA256_HMAC};
+use super::error::{Benign, HsmResult, tolerate};
+use super::types::Mechanism;
 
 /// The `MechanismType` of `CKM_DES3_ECB_ENCRYPT_DATA`.
 #[allow(unsafe_code)] // The one audited exception of STYLE 12; see SAFETY below.
-pub fn des3_ecb_encrypt_data_type() -> MechanismType {
+pub(super) fn des3_ecb_encrypt_data_type() -> MechanismType {
     // SAFETY: `MechanismType` is `#[repr(transparent)]` over `CK_MECHANISM_TYPE`
     // (cryptoki 0.12.1 src/mechanism/mod.rs, kept transparent so a `Vec<MechanismType>`
     // has the layout of a `CK_MECHANISM_TYPE` array), so every `CK_MECHANISM_TYPE`
@@ -29,26 +29,18 @@ pub fn des3_ecb_encrypt_data_type() -> MechanismType {
 
 /// `CKM_DES3_ECB_ENCRYPT_DATA` over `data` (a multiple of 8 bytes), borrowing the
 /// parameter for the lifetime of the mechanism.
-pub fn des3_ecb_encrypt_data<'a>(params: &'a KeyDerivationStringData<'a>) -> Mechanism<'a> {
-    Mechanism::VendorDefined(VendorDefinedMechanism::new(
+pub(super) fn des3_ecb_encrypt_data<'a>(
+    params: &'a KeyDerivationStringData<'a>,
+) -> CkMechanism<'a> {
+    CkMechanism::VendorDefined(VendorDefinedMechanism::new(
         des3_ecb_encrypt_data_type(),
         Some(params),
     ))
 }
 
 /// `CKA_ALLOWED_MECHANISMS` for a template.
-pub fn allowed_mechanisms(mechanisms: &[CK_MECHANISM_TYPE]) -> Attribute {
-    Attribute::AllowedMechanisms(mechanisms.iter().map(|m| mechanism_type(*m)).collect())
-}
-
-/// The gateway's kinds use three mechanisms (`KeyKind::mechanisms`); cryptoki
-/// names two of them.
-fn mechanism_type(m: CK_MECHANISM_TYPE) -> MechanismType {
-    match m {
-        CKM_DES3_ECB => MechanismType::DES3_ECB,
-        CKM_SHA256_HMAC => MechanismType::SHA256_HMAC,
-        _ => des3_ecb_encrypt_data_type(),
-    }
+pub(super) fn allowed_mechanisms(mechanisms: &[Mechanism]) -> Attribute {
+    Attribute::AllowedMechanisms(mechanisms.iter().map(|m| m.to_cryptoki()).collect())
 }
 
 /// Reads `CKA_ALLOWED_MECHANISMS`: empty when unset (any mechanism allowed).
@@ -60,52 +52,40 @@ fn mechanism_type(m: CK_MECHANISM_TYPE) -> MechanismType {
 /// the gateway sets on derive-only keys. A longer unparseable list is reported
 /// as unreadable, which the policy refuses. (Residual risk, docs/security/threat-model.md:
 /// a planted derive-only key allowed one other mechanism unknown to cryptoki.)
-pub fn read_allowed_mechanisms(
+pub(super) fn read_allowed_mechanisms(
     session: &Session,
     handle: ObjectHandle,
-) -> cryptoki::error::Result<AllowedMechanisms> {
-    match session.get_attributes(handle, &[AttributeType::AllowedMechanisms]) {
-        Ok(attrs) => Ok(AllowedMechanisms::Listed(
+) -> HsmResult<AllowedMechanisms> {
+    let read = session.get_attributes(handle, &[AttributeType::AllowedMechanisms]);
+    if let Some(attrs) = tolerate(read, Benign::Unparseable)? {
+        return Ok(AllowedMechanisms::Listed(
             attrs
                 .into_iter()
                 .find_map(|a| match a {
                     Attribute::AllowedMechanisms(list) => {
-                        Some(list.into_iter().map(CK_MECHANISM_TYPE::from).collect())
+                        Some(list.into_iter().map(Mechanism::from_cryptoki).collect())
                     }
                     _ => None,
                 })
                 .unwrap_or_default(),
-        )),
-        Err(CkError::NotSupported | CkError::InvalidValue) => {
-            let info = session.get_attribute_info(handle, &[AttributeType::AllowedMechanisms])?;
-            Ok(match info.first() {
-                Some(AttributeInfo::Available(len)) if *len == size_of::<CK_ULONG>() => {
-                    AllowedMechanisms::Listed(vec![CKM_DES3_ECB_ENCRYPT_DATA])
-                }
-                _ => AllowedMechanisms::Unreadable,
-            })
-        }
-        Err(e) => Err(e),
+        ));
     }
+    let info = session.get_attribute_info(handle, &[AttributeType::AllowedMechanisms])?;
+    Ok(match info.first() {
+        Some(AttributeInfo::Available(len)) if *len == size_of::<CK_ULONG>() => {
+            AllowedMechanisms::Listed(vec![Mechanism::Des3EcbEncryptData])
+        }
+        _ => AllowedMechanisms::Unreadable,
+    })
 }
 
 /// What `CKA_ALLOWED_MECHANISMS` says.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum AllowedMechanisms {
+pub(super) enum AllowedMechanisms {
     /// The mechanisms listed; empty when the attribute is unset.
-    Listed(Vec<CK_MECHANISM_TYPE>),
+    Listed(Vec<Mechanism>),
     /// A list cryptoki cannot parse and longer than one entry.
     Unreadable,
-}
-
-/// Human name of the mechanisms the gateway uses, for listings and policy messages.
-pub fn mechanism_name(m: CK_MECHANISM_TYPE) -> String {
-    match m {
-        CKM_DES3_ECB => "CKM_DES3_ECB".into(),
-        CKM_DES3_ECB_ENCRYPT_DATA => "CKM_DES3_ECB_ENCRYPT_DATA".into(),
-        CKM_SHA256_HMAC => "CKM_SHA256_HMAC".into(),
-        other => format!("0x{other:x}"),
-    }
 }
 
 #[cfg(test)]
@@ -129,26 +109,26 @@ mod tests {
 
     #[test]
     fn every_kind_sets_exactly_its_mechanisms() {
-        // Guards the catch-all arm of `mechanism_type`: a mechanism added to a kind
-        // must not silently turn into CKM_DES3_ECB_ENCRYPT_DATA.
         for kind in crate::hsm::KeyKind::ALL {
             let Attribute::AllowedMechanisms(list) = allowed_mechanisms(kind.mechanisms()) else {
                 panic!("CKA_ALLOWED_MECHANISMS expected");
             };
-            let raw: Vec<CK_MECHANISM_TYPE> =
-                list.into_iter().map(CK_MECHANISM_TYPE::from).collect();
-            assert_eq!(raw, kind.mechanisms(), "{kind}");
+            let read: Vec<Mechanism> = list.into_iter().map(Mechanism::from_cryptoki).collect();
+            assert_eq!(read, kind.mechanisms(), "{kind}");
         }
     }
 
     #[test]
     fn allowed_mechanisms_carry_the_shimmed_type() {
         let Attribute::AllowedMechanisms(list) =
-            allowed_mechanisms(&[CKM_DES3_ECB, CKM_DES3_ECB_ENCRYPT_DATA])
+            allowed_mechanisms(&[Mechanism::Des3Ecb, Mechanism::Des3EcbEncryptData])
         else {
             panic!("CKA_ALLOWED_MECHANISMS expected");
         };
         let raw: Vec<CK_MECHANISM_TYPE> = list.into_iter().map(CK_MECHANISM_TYPE::from).collect();
-        assert_eq!(raw, vec![CKM_DES3_ECB, CKM_DES3_ECB_ENCRYPT_DATA]);
+        assert_eq!(
+            raw,
+            vec![cryptoki_sys::CKM_DES3_ECB, CKM_DES3_ECB_ENCRYPT_DATA]
+        );
     }
 }

@@ -14,13 +14,19 @@ mod error;
 mod mechanism;
 mod policy;
 mod pool;
+mod sync;
 mod token;
+mod types;
 
 pub use admin::{Component, CreatedKey, KeyListing};
 pub use availability::{FIRST_BACKOFF, MAX_BACKOFF, RecoveryCounts, TokenState};
-pub use error::{HsmError, HsmResult};
+pub use error::{
+    CryptokiFault, HsmError, HsmResult, KeyInputError, Malfunction, PinSourceError, Pkcs11Failure,
+    SessionLoss, WorkerFailure,
+};
 pub use policy::{Kcv, KeyAttributes, KeyKind, KeyLabel, Usage};
 pub use token::{CvvCipher, CvvKeySource, HsmSettings, OpCounts, PinSource, Token};
+pub use types::{ForeignKeyType, ForeignMechanism, KeyType, Mechanism};
 
 use zeroize::Zeroizing;
 
@@ -117,14 +123,11 @@ where
     R: Send + 'static,
 {
     tokio::task::spawn_blocking(call).await.map_err(|e| {
-        HsmError::Worker(
-            if e.is_panic() {
-                "panicked"
-            } else {
-                "cancelled"
-            }
-            .into(),
-        )
+        HsmError::Worker(if e.is_panic() {
+            WorkerFailure::Panicked
+        } else {
+            WorkerFailure::Cancelled
+        })
     })?
 }
 

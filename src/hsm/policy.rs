@@ -7,12 +7,10 @@
 use std::fmt;
 use std::str::FromStr;
 
-use cryptoki::object::KeyType;
-use cryptoki_sys::CK_MECHANISM_TYPE;
 use serde::Serialize;
 
-use super::error::HsmError;
-use super::mechanism::{CKM_DES3_ECB, CKM_DES3_ECB_ENCRYPT_DATA, CKM_SHA256_HMAC, mechanism_name};
+use super::error::{HsmError, KeyInputError};
+use super::types::{KeyType, Mechanism};
 
 /// Prefix of `CKA_ID` on every object the gateway owns; the rest names the kind.
 pub const ID_PREFIX: &str = "dcvvgw:";
@@ -59,8 +57,8 @@ impl KeyKind {
     /// PKCS#11 key type of the kind's objects.
     pub fn key_type(self) -> KeyType {
         match self {
-            KeyKind::Cvk | KeyKind::ImkDcvv | KeyKind::ImkTdcvv2 => KeyType::DES2,
-            KeyKind::PanIndex | KeyKind::AuditSeal => KeyType::GENERIC_SECRET,
+            KeyKind::Cvk | KeyKind::ImkDcvv | KeyKind::ImkTdcvv2 => KeyType::Des2,
+            KeyKind::PanIndex | KeyKind::AuditSeal => KeyType::GenericSecret,
         }
     }
 
@@ -74,7 +72,7 @@ impl KeyKind {
 
     /// Whether the kind is a double-length DES key.
     pub fn is_des(self) -> bool {
-        self.key_type() == KeyType::DES2
+        self.key_type() == KeyType::Des2
     }
 
     /// The usage flags the kind needs; every other usage flag must be false.
@@ -99,11 +97,11 @@ impl KeyKind {
     }
 
     /// The mechanisms the kind may be used with (`CKA_ALLOWED_MECHANISMS`).
-    pub fn mechanisms(self) -> &'static [CK_MECHANISM_TYPE] {
+    pub fn mechanisms(self) -> &'static [Mechanism] {
         match self {
-            KeyKind::Cvk => &[CKM_DES3_ECB],
-            KeyKind::ImkDcvv | KeyKind::ImkTdcvv2 => &[CKM_DES3_ECB_ENCRYPT_DATA],
-            KeyKind::PanIndex | KeyKind::AuditSeal => &[CKM_SHA256_HMAC],
+            KeyKind::Cvk => &[Mechanism::Des3Ecb],
+            KeyKind::ImkDcvv | KeyKind::ImkTdcvv2 => &[Mechanism::Des3EcbEncryptData],
+            KeyKind::PanIndex | KeyKind::AuditSeal => &[Mechanism::Sha256Hmac],
         }
     }
 
@@ -140,11 +138,7 @@ impl FromStr for KeyKind {
         KeyKind::ALL
             .into_iter()
             .find(|k| k.as_str() == s)
-            .ok_or_else(|| {
-                HsmError::InvalidInput(format!(
-                    "unknown key kind {s:?} (expected one of cvk, imk-dcvv, imk-tdcvv2, pan-index, audit-seal)"
-                ))
-            })
+            .ok_or_else(|| HsmError::InvalidInput(KeyInputError::UnknownKind(s.to_owned())))
     }
 }
 
@@ -184,9 +178,7 @@ impl FromStr for KeyLabel {
         if ok {
             Ok(KeyLabel(s.to_owned()))
         } else {
-            Err(HsmError::InvalidInput(
-                "a key label is 1 to 64 characters of A-Z a-z 0-9 . _ -".into(),
-            ))
+            Err(HsmError::InvalidInput(KeyInputError::BadLabel))
         }
     }
 }
@@ -249,7 +241,6 @@ pub struct Usage {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct KeyAttributes {
     /// PKCS#11 key type (`CKK_DES2`, `CKK_GENERIC_SECRET`, ...).
-    #[serde(serialize_with = "serialize_key_type")]
     pub key_type: KeyType,
     /// `CKA_TOKEN`
     pub token: bool,
@@ -265,22 +256,10 @@ pub struct KeyAttributes {
     #[serde(flatten)]
     pub usage: Usage,
     /// `CKA_ALLOWED_MECHANISMS`; empty when the token leaves it unset (any mechanism).
-    #[serde(serialize_with = "serialize_mechanisms")]
-    pub allowed_mechanisms: Vec<CK_MECHANISM_TYPE>,
+    pub allowed_mechanisms: Vec<Mechanism>,
     /// The token holds a `CKA_ALLOWED_MECHANISMS` list that cannot be read.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub allowed_mechanisms_unreadable: bool,
-}
-
-fn serialize_key_type<S: serde::Serializer>(t: &KeyType, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(t)
-}
-
-fn serialize_mechanisms<S: serde::Serializer>(
-    m: &[CK_MECHANISM_TYPE],
-    s: S,
-) -> Result<S::Ok, S::Error> {
-    s.collect_seq(m.iter().map(|m| mechanism_name(*m)))
 }
 
 impl KeyAttributes {
@@ -328,10 +307,7 @@ impl KeyAttributes {
         }
         for m in &self.allowed_mechanisms {
             if !kind.mechanisms().contains(m) {
-                v.push(format!(
-                    "CKA_ALLOWED_MECHANISMS allows {}",
-                    mechanism_name(*m)
-                ));
+                v.push(format!("CKA_ALLOWED_MECHANISMS allows {m}"));
             }
         }
         v
@@ -385,7 +361,7 @@ mod tests {
                 "CKA_ALLOWED_MECHANISMS is unset (any mechanism)",
             ),
             (
-                |a| a.allowed_mechanisms.push(CKM_SHA256_HMAC),
+                |a| a.allowed_mechanisms.push(Mechanism::Sha256Hmac),
                 "CKA_ALLOWED_MECHANISMS allows CKM_SHA256_HMAC",
             ),
             (
@@ -393,7 +369,7 @@ mod tests {
                 "CKA_ALLOWED_MECHANISMS cannot be read",
             ),
             (
-                |a| a.key_type = KeyType::DES3,
+                |a| a.key_type = KeyType::from_cryptoki(cryptoki::object::KeyType::DES3),
                 "key type is CKK_DES3 not CKK_DES2",
             ),
         ];

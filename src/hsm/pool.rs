@@ -16,6 +16,7 @@ use cryptoki::session::Session;
 use cryptoki::slot::Slot;
 
 use super::error::{HsmError, HsmResult};
+use super::sync::{lock, wait_timeout};
 
 #[derive(Debug, Default)]
 struct PoolState {
@@ -25,7 +26,7 @@ struct PoolState {
 
 /// Sessions of one token, at most `max` open at once.
 #[derive(Debug)]
-pub(crate) struct SessionPool {
+pub(super) struct SessionPool {
     state: Mutex<PoolState>,
     freed: Condvar,
     max: usize,
@@ -33,7 +34,7 @@ pub(crate) struct SessionPool {
 }
 
 impl SessionPool {
-    pub(crate) fn new(max: usize, timeout: Duration) -> Self {
+    pub(super) fn new(max: usize, timeout: Duration) -> Self {
         SessionPool {
             state: Mutex::new(PoolState::default()),
             freed: Condvar::new(),
@@ -43,13 +44,12 @@ impl SessionPool {
     }
 
     fn lock(&self) -> MutexGuard<'_, PoolState> {
-        // A panic while holding this lock cannot leave the state inconsistent
-        // (every update is a single push/pop/counter change), so recover it.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        // Every update is a single push/pop/counter change (see `sync`).
+        lock(&self.state)
     }
 
     /// Sessions checked out now, and the most that may be.
-    pub(crate) fn usage(&self) -> (usize, usize) {
+    pub(super) fn usage(&self) -> (usize, usize) {
         let state = self.lock();
         (state.open.saturating_sub(state.idle.len()), self.max)
     }
@@ -59,7 +59,7 @@ impl SessionPool {
     /// # Errors
     /// `Busy` when none is free within the timeout; the token's error when a new
     /// session cannot be opened.
-    pub(crate) fn checkout(&self, ctx: &Pkcs11, slot: Slot) -> HsmResult<PooledSession<'_>> {
+    pub(super) fn checkout(&self, ctx: &Pkcs11, slot: Slot) -> HsmResult<PooledSession<'_>> {
         let deadline = Instant::now() + self.timeout;
         let mut state = self.lock();
         loop {
@@ -83,11 +83,7 @@ impl SessionPool {
                     millis: u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX),
                 });
             }
-            state = self
-                .freed
-                .wait_timeout(state, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            state = wait_timeout(&self.freed, state, deadline - now);
         }
     }
 
@@ -104,7 +100,7 @@ impl SessionPool {
     }
 
     /// Closes every idle session (after the token came back, for instance).
-    pub(crate) fn clear(&self) {
+    pub(super) fn clear(&self) {
         let mut state = self.lock();
         let closed = state.idle.len();
         state.idle.clear();
@@ -114,7 +110,7 @@ impl SessionPool {
 
 /// A checked-out session; returns to the pool on drop unless discarded.
 #[derive(Debug)]
-pub(crate) struct PooledSession<'p> {
+pub(super) struct PooledSession<'p> {
     pool: &'p SessionPool,
     session: Option<Session>,
 }
@@ -129,7 +125,7 @@ impl<'p> PooledSession<'p> {
 
     /// Drops the session instead of returning it: it failed in a way that says
     /// it is no longer usable.
-    pub(crate) fn discard(mut self) {
+    pub(super) fn discard(mut self) {
         if let Some(session) = self.session.take() {
             drop(session);
             self.pool.forget_one();

@@ -330,7 +330,7 @@ mod tests {
                 "key_unavailable",
             ),
             (
-                DomainError::from(HsmError::Worker("panicked".into())),
+                DomainError::from(HsmError::Worker(crate::hsm::WorkerFailure::Panicked)),
                 500,
                 "internal_error",
             ),

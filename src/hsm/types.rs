@@ -1,0 +1,166 @@
+//! The port's own names for the PKCS#11 key types and mechanisms it shows its
+//! callers ([`KeyType`], [`Mechanism`]), and their conversions to and from
+//! cryptoki's.
+//!
+//! cryptoki's types stay inside `hsm`: a value the gateway has no name for
+//! (a planted key of another type, a mechanism it never uses) is carried
+//! opaquely, shown by its PKCS#11 name or number, and can only be made here.
+//! This module makes no PKCS#11 call.
+
+use std::fmt;
+
+use cryptoki::mechanism::MechanismType;
+use cryptoki::object::KeyType as CkKeyType;
+use cryptoki_sys::{CK_MECHANISM_TYPE, CKM_DES3_ECB, CKM_DES3_ECB_ENCRYPT_DATA, CKM_SHA256_HMAC};
+use serde::Serialize;
+
+use super::mechanism::des3_ecb_encrypt_data_type;
+
+/// A PKCS#11 key type (`CKA_KEY_TYPE`), shown by its `CKK_` name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyType {
+    /// `CKK_DES2`: double-length DES (CVKs, IMKs).
+    Des2,
+    /// `CKK_GENERIC_SECRET`: HMAC keys (PAN index, audit seal).
+    GenericSecret,
+    /// Any other type, as the token reported it.
+    Other(ForeignKeyType),
+}
+
+/// A key type the gateway has no use for, as the token reported it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ForeignKeyType(CkKeyType);
+
+impl KeyType {
+    pub(in crate::hsm) fn from_cryptoki(t: CkKeyType) -> KeyType {
+        match t {
+            CkKeyType::DES2 => KeyType::Des2,
+            CkKeyType::GENERIC_SECRET => KeyType::GenericSecret,
+            other => KeyType::Other(ForeignKeyType(other)),
+        }
+    }
+
+    pub(in crate::hsm) fn to_cryptoki(self) -> CkKeyType {
+        match self {
+            KeyType::Des2 => CkKeyType::DES2,
+            KeyType::GenericSecret => CkKeyType::GENERIC_SECRET,
+            KeyType::Other(ForeignKeyType(t)) => t,
+        }
+    }
+}
+
+impl fmt::Display for KeyType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.to_cryptoki(), f)
+    }
+}
+
+impl Serialize for KeyType {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// A PKCS#11 mechanism, as `CKA_ALLOWED_MECHANISMS` lists it, shown by its
+/// `CKM_` name (or number, for one the gateway does not use).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mechanism {
+    /// `CKM_DES3_ECB`: CVV blocks under a CVK or a card key.
+    Des3Ecb,
+    /// `CKM_DES3_ECB_ENCRYPT_DATA`: card keys derived from an IMK (DESIGN 2.2).
+    Des3EcbEncryptData,
+    /// `CKM_SHA256_HMAC`: PAN index and audit seal.
+    Sha256Hmac,
+    /// Any other mechanism, as the token listed it.
+    Other(ForeignMechanism),
+}
+
+/// A mechanism the gateway has no use for, as the token listed it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ForeignMechanism(MechanismType);
+
+impl Mechanism {
+    pub(in crate::hsm) fn from_cryptoki(m: MechanismType) -> Mechanism {
+        match CK_MECHANISM_TYPE::from(m) {
+            CKM_DES3_ECB => Mechanism::Des3Ecb,
+            CKM_DES3_ECB_ENCRYPT_DATA => Mechanism::Des3EcbEncryptData,
+            CKM_SHA256_HMAC => Mechanism::Sha256Hmac,
+            _ => Mechanism::Other(ForeignMechanism(m)),
+        }
+    }
+
+    pub(in crate::hsm) fn to_cryptoki(self) -> MechanismType {
+        match self {
+            Mechanism::Des3Ecb => MechanismType::DES3_ECB,
+            Mechanism::Des3EcbEncryptData => des3_ecb_encrypt_data_type(),
+            Mechanism::Sha256Hmac => MechanismType::SHA256_HMAC,
+            Mechanism::Other(ForeignMechanism(m)) => m,
+        }
+    }
+}
+
+/// The names of the mechanisms the gateway uses; the number of any other.
+impl fmt::Display for Mechanism {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Mechanism::Des3Ecb => f.write_str("CKM_DES3_ECB"),
+            Mechanism::Des3EcbEncryptData => f.write_str("CKM_DES3_ECB_ENCRYPT_DATA"),
+            Mechanism::Sha256Hmac => f.write_str("CKM_SHA256_HMAC"),
+            Mechanism::Other(ForeignMechanism(m)) => {
+                write!(f, "0x{:x}", CK_MECHANISM_TYPE::from(*m))
+            }
+        }
+    }
+}
+
+impl Serialize for Mechanism {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_types_round_trip_and_keep_their_pkcs11_names() {
+        for (ck, ours, name) in [
+            (CkKeyType::DES2, KeyType::Des2, "CKK_DES2"),
+            (
+                CkKeyType::GENERIC_SECRET,
+                KeyType::GenericSecret,
+                "CKK_GENERIC_SECRET",
+            ),
+        ] {
+            assert_eq!(KeyType::from_cryptoki(ck), ours);
+            assert_eq!(ours.to_cryptoki(), ck);
+            assert_eq!(ours.to_string(), name);
+        }
+        let des3 = KeyType::from_cryptoki(CkKeyType::DES3);
+        assert!(matches!(des3, KeyType::Other(_)));
+        assert_eq!(des3.to_cryptoki(), CkKeyType::DES3);
+        assert_eq!(des3.to_string(), "CKK_DES3");
+    }
+
+    #[test]
+    fn mechanisms_round_trip_and_keep_their_pkcs11_values() {
+        for (ours, raw, name) in [
+            (Mechanism::Des3Ecb, CKM_DES3_ECB, "CKM_DES3_ECB"),
+            (
+                Mechanism::Des3EcbEncryptData,
+                CKM_DES3_ECB_ENCRYPT_DATA,
+                "CKM_DES3_ECB_ENCRYPT_DATA",
+            ),
+            (Mechanism::Sha256Hmac, CKM_SHA256_HMAC, "CKM_SHA256_HMAC"),
+        ] {
+            assert_eq!(CK_MECHANISM_TYPE::from(ours.to_cryptoki()), raw);
+            assert_eq!(Mechanism::from_cryptoki(ours.to_cryptoki()), ours);
+            assert_eq!(ours.to_string(), name);
+        }
+        let aes = Mechanism::from_cryptoki(MechanismType::AES_ECB);
+        assert!(matches!(aes, Mechanism::Other(_)));
+        assert_eq!(aes.to_cryptoki(), MechanismType::AES_ECB);
+        assert_eq!(aes.to_string(), "0x1081");
+    }
+}
