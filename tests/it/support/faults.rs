@@ -25,7 +25,8 @@ use super::TOKEN;
 /// Set in the child process that runs a fault test's body.
 const PRIVATE: &str = "DCVV_TEST_PRIVATE_SOFTHSM";
 
-/// Runs `test` (the name of the calling test function) again in a child
+/// Runs `test` (the calling test's name as the test binary lists it,
+/// `module::function`) again in a child
 /// process of this test binary whose `SOFTHSM2_CONF` points at a directory of
 /// its own, so its token directory can be moved without touching the shared
 /// one. Returns `true` in the child, which runs the test's body; in the parent

@@ -1,12 +1,9 @@
 //! Every way a request signature can fail (DESIGN 5), against a real gateway:
 //! each gets its 401 / 403 / 409 with a stable code, and none changes the store.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
-
-use common::http::{Answer, Options, T0, TestClient, TestGateway, card, fresh_id};
 use serde_json::json;
+
+use crate::support::http::{Answer, Options, T0, TestClient, TestGateway, card, fresh_id};
 
 const PATH: &str = "/cards/dynamic-cvv2/enrollment";
 

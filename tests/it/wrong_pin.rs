@@ -2,18 +2,16 @@
 //! login state is per process, and once any test of a process has logged in, a
 //! second login answers "already logged in" whatever the PIN.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
-
 use dcvv_gateway::hsm::{HsmError, PinSource, Token};
+
+use crate::support;
 
 #[test]
 fn wrong_pin_is_refused_without_echo() {
     let dir = tempfile::tempdir().unwrap();
     let pin = dir.path().join("wrong.pin");
     std::fs::write(&pin, "not-the-pin-4711\n").unwrap();
-    let mut settings = common::hsm_settings();
+    let mut settings = support::hsm_settings();
     settings.pin = PinSource::File(pin.clone());
     let err = Token::open(&settings).unwrap_err();
     assert!(matches!(err, HsmError::WrongPin), "{err:?}");

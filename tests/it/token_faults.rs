@@ -1,7 +1,7 @@
 //! The token goes away and comes back (issue 4, part 5; DESIGN 7.6), on a real
 //! gateway over this process's own SoftHSM token, with real signed requests.
 //!
-//! SoftHSM is taken away by moving its token directory (`common::faults`);
+//! SoftHSM is taken away by moving its token directory (`support::faults`);
 //! each test runs in a child process with a SoftHSM token directory of its own,
 //! so the moves disturb no other test process.
 //! What was found on SoftHSM 2.6 (`softhsm_after_the_token_directory_is_gone`):
@@ -14,17 +14,15 @@
 //! card operation needs the token: each fails fast with 503 while it is away,
 //! and the gateway re-initializes the library by itself when it is back.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
-mod reference;
-
 use std::time::{Duration, Instant};
 
-use common::faults::{in_private_softhsm, set_pin, take_token_away, within};
-use common::http::{Answer, EXPIRY, K, K4, Options, PAN, T0, TestGateway, card, key};
 use dcvv_gateway::hsm::{MAX_BACKOFF, TokenState};
 use serde_json::{Value, json};
+
+use crate::support;
+use crate::support::faults::{in_private_softhsm, set_pin, take_token_away, within};
+use crate::support::http::{Answer, EXPIRY, K, K4, Options, PAN, T0, TestGateway, card, key};
+use crate::support::reference;
 
 const VALUES: &str = "/cards/pin/dynamic-values";
 const VERIFY: &str = "/cards/cvv2/verification";
@@ -183,7 +181,7 @@ async fn until_ready(gw: &TestGateway) -> Duration {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_token_goes_away_requests_fail_fast_and_it_comes_back_without_restart() {
     if !in_private_softhsm(
-        "the_token_goes_away_requests_fail_fast_and_it_comes_back_without_restart",
+        "token_faults::the_token_goes_away_requests_fail_fast_and_it_comes_back_without_restart",
     ) {
         return;
     }
@@ -317,7 +315,9 @@ impl Capture {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pin_refused_at_re_login_is_never_retried_and_a_fixed_pin_recovers() {
-    if !in_private_softhsm("a_pin_refused_at_re_login_is_never_retried_and_a_fixed_pin_recovers") {
+    if !in_private_softhsm(
+        "token_faults::a_pin_refused_at_re_login_is_never_retried_and_a_fixed_pin_recovers",
+    ) {
         return;
     }
     let capture = Capture::default();
@@ -387,7 +387,7 @@ async fn a_pin_refused_at_re_login_is_never_retried_and_a_fixed_pin_recovers() {
 /// directory is gone, and that only a re-initialization sees it again.
 #[test]
 fn softhsm_after_the_token_directory_is_gone() {
-    if !in_private_softhsm("softhsm_after_the_token_directory_is_gone") {
+    if !in_private_softhsm("token_faults::softhsm_after_the_token_directory_is_gone") {
         return;
     }
     use cryptoki::error::{Error, RvError};
@@ -395,8 +395,8 @@ fn softhsm_after_the_token_directory_is_gone() {
     use cryptoki::object::{Attribute, ObjectClass};
     use dcvv_gateway::hsm::KeyKind;
 
-    let cvk = common::import(K, KeyKind::Cvk, "gone-cvk");
-    let session = common::raw_session();
+    let cvk = support::import(K, KeyKind::Cvk, "gone-cvk");
+    let session = support::raw_session();
     let find = |session: &cryptoki::session::Session| {
         session
             .find_objects(&[
@@ -441,7 +441,7 @@ fn softhsm_after_the_token_directory_is_gone() {
         .unwrap();
     assert_eq!(hex::encode_upper(&kcv[..3]), "08D7B4");
     let slot = session.get_session_info().unwrap().slot_id();
-    let ctx = cryptoki::context::Pkcs11::new(common::module()).unwrap();
+    let ctx = cryptoki::context::Pkcs11::new(support::module()).unwrap();
     let _ = ctx.initialize(cryptoki::context::CInitializeArgs::new(
         cryptoki::context::CInitializeFlags::OS_LOCKING_OK,
     ));
@@ -449,7 +449,7 @@ fn softhsm_after_the_token_directory_is_gone() {
     // As root (CI), chmod does not take the token away: root ignores modes.
     if running_as_root() {
         use std::os::unix::fs::PermissionsExt;
-        let dir = common::faults::token_dir();
+        let dir = support::faults::token_dir();
         let mode = |m| std::fs::Permissions::from_mode(m);
         std::fs::set_permissions(&dir, mode(0o000)).unwrap();
         let still = session.encrypt(&Mechanism::Des3Ecb, token_key, &block);
@@ -491,7 +491,7 @@ fn softhsm_after_the_token_directory_is_gone() {
         "a session HMAC key made before still signs"
     );
     // The gateway's own calls fail (it has no working copies on SoftHSM).
-    let hsm = &**common::HSM;
+    let hsm = &**support::HSM;
     let engine = dcvv_gateway::domain::Engine::new(hsm);
     let static_code = || {
         engine.static_code(
@@ -528,7 +528,7 @@ fn softhsm_after_the_token_directory_is_gone() {
     // session's too.
     assert!(session.get_session_info().is_err());
     drop(session);
-    assert_eq!(find(&common::raw_session()).len(), 1);
+    assert_eq!(find(&support::raw_session()).len(), 1);
 }
 
 fn running_as_root() -> bool {
@@ -543,7 +543,7 @@ fn running_as_root() -> bool {
 /// right answer or a fast 503: never a wrong value, a 500 or another code.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_under_load_get_the_right_answer_or_a_fast_503() {
-    if !in_private_softhsm("requests_under_load_get_the_right_answer_or_a_fast_503") {
+    if !in_private_softhsm("token_faults::requests_under_load_get_the_right_answer_or_a_fast_503") {
         return;
     }
     let gw = std::sync::Arc::new(TestGateway::start(Options::default()).await);

@@ -3,14 +3,12 @@
 //! and recovered from without a restart, and a graceful shutdown that lets
 //! in-flight requests finish.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::http::{Options, TestGateway, card};
 use serde_json::json;
+
+use crate::support;
+use crate::support::http::{Options, TestGateway, card};
 
 const VERIFY: &str = "/cards/cvv2/verification";
 
@@ -179,7 +177,7 @@ async fn shutdown_drains_in_flight_requests() {
         let headers = gw.signed_headers(
             &gw.clients.main,
             "drain-1",
-            common::http::T0 * 1000,
+            support::http::T0 * 1000,
             "POST",
             "/cards/dynamic-cvv2/enrollment",
             &serde_json::to_vec(&body).unwrap(),
@@ -214,8 +212,8 @@ async fn shutdown_drains_in_flight_requests() {
 /// space again the gateway serves without a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_under_the_store_fails_fast_with_503_and_recovers() {
-    use common::disk::{Tmpfs, fill};
-    use common::instances::pan;
+    use support::disk::{Tmpfs, fill};
+    use support::instances::pan;
     const ENROL: &str = "/cards/dynamic-cvv2/enrollment";
     const ENQUIRY: &str = "/cards/dynamic-cvv2/enquiry";
     let mount = tempfile::tempdir().unwrap();
@@ -225,7 +223,7 @@ async fn a_full_disk_under_the_store_fails_fast_with_503_and_recovers() {
         ..Options::default()
     })
     .await;
-    let body = |n: u32| json!({"cardNumber": pan(n), "expiryDate": common::http::EXPIRY});
+    let body = |n: u32| json!({"cardNumber": pan(n), "expiryDate": support::http::EXPIRY});
     assert_eq!(gw.call("POST", ENROL, &body(0)).await.status, 200);
     let filler = fill(mount.path());
 

@@ -9,18 +9,15 @@
 //! Deadlines are short here so that no test waits longer than its deadline
 //! plus a margin. Each test prints its measured timings (`--no-capture`).
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::http::{Options, TestGateway, card};
 use dcvv_gateway::domain::service::Clock as _;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
+
+use crate::support::http::{Options, TestGateway, card};
 
 const ENQUIRY: &str = "/cards/dynamic-cvv2/enquiry";
 /// What "within its deadline" allows on top of the deadline.

@@ -6,20 +6,18 @@
 //! commit under concurrency; and fail closed on a full disk (a small tmpfs),
 //! then recovery without a restart.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::disk::{Tmpfs, fill};
-use common::http::{EXPIRY, Options, PAN, TestGateway, card, fresh_id};
 use dcvv_gateway::audit::record::{self, Fields, GENESIS, parse_file_name};
 use dcvv_gateway::domain::service::Clock;
 use serde_json::{Value, json};
+
+use crate::support;
+use crate::support::disk::{Tmpfs, fill};
+use crate::support::http::{EXPIRY, Options, PAN, TestGateway, card, fresh_id};
 
 const DYNAMIC: &str = "/cards/pin/dynamic-values";
 const VERIFY: &str = "/cards/cvv2/verification";
@@ -61,12 +59,12 @@ fn requests(dir: &Path) -> Vec<Fields> {
 /// `audit verify` through the binary: (success, stdout, stderr).
 fn verify(paths: &[&Path], extra: &[&str]) -> (bool, String, String) {
     let cfg = tempfile::tempdir().unwrap();
-    let config = common::config_file(cfg.path());
+    let config = support::config_file(cfg.path());
     let mut args: Vec<String> = vec!["audit".into(), "verify".into()];
     args.extend(extra.iter().map(|s| s.to_string()));
     args.extend(paths.iter().map(|p| p.display().to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    common::gateway(&config, &args)
+    support::gateway(&config, &args)
 }
 
 /// Asserts `audit verify` fails at `file:line` with a reason containing `why`.
@@ -131,10 +129,10 @@ async fn every_request_has_exactly_one_record_and_none_holds_card_data() {
     })
     .await;
     let mut expected: BTreeMap<String, (u16, &str, &str)> = BTreeMap::new();
-    let send = async |client: &common::http::TestClient,
+    let send = async |client: &support::http::TestClient,
                       path: &str,
                       body: &Value|
-           -> (String, common::http::Answer) {
+           -> (String, support::http::Answer) {
         let bytes = serde_json::to_vec(body).unwrap();
         let id = fresh_id();
         let headers = gw.signed_headers(client, &id, gw.clock.now_ms(), "POST", path, &bytes);

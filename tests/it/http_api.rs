@@ -5,13 +5,11 @@
 //! the vectors' clear values; the injectable clock puts requests on exact
 //! window boundaries.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
-mod reference;
-
-use common::http::{EXPIRY, K, K4, Options, PAN, T0, TestGateway, card, key};
 use serde_json::{Value, json};
+
+use crate::support;
+use crate::support::http::{EXPIRY, K, K4, Options, PAN, T0, TestGateway, card, key};
+use crate::support::reference;
 
 const VALUES: &str = "/cards/pin/dynamic-values";
 const VERIFY: &str = "/cards/cvv2/verification";
@@ -323,7 +321,7 @@ async fn key_inventory_health_metrics_and_openapi() {
         .as_array()
         .unwrap()
         .iter()
-        .find(|k| k["label"] == common::http::KEYS.imk_tdcvv2.as_str())
+        .find(|k| k["label"] == support::http::KEYS.imk_tdcvv2.as_str())
         .unwrap()
         .clone();
     assert_eq!(tdcvv2["keyCheckValue"], "08D7B4");

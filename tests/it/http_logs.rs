@@ -4,15 +4,13 @@
 //! searched for the PAN (and its middle digits), every code value the gateway
 //! returned or was sent, every client secret and every signature.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
-
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use common::http::{Options, PAN, TestGateway, card};
 use serde_json::{Value, json};
+
+use crate::support;
+use crate::support::http::{Options, PAN, TestGateway, card};
 
 #[derive(Clone, Default)]
 struct Capture(Arc<Mutex<Vec<u8>>>);
@@ -152,7 +150,7 @@ fn no_pan_code_secret_or_signature_reaches_a_log_line() {
         let mut headers = gw.signed_headers(
             &gw.clients.main,
             "replayed1",
-            common::http::T0 * 1000,
+            support::http::T0 * 1000,
             "POST",
             "/cards/dynamic-cvv2/enquiry",
             &bytes,

@@ -3,15 +3,12 @@
 //! accepts it, and the command checks the response signature. This is the README's
 //! walk from set-up to a first dynamic value, run as a test.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
-
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use common::http::{EXPIRY, Options, PAN, TestGateway};
 use serde_json::Value;
+
+use crate::support::http::{EXPIRY, Options, PAN, TestGateway};
 
 struct Run {
     ok: bool,

@@ -3,13 +3,10 @@
 //! was. A property test throws random and mutated bodies and headers at the
 //! gateway: it never answers 5xx and keeps serving.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
-
-use common::http::{Options, PAN, T0, TestGateway, card, fresh_id};
 use proptest::prelude::*;
 use serde_json::{Value, json};
+
+use crate::support::http::{Options, PAN, T0, TestGateway, card, fresh_id};
 
 const VALUES: &str = "/cards/pin/dynamic-values";
 
