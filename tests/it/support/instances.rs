@@ -10,7 +10,7 @@
 //! killed when its handle drops, so a failed test leaves none behind; its stderr
 //! (the gateway's log) is kept in a file and shown when it does not start.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -250,10 +250,6 @@ programmes = ["*"]
 impl Instance {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    pub fn log_path(&self) -> &Path {
-        &self.log
     }
 
     /// `GET /readyz`: status and body (status 0 when nothing answers).

@@ -8,9 +8,6 @@
 //! tests also use unique key labels so they stay correct under `cargo test`.
 //! Tokens of test processes that have exited are deleted by the next test process.
 
-// Until the next commit deletes what no test uses.
-#![allow(dead_code)]
-
 pub mod disk;
 pub mod faults;
 pub mod http;
@@ -48,7 +45,6 @@ pub struct TestToken {
     pub dir: PathBuf,
     pub label: String,
     pub pin_file: PathBuf,
-    pub so_pin: String,
 }
 
 fn random_hex(bytes: usize) -> String {
@@ -175,7 +171,6 @@ pub static TOKEN: LazyLock<TestToken> = LazyLock::new(|| {
         dir,
         label,
         pin_file,
-        so_pin,
     }
 });
 
