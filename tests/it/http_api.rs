@@ -1,7 +1,7 @@
 //! The signed API end to end (issue 3): a real gateway on 127.0.0.1:0 over this
 //! process's SoftHSM token and a SQLite file, driven over real sockets. Codes are
 //! checked against the independent software reference of DESIGN 2
-//! (`tests/reference`, itself proven on the vectors), with keys imported from
+//! (`support::reference`, itself proven on the vectors), with keys imported from
 //! the vectors' clear values; the injectable clock puts requests on exact
 //! window boundaries.
 
@@ -89,7 +89,7 @@ async fn dynamic_values_match_the_reference_and_enrol_the_card() {
         assert_eq!(value["validUntil"], until);
     }
     // The vector of DESIGN 2.4 for this window: the gateway agrees with it for
-    // the vector's PAN through the engine (tests/vectors.rs); here the PAN must
+    // the vector's PAN through the engine (`vectors.rs`); here the PAN must
     // pass Luhn, so the reference stands in.
     let enquiry = gw.call("POST", ENQUIRY, &card(json!({}))).await;
     assert_eq!(enquiry.json()["enrollment"], "enrolled");

@@ -1,5 +1,5 @@
 //! The engine (every DES operation and derivation in a real SoftHSM token) against
-//! an independent software reference of DESIGN 2 (`tests/reference`, RustCrypto
+//! an independent software reference of DESIGN 2 (`support::reference`, RustCrypto
 //! `des` and `sha1`), on random inputs and on inputs picked to hit the rare paths.
 //!
 //! - `reference_matches_known_answers` proves the reference itself on the vectors of

@@ -2,7 +2,7 @@
 //! process's SoftHSM token and a SQLite file, restarted on the same store with a
 //! new configuration as an operator would. Keys are imported from known clear
 //! values, so every code is checked against the independent software reference
-//! (`tests/reference`); the injectable clock stands on the grace period's end.
+//! (`support::reference`); the injectable clock stands on the grace period's end.
 //!
 //! v1 = the harness keys (`support::http::KEYS`); v2 = keys imported here.
 

@@ -1,6 +1,6 @@
 //! The persistence port against real databases: every backend-neutral test runs
 //! twice, on a fresh SQLite file and on a fresh PostgreSQL database (a throwaway
-//! cluster of this test process, `tests/common/postgres.rs`); each test below is a
+//! cluster of this test process, `support/postgres.rs`); each test below is a
 //! module with a `sqlite` and a `postgres` test.
 //!
 //! What the store's callers rely on: schema creation and idempotent migrations,
@@ -1549,7 +1549,7 @@ fn assert_batch_lost_to_a_full_disk(err: &StoreError) {
 
 /// Issue 9: a batch whose commit fails answers none of its requests with success
 /// and leaves nothing. The file sits on a small tmpfs (mounting needs root, as in
-/// `tests/http_ops.rs`), which is filled while the store thread is held, so the
+/// `http_ops.rs`), which is filled while the store thread is held, so the
 /// transactions queued meanwhile form one batch: 32 that enrol 8 cards each, one
 /// that only reads, one that writes and is then refused. A batch's statements and
 /// savepoints work in SQLite's page cache and its pages reach the WAL only at

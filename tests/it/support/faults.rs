@@ -5,7 +5,7 @@
 //! one of this process is found by its unique label in `token.object`. Taking
 //! it away renames the directory out of `tokens/` (to `away/<label>`, same file
 //! system, so it is one atomic rename): as root, `chmod 000` does not take it
-//! away (root ignores the mode; checked in `tests/token_faults.rs`). A guard
+//! away (root ignores the mode; checked in `token_faults.rs`). A guard
 //! puts the token back if the test fails half-way.
 //!
 //! Moving a directory in the `tokens/` directory every test process shares
