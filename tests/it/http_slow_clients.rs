@@ -18,8 +18,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::support::http::{Options, TestGateway, card};
+use crate::support::routes::{ENQUIRY, HEALTHZ};
 
-const ENQUIRY: &str = "/cards/dynamic-cvv2/enquiry";
 /// What "within its deadline" allows on top of the deadline.
 const MARGIN: Duration = Duration::from_secs(1);
 
@@ -283,7 +283,8 @@ async fn connection_caps_refuse_the_next_connection_and_accept_again() {
         ..Options::default()
     })
     .await;
-    let healthz = b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n";
+    let healthz = format!("GET {HEALTHZ} HTTP/1.1\r\nhost: localhost\r\n\r\n");
+    let healthz = healthz.as_bytes();
     let is_served = |mut stream: TcpStream| async move {
         stream.write_all(healthz).await.unwrap();
         let mut buf = [0u8; 12];
@@ -344,7 +345,7 @@ async fn connection_caps_refuse_the_next_connection_and_accept_again() {
 /// Sends `GET /healthz` and reads until the end of the response head.
 async fn healthz_on(stream: &mut TcpStream) {
     stream
-        .write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .write_all(format!("GET {HEALTHZ} HTTP/1.1\r\nhost: localhost\r\n\r\n").as_bytes())
         .await
         .unwrap();
     let mut seen = Vec::new();

@@ -1,7 +1,7 @@
 //! The integration tests, as one test binary (issue 10, item 6): one module per
 //! area, and `support` (the harness: a SoftHSM token, a PostgreSQL cluster and a
-//! gateway per test process, the software reference) compiled once instead of
-//! once per test file.
+//! gateway per test process, the route paths, the software reference) compiled
+//! once instead of once per test file.
 //!
 //! Run them with `cargo nextest run`: nextest runs every test in a process of its
 //! own, so the process-wide state of `support` (the token, the logged-in

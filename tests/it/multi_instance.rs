@@ -11,12 +11,7 @@ use crate::support;
 use crate::support::http::{EXPIRY, K, key};
 use crate::support::instances::{Fleet, Instance, fresh_id, luhn_digit, now_ms, pan};
 use crate::support::reference;
-
-const VALUES: &str = "/cards/pin/dynamic-values";
-const VERIFY: &str = "/cards/cvv2/verification";
-const ENROL: &str = "/cards/dynamic-cvv2/enrollment";
-const ENQUIRY: &str = "/cards/dynamic-cvv2/enquiry";
-const CODES: &str = "/cards/security-codes";
+use crate::support::routes::{CODES, ENQUIRY, ENROL, VALUES, VERIFY};
 
 fn card(pan: &str, extra: Value) -> Value {
     let mut body = json!({"cardNumber": pan, "expiryDate": EXPIRY});

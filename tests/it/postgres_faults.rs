@@ -24,9 +24,8 @@ use crate::support::http::{EXPIRY, K, key};
 use crate::support::instances::{Fleet, Instance, now_ms, pan};
 use crate::support::postgres::PG;
 use crate::support::reference;
+use crate::support::routes::{ENROL, VERIFY};
 
-const ENROL: &str = "/cards/dynamic-cvv2/enrollment";
-const VERIFY: &str = "/cards/cvv2/verification";
 const ACQUIRE_TIMEOUT_MS: u64 = 1000;
 /// A request may take the acquire timeout once or twice (a read outside the
 /// transaction, then the transaction) plus token work; anything near this is a hang.

@@ -18,11 +18,7 @@ use crate::support::http::{
     EXPIRY, K, K4, KEYS, Options, PAN, T0, TestGateway, card, key, programme,
 };
 use crate::support::reference;
-
-const VALUES: &str = "/cards/pin/dynamic-values";
-const VERIFY: &str = "/cards/cvv2/verification";
-const CODES: &str = "/cards/security-codes";
-const DCVV: &str = "/cards/dcvv/verification";
+use crate::support::routes::{CODES, DCVV, KEY_INVENTORY, METRICS, READYZ, VALUES, VERIFY};
 
 /// Clear v2 keys (test values only).
 const V2_CVK: &str = "89ABCDEF01234567FEDCBA9876543210";
@@ -178,7 +174,7 @@ fn declined(reason: &str, method: &str) -> (String, String, String) {
 
 /// `dcvv_previous_key_matches_total{programme="test"}`, 0 when absent.
 async fn previous_matches(gw: &TestGateway) -> u64 {
-    let text = String::from_utf8(gw.send_raw("GET", "/metrics", &[], vec![]).await.body).unwrap();
+    let text = String::from_utf8(gw.send_raw("GET", METRICS, &[], vec![]).await.body).unwrap();
     assert!(
         !text.contains("412345") && !text.contains(PAN2),
         "no card data in metrics"
@@ -414,7 +410,7 @@ async fn the_key_inventory_shows_current_and_previous_roles() {
         .await
         .unwrap();
     gw.clock.set_seconds(T0 + 10);
-    let keys = gw.call("GET", "/keys", &Value::Null).await;
+    let keys = gw.call("GET", KEY_INVENTORY, &Value::Null).await;
     assert_eq!(keys.status, 200);
     let keys = keys.json();
 
@@ -444,7 +440,7 @@ async fn the_key_inventory_shows_current_and_previous_roles() {
     // Once the grace period has ended the configuration still names v1, but
     // the gateway no longer uses it.
     gw.clock.set_seconds(UNTIL);
-    let keys = gw.call("GET", "/keys", &Value::Null).await.json();
+    let keys = gw.call("GET", KEY_INVENTORY, &Value::Null).await.json();
     let old = entry(&keys, KEYS.imk_tdcvv2.as_str());
     assert_eq!(old["usedBy"], previous);
     assert_eq!(old["inUse"], false);
@@ -508,7 +504,7 @@ async fn previous_keys_are_checked_at_start_like_current_ones() {
         .restart_with(with_previous(KeyKind::Cvk, "cvk-destroyed-v1", UNTIL))
         .await
         .unwrap();
-    let ready = gw.send_raw("GET", "/readyz", &[], vec![]).await;
+    let ready = gw.send_raw("GET", READYZ, &[], vec![]).await;
     assert_eq!(ready.status, 200);
     assert_eq!(
         verify(&gw, PAN2, &static_cvv2(V2_CVK)).await,
@@ -520,7 +516,7 @@ async fn previous_keys_are_checked_at_start_like_current_ones() {
     );
     // ... but before accept_until the same configuration must find it.
     gw.clock.set_seconds(UNTIL - 1);
-    let ready = gw.send_raw("GET", "/readyz", &[], vec![]).await;
+    let ready = gw.send_raw("GET", READYZ, &[], vec![]).await;
     assert_eq!(ready.status, 503);
     assert_eq!(ready.json()["keys"], "missing_or_refused");
     let text = refused(
@@ -596,12 +592,12 @@ async fn a_previous_key_destroyed_during_its_grace_period_fails_closed() {
         (answer.status, answer.code()),
         (503, "key_unavailable".into())
     );
-    let ready = gw.send_raw("GET", "/readyz", &[], vec![]).await;
+    let ready = gw.send_raw("GET", READYZ, &[], vec![]).await;
     assert_eq!(ready.status, 503);
     assert_eq!(ready.json()["keys"], "missing_or_refused");
     // Once the grace period is over, nothing needs v1 any more.
     gw.clock.set_seconds(UNTIL);
-    let ready = gw.send_raw("GET", "/readyz", &[], vec![]).await;
+    let ready = gw.send_raw("GET", READYZ, &[], vec![]).await;
     assert_eq!(ready.status, 200);
     assert_eq!(
         verify(&gw, PAN2, &static_cvv2(K)).await,

@@ -23,13 +23,9 @@ use crate::support;
 use crate::support::faults::{in_private_softhsm, set_pin, take_token_away, within};
 use crate::support::http::{Answer, EXPIRY, K, K4, Options, PAN, T0, TestGateway, card, key};
 use crate::support::reference;
-
-const VALUES: &str = "/cards/pin/dynamic-values";
-const VERIFY: &str = "/cards/cvv2/verification";
-const CODES: &str = "/cards/security-codes";
-const DCVV: &str = "/cards/dcvv/verification";
-const ENQUIRY: &str = "/cards/dynamic-cvv2/enquiry";
-const ENROL: &str = "/cards/dynamic-cvv2/enrollment";
+use crate::support::routes::{
+    CODES, DCVV, ENQUIRY, ENROL, KEY_INVENTORY, METRICS, READYZ, VALUES, VERIFY,
+};
 
 /// A refused request must be fast: this is a correctness bound (no waiting on
 /// a dead token, no re-initialization on the request path), not a benchmark.
@@ -44,7 +40,7 @@ fn dcvv_value() -> String {
 }
 
 async fn readyz(gw: &TestGateway) -> (u16, Value) {
-    let answer = gw.send_raw("GET", "/readyz", &[], Vec::new()).await;
+    let answer = gw.send_raw("GET", READYZ, &[], Vec::new()).await;
     let body = answer.json();
     (answer.status, body)
 }
@@ -84,7 +80,10 @@ async fn every_request(gw: &TestGateway, cvv2: &str) -> Vec<(&'static str, Answe
             gw.call("POST", ENQUIRY, &card(json!({}))).await,
         ),
         ("enrolment", gw.call("POST", ENROL, &card(json!({}))).await),
-        ("key inventory", gw.call("GET", "/keys", &Value::Null).await),
+        (
+            "key inventory",
+            gw.call("GET", KEY_INVENTORY, &Value::Null).await,
+        ),
     ]
 }
 
@@ -244,7 +243,7 @@ async fn the_token_goes_away_requests_fail_fast_and_it_comes_back_without_restar
             during <= 3,
             "{during} re-initialization attempts in 3 s of absence (backoff 1 s doubling)"
         );
-        let metrics = gw.send_raw("GET", "/metrics", &[], Vec::new()).await;
+        let metrics = gw.send_raw("GET", METRICS, &[], Vec::new()).await;
         let text = String::from_utf8_lossy(&metrics.body).into_owned();
         assert!(text.contains("dcvv_hsm_up 0"), "{text}");
 
@@ -275,7 +274,7 @@ async fn the_token_goes_away_requests_fail_fast_and_it_comes_back_without_restar
         3,
         "one re-initialization brought back each loss: {counts:?}"
     );
-    let metrics = gw.send_raw("GET", "/metrics", &[], Vec::new()).await;
+    let metrics = gw.send_raw("GET", METRICS, &[], Vec::new()).await;
     let text = String::from_utf8_lossy(&metrics.body).into_owned();
     assert!(text.contains("dcvv_hsm_up 1"), "{text}");
     assert!(

@@ -20,6 +20,7 @@ use serde_json::Value;
 
 use super::http::{Answer, KEYS, TestClient, signed_headers};
 use super::postgres::PG;
+use super::routes::READYZ;
 use super::{TOKEN, module};
 
 /// What every instance of a fleet shares: the config pieces and the database.
@@ -254,7 +255,7 @@ impl Instance {
 
     /// `GET /readyz`: status and body (status 0 when nothing answers).
     pub async fn readyz(&self) -> (u16, Value) {
-        match self.http.get(format!("{}/readyz", self.url)).send().await {
+        match self.http.get(format!("{}{READYZ}", self.url)).send().await {
             Ok(response) => {
                 let status = response.status().as_u16();
                 let bytes = response.bytes().await.unwrap_or_default();

@@ -14,6 +14,7 @@ pub mod http;
 pub mod instances;
 pub mod postgres;
 pub mod reference;
+pub mod routes;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
