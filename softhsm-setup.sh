@@ -128,7 +128,7 @@ if ! command -v softhsm2-util >/dev/null 2>&1 || ! find_module >/dev/null; then
     missing_packages+=(softhsm2)
 fi
 command -v openssl >/dev/null 2>&1 || missing_packages+=(openssl)
-# PostgreSQL server binaries, for the tests' throwaway clusters (tests/common/postgres.rs
+# PostgreSQL server binaries, for the tests' throwaway clusters (tests/it/support/postgres.rs
 # looks where Debian puts them). Debian's package also creates and starts a cluster of its
 # own on port 5432; the tests do not use it.
 find_pg_bin() {

@@ -2,7 +2,7 @@
 # bench http against a gateway on PostgreSQL (docs/benchmarks.md, "Against a gateway on PostgreSQL").
 #
 # Starts a throwaway PostgreSQL cluster (Debian's initdb + pg_ctl, as the tests do in
-# tests/common/postgres.rs: 127.0.0.1 on a free port and a unix socket in a temporary
+# tests/it/support/postgres.rs: 127.0.0.1 on a free port and a unix socket in a temporary
 # directory, SCRAM password logins over TCP, the server run as `postgres` through runuser
 # when this script runs as root), then a gateway `serve` on it and `bench http` against that
 # gateway. Everything it starts is stopped and its directory deleted when it exits, however

@@ -283,7 +283,8 @@ impl<H: CardCrypto> Engine<H> {
 #[cfg(test)]
 mod tests {
     //! Engine logic against a software stand-in for the token (unit tests only;
-    //! the same behaviour is proven on a real SoftHSM token in tests/engine.rs).
+    //! the same behaviour is proven on a real SoftHSM token in tests/it/: vectors.rs,
+    //! property.rs, card_keys.rs, engine_on_token.rs).
 
     use super::*;
     use crate::hsm::HsmResult;

@@ -3,15 +3,11 @@
 //! was. A property test throws random and mutated bodies and headers at the
 //! gateway: it never answers 5xx and keeps serving.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
-
-use common::http::{Options, PAN, T0, TestGateway, card, fresh_id};
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
-const VALUES: &str = "/cards/pin/dynamic-values";
+use crate::support::http::{Options, PAN, T0, TestGateway, card, fresh_id};
+use crate::support::routes::{CODES, DCVV, ENQUIRY, ENROL, READYZ, UNENROL, VALUES, VERIFY};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_card_data_gets_its_code_and_changes_nothing() {
@@ -19,12 +15,7 @@ async fn bad_card_data_gets_its_code_and_changes_nothing() {
     // Some state to protect: an enrolled card with a used window and a failure.
     let enrolled = gw.call("POST", VALUES, &card(json!({}))).await.json();
     let code = enrolled["dcvv2"].as_str().unwrap().to_owned();
-    gw.call(
-        "POST",
-        "/cards/cvv2/verification",
-        &card(json!({"cvv2": code})),
-    )
-    .await;
+    gw.call("POST", VERIFY, &card(json!({"cvv2": code}))).await;
     let before = gw.snapshot().await;
     assert_eq!(before["enrollments"].len(), 1);
     assert_eq!(before["used_windows"].len(), 1);
@@ -135,62 +126,42 @@ async fn bad_card_data_gets_its_code_and_changes_nothing() {
             "malformed_request",
         ), // missing field
         (VALUES, json!([1, 2, 3]), 400, "malformed_request"),
+        (VERIFY, card(json!({"cvv2": "12"})), 422, "invalid_cvv2"),
+        (VERIFY, card(json!({"cvv2": "1234"})), 422, "invalid_cvv2"),
+        (VERIFY, card(json!({})), 400, "malformed_request"),
         (
-            "/cards/cvv2/verification",
-            card(json!({"cvv2": "12"})),
-            422,
-            "invalid_cvv2",
-        ),
-        (
-            "/cards/cvv2/verification",
-            card(json!({"cvv2": "1234"})),
-            422,
-            "invalid_cvv2",
-        ),
-        (
-            "/cards/cvv2/verification",
-            card(json!({})),
-            400,
-            "malformed_request",
-        ),
-        (
-            "/cards/security-codes",
+            CODES,
             card(json!({"kind": "cvv"})),
             422,
             "invalid_service_code",
         ),
+        (CODES, card(json!({"kind": "pin"})), 422, "invalid_kind"),
         (
-            "/cards/security-codes",
-            card(json!({"kind": "pin"})),
-            422,
-            "invalid_kind",
-        ),
-        (
-            "/cards/security-codes",
+            CODES,
             card(json!({"kind": "cvv2", "digits": 6})),
             422,
             "invalid_digits",
         ),
         (
-            "/cards/dcvv/verification",
+            DCVV,
             card(json!({"serviceCode": "226", "atc": "XYZ1", "dcvv": "123"})),
             422,
             "invalid_atc",
         ),
         (
-            "/cards/dcvv/verification",
+            DCVV,
             card(json!({"serviceCode": "22", "atc": "0001", "dcvv": "123"})),
             422,
             "invalid_service_code",
         ),
         (
-            "/cards/dynamic-cvv2/enrollment",
+            ENROL,
             other_pan("4123456789012345"),
             422,
             "invalid_card_number",
         ),
         (
-            "/cards/dynamic-cvv2/unenrollment",
+            UNENROL,
             other_pan("4123456789012345"),
             422,
             "invalid_card_number",
@@ -269,14 +240,7 @@ enum Fuzz {
     },
 }
 
-const PATHS: &[&str] = &[
-    "/cards/pin/dynamic-values",
-    "/cards/dynamic-cvv2/enrollment",
-    "/cards/dynamic-cvv2/enquiry",
-    "/cards/cvv2/verification",
-    "/cards/security-codes",
-    "/cards/dcvv/verification",
-];
+const PATHS: &[&str] = &[VALUES, ENROL, ENQUIRY, VERIFY, CODES, DCVV];
 
 fn fuzz() -> impl Strategy<Value = Fuzz> {
     let path = 0..PATHS.len();
@@ -347,7 +311,7 @@ fn random_and_mutated_requests_never_get_a_5xx() {
         }
     });
     // Still serving.
-    let health = runtime.block_on(gw.send_raw("GET", "/readyz", &[], vec![]));
+    let health = runtime.block_on(gw.send_raw("GET", READYZ, &[], vec![]));
     assert_eq!(health.status, 200);
     runtime.block_on(gw.stop());
 }

@@ -10,7 +10,7 @@
 //! killed when its handle drops, so a failed test leaves none behind; its stderr
 //! (the gateway's log) is kept in a file and shown when it does not start.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -20,6 +20,7 @@ use serde_json::Value;
 
 use super::http::{Answer, KEYS, TestClient, signed_headers};
 use super::postgres::PG;
+use super::routes::READYZ;
 use super::{TOKEN, module};
 
 /// What every instance of a fleet shares: the config pieces and the database.
@@ -252,13 +253,9 @@ impl Instance {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    pub fn log_path(&self) -> &Path {
-        &self.log
-    }
-
     /// `GET /readyz`: status and body (status 0 when nothing answers).
     pub async fn readyz(&self) -> (u16, Value) {
-        match self.http.get(format!("{}/readyz", self.url)).send().await {
+        match self.http.get(format!("{}{READYZ}", self.url)).send().await {
             Ok(response) => {
                 let status = response.status().as_u16();
                 let bytes = response.bytes().await.unwrap_or_default();

@@ -5,20 +5,13 @@
 //! enrolment, a used single-use window, the failure count. Codes come from the
 //! gateways themselves or from the independent software reference of DESIGN 2.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
-mod reference;
-
-use common::http::{EXPIRY, K, key};
-use common::instances::{Fleet, Instance, fresh_id, luhn_digit, now_ms, pan};
 use serde_json::{Value, json};
 
-const VALUES: &str = "/cards/pin/dynamic-values";
-const VERIFY: &str = "/cards/cvv2/verification";
-const ENROL: &str = "/cards/dynamic-cvv2/enrollment";
-const ENQUIRY: &str = "/cards/dynamic-cvv2/enquiry";
-const CODES: &str = "/cards/security-codes";
+use crate::support;
+use crate::support::http::{EXPIRY, K, key};
+use crate::support::instances::{Fleet, Instance, fresh_id, luhn_digit, now_ms, pan};
+use crate::support::reference;
+use crate::support::routes::{CODES, ENQUIRY, ENROL, VALUES, VERIFY};
 
 fn card(pan: &str, extra: Value) -> Value {
     let mut body = json!({"cardNumber": pan, "expiryDate": EXPIRY});
@@ -140,7 +133,7 @@ async fn a_request_id_used_on_one_instance_is_refused_on_the_other() {
         let log = instance.log_text();
         assert!(log.contains("store opened (postgres)"), "{log}");
         assert!(
-            !log.contains(common::postgres::PG.password()),
+            !log.contains(support::postgres::PG.password()),
             "{}",
             instance.name
         );
@@ -241,7 +234,7 @@ async fn concurrent_verifications_on_both_instances_approve_a_window_once() {
     for name in ["a", "b"] {
         let dir = fleet.audit_dir(name).display().to_string();
         let (ok, stdout, stderr) =
-            common::gateway(&fleet.config_path(name), &["audit", "verify", &dir]);
+            support::gateway(&fleet.config_path(name), &["audit", "verify", &dir]);
         assert!(ok, "{name}: {stdout}{stderr}");
     }
 }

@@ -1,7 +1,7 @@
 //! The token goes away and comes back (issue 4, part 5; DESIGN 7.6), on a real
 //! gateway over this process's own SoftHSM token, with real signed requests.
 //!
-//! SoftHSM is taken away by moving its token directory (`common::faults`);
+//! SoftHSM is taken away by moving its token directory (`support::faults`);
 //! each test runs in a child process with a SoftHSM token directory of its own,
 //! so the moves disturb no other test process.
 //! What was found on SoftHSM 2.6 (`softhsm_after_the_token_directory_is_gone`):
@@ -14,24 +14,18 @@
 //! card operation needs the token: each fails fast with 503 while it is away,
 //! and the gateway re-initializes the library by itself when it is back.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
-mod reference;
-
 use std::time::{Duration, Instant};
 
-use common::faults::{in_private_softhsm, set_pin, take_token_away, within};
-use common::http::{Answer, EXPIRY, K, K4, Options, PAN, T0, TestGateway, card, key};
 use dcvv_gateway::hsm::{MAX_BACKOFF, TokenState};
 use serde_json::{Value, json};
 
-const VALUES: &str = "/cards/pin/dynamic-values";
-const VERIFY: &str = "/cards/cvv2/verification";
-const CODES: &str = "/cards/security-codes";
-const DCVV: &str = "/cards/dcvv/verification";
-const ENQUIRY: &str = "/cards/dynamic-cvv2/enquiry";
-const ENROL: &str = "/cards/dynamic-cvv2/enrollment";
+use crate::support;
+use crate::support::faults::{in_private_softhsm, set_pin, take_token_away, within};
+use crate::support::http::{Answer, EXPIRY, K, K4, Options, PAN, T0, TestGateway, card, key};
+use crate::support::reference;
+use crate::support::routes::{
+    CODES, DCVV, ENQUIRY, ENROL, KEY_INVENTORY, METRICS, READYZ, VALUES, VERIFY,
+};
 
 /// A refused request must be fast: this is a correctness bound (no waiting on
 /// a dead token, no re-initialization on the request path), not a benchmark.
@@ -46,7 +40,7 @@ fn dcvv_value() -> String {
 }
 
 async fn readyz(gw: &TestGateway) -> (u16, Value) {
-    let answer = gw.send_raw("GET", "/readyz", &[], Vec::new()).await;
+    let answer = gw.send_raw("GET", READYZ, &[], Vec::new()).await;
     let body = answer.json();
     (answer.status, body)
 }
@@ -86,7 +80,10 @@ async fn every_request(gw: &TestGateway, cvv2: &str) -> Vec<(&'static str, Answe
             gw.call("POST", ENQUIRY, &card(json!({}))).await,
         ),
         ("enrolment", gw.call("POST", ENROL, &card(json!({}))).await),
-        ("key inventory", gw.call("GET", "/keys", &Value::Null).await),
+        (
+            "key inventory",
+            gw.call("GET", KEY_INVENTORY, &Value::Null).await,
+        ),
     ]
 }
 
@@ -183,7 +180,7 @@ async fn until_ready(gw: &TestGateway) -> Duration {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_token_goes_away_requests_fail_fast_and_it_comes_back_without_restart() {
     if !in_private_softhsm(
-        "the_token_goes_away_requests_fail_fast_and_it_comes_back_without_restart",
+        "token_faults::the_token_goes_away_requests_fail_fast_and_it_comes_back_without_restart",
     ) {
         return;
     }
@@ -246,7 +243,7 @@ async fn the_token_goes_away_requests_fail_fast_and_it_comes_back_without_restar
             during <= 3,
             "{during} re-initialization attempts in 3 s of absence (backoff 1 s doubling)"
         );
-        let metrics = gw.send_raw("GET", "/metrics", &[], Vec::new()).await;
+        let metrics = gw.send_raw("GET", METRICS, &[], Vec::new()).await;
         let text = String::from_utf8_lossy(&metrics.body).into_owned();
         assert!(text.contains("dcvv_hsm_up 0"), "{text}");
 
@@ -277,7 +274,7 @@ async fn the_token_goes_away_requests_fail_fast_and_it_comes_back_without_restar
         3,
         "one re-initialization brought back each loss: {counts:?}"
     );
-    let metrics = gw.send_raw("GET", "/metrics", &[], Vec::new()).await;
+    let metrics = gw.send_raw("GET", METRICS, &[], Vec::new()).await;
     let text = String::from_utf8_lossy(&metrics.body).into_owned();
     assert!(text.contains("dcvv_hsm_up 1"), "{text}");
     assert!(
@@ -317,7 +314,9 @@ impl Capture {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pin_refused_at_re_login_is_never_retried_and_a_fixed_pin_recovers() {
-    if !in_private_softhsm("a_pin_refused_at_re_login_is_never_retried_and_a_fixed_pin_recovers") {
+    if !in_private_softhsm(
+        "token_faults::a_pin_refused_at_re_login_is_never_retried_and_a_fixed_pin_recovers",
+    ) {
         return;
     }
     let capture = Capture::default();
@@ -387,7 +386,7 @@ async fn a_pin_refused_at_re_login_is_never_retried_and_a_fixed_pin_recovers() {
 /// directory is gone, and that only a re-initialization sees it again.
 #[test]
 fn softhsm_after_the_token_directory_is_gone() {
-    if !in_private_softhsm("softhsm_after_the_token_directory_is_gone") {
+    if !in_private_softhsm("token_faults::softhsm_after_the_token_directory_is_gone") {
         return;
     }
     use cryptoki::error::{Error, RvError};
@@ -395,8 +394,8 @@ fn softhsm_after_the_token_directory_is_gone() {
     use cryptoki::object::{Attribute, ObjectClass};
     use dcvv_gateway::hsm::KeyKind;
 
-    let cvk = common::import(K, KeyKind::Cvk, "gone-cvk");
-    let session = common::raw_session();
+    let cvk = support::import(K, KeyKind::Cvk, "gone-cvk");
+    let session = support::raw_session();
     let find = |session: &cryptoki::session::Session| {
         session
             .find_objects(&[
@@ -441,7 +440,7 @@ fn softhsm_after_the_token_directory_is_gone() {
         .unwrap();
     assert_eq!(hex::encode_upper(&kcv[..3]), "08D7B4");
     let slot = session.get_session_info().unwrap().slot_id();
-    let ctx = cryptoki::context::Pkcs11::new(common::module()).unwrap();
+    let ctx = cryptoki::context::Pkcs11::new(support::module()).unwrap();
     let _ = ctx.initialize(cryptoki::context::CInitializeArgs::new(
         cryptoki::context::CInitializeFlags::OS_LOCKING_OK,
     ));
@@ -449,7 +448,7 @@ fn softhsm_after_the_token_directory_is_gone() {
     // As root (CI), chmod does not take the token away: root ignores modes.
     if running_as_root() {
         use std::os::unix::fs::PermissionsExt;
-        let dir = common::faults::token_dir();
+        let dir = support::faults::token_dir();
         let mode = |m| std::fs::Permissions::from_mode(m);
         std::fs::set_permissions(&dir, mode(0o000)).unwrap();
         let still = session.encrypt(&Mechanism::Des3Ecb, token_key, &block);
@@ -491,7 +490,7 @@ fn softhsm_after_the_token_directory_is_gone() {
         "a session HMAC key made before still signs"
     );
     // The gateway's own calls fail (it has no working copies on SoftHSM).
-    let hsm = &**common::HSM;
+    let hsm = &**support::HSM;
     let engine = dcvv_gateway::domain::Engine::new(hsm);
     let static_code = || {
         engine.static_code(
@@ -542,7 +541,7 @@ fn softhsm_after_the_token_directory_is_gone() {
     // session's too.
     assert!(session.get_session_info().is_err());
     drop(session);
-    assert_eq!(find(&common::raw_session()).len(), 1);
+    assert_eq!(find(&support::raw_session()).len(), 1);
 }
 
 fn running_as_root() -> bool {
@@ -557,7 +556,7 @@ fn running_as_root() -> bool {
 /// right answer or a fast 503: never a wrong value, a 500 or another code.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_under_load_get_the_right_answer_or_a_fast_503() {
-    if !in_private_softhsm("requests_under_load_get_the_right_answer_or_a_fast_503") {
+    if !in_private_softhsm("token_faults::requests_under_load_get_the_right_answer_or_a_fast_503") {
         return;
     }
     let gw = std::sync::Arc::new(TestGateway::start(Options::default()).await);

@@ -5,7 +5,7 @@
 //! one of this process is found by its unique label in `token.object`. Taking
 //! it away renames the directory out of `tokens/` (to `away/<label>`, same file
 //! system, so it is one atomic rename): as root, `chmod 000` does not take it
-//! away (root ignores the mode; checked in `tests/token_faults.rs`). A guard
+//! away (root ignores the mode; checked in `token_faults.rs`). A guard
 //! puts the token back if the test fails half-way.
 //!
 //! Moving a directory in the `tokens/` directory every test process shares
@@ -16,22 +16,22 @@
 //! a SoftHSM configuration and token directory of its own
 //! ([`in_private_softhsm`]).
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use super::TOKEN;
+use super::{TOKEN, run_in_child};
 
 /// Set in the child process that runs a fault test's body.
 const PRIVATE: &str = "DCVV_TEST_PRIVATE_SOFTHSM";
 
-/// Runs `test` (the name of the calling test function) again in a child
-/// process of this test binary whose `SOFTHSM2_CONF` points at a directory of
-/// its own, so its token directory can be moved without touching the shared
-/// one. Returns `true` in the child, which runs the test's body; in the parent
-/// it waits for the child, fails if the child failed, deletes the child's
-/// SoftHSM directory and returns `false`. Call it before anything touches the
-/// token.
+/// Runs `test` (the calling test's name as the test binary lists it,
+/// `module::function`) again in a child process of this test binary whose
+/// `SOFTHSM2_CONF` points at a directory of its own, so its token directory can
+/// be moved without touching the shared one. Returns `true` in the child, which
+/// runs the test's body; in the parent it waits for the child, fails if the
+/// child failed, deletes the child's SoftHSM directory and returns `false`. Call
+/// it before anything touches the token.
 pub fn in_private_softhsm(test: &str) -> bool {
     if std::env::var_os(PRIVATE).is_some() {
         return true;
@@ -42,26 +42,26 @@ pub fn in_private_softhsm(test: &str) -> bool {
     prune_private(&private);
     let dir = private.join(std::process::id().to_string());
     std::fs::create_dir_all(&dir).unwrap();
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args([test, "--exact", "--nocapture", "--test-threads=1"])
-        .env("SOFTHSM2_CONF", dir.join("softhsm2.conf"))
-        .env(PRIVATE, "1")
-        .output()
-        .unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(
-        out.status.success(),
-        "{test} failed in its child process ({})",
-        out.status
-    );
-    // A name that matched no test would pass silently: the child ran exactly it.
-    assert!(
-        stdout.contains("test result: ok. 1 passed"),
-        "{test} did not run in its child process"
+    let conf = dir.join("softhsm2.conf");
+    // Deleted also when the child failed.
+    let _cleanup = RemoveDir(dir);
+    run_in_child(
+        test,
+        &[
+            ("SOFTHSM2_CONF", conf.as_os_str()),
+            (PRIVATE, OsStr::new("1")),
+        ],
     );
     false
+}
+
+/// Deletes a directory when dropped.
+struct RemoveDir(PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Deletes the private SoftHSM directories of parent processes that are gone.

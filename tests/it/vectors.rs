@@ -5,10 +5,6 @@
 //! The file is vendored in `tests/vectors/`; `vendored_vectors_match_shared`
 //! fails when it drifts from `../shared/vectors/`.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
-
 use std::collections::HashMap;
 
 use dcvv_gateway::domain::{
@@ -18,7 +14,9 @@ use dcvv_gateway::domain::{
 use dcvv_gateway::hsm::{CardCrypto, KeyKind, KeyLabel};
 use serde::Deserialize;
 
-const VENDORED: &str = include_str!("vectors/card-codes.toml");
+use crate::support;
+
+const VENDORED: &str = include_str!("../vectors/card-codes.toml");
 
 #[derive(Deserialize)]
 struct Vectors {
@@ -90,7 +88,7 @@ fn key_hex(v: &Vectors, name: &str) -> String {
 }
 
 fn engine() -> Engine<&'static dcvv_gateway::hsm::Token> {
-    Engine::new(&**common::HSM)
+    Engine::new(&**support::HSM)
 }
 
 #[test]
@@ -122,7 +120,7 @@ fn cvv_cvv2_icvv_vectors() {
             (None, Some(a), Some(b)) => format!("{a}{b}"),
             _ => panic!("vector {i} has no key"),
         };
-        let cvk = common::import(&key, KeyKind::Cvk, "vec-cvk");
+        let cvk = support::import(&key, KeyKind::Cvk, "vec-cvk");
         let pan: Pan = c.pan.parse().unwrap();
         let expiry: Expiry = c.expiry.parse().unwrap();
         let kind = match c.service_code.as_str() {
@@ -143,8 +141,8 @@ fn kcv_vectors_for_every_des_kind() {
     let v = vectors();
     for k in &v.kcv {
         for kind in [KeyKind::Cvk, KeyKind::ImkDcvv, KeyKind::ImkTdcvv2] {
-            let label = common::import(&k.key, kind, "vec-kcv");
-            let kcv = common::HSM.key_check_value(&label, kind).unwrap();
+            let label = support::import(&k.key, kind, "vec-kcv");
+            let kcv = support::HSM.key_check_value(&label, kind).unwrap();
             assert_eq!(kcv.to_string(), k.expected, "{kind} {}", k.key);
         }
     }
@@ -154,7 +152,7 @@ fn kcv_vectors_for_every_des_kind() {
 fn emv_master_key_vectors_by_kcv_in_the_token() {
     let v = vectors();
     for m in &v.emv_mk {
-        let imk = common::import(&key_hex(&v, &m.imk), KeyKind::ImkDcvv, "vec-mk");
+        let imk = support::import(&key_hex(&v, &m.imk), KeyKind::ImkDcvv, "vec-mk");
         let method = match m.option.as_str() {
             "A" => CardKeyMethod::OptionA,
             "B" => CardKeyMethod::OptionB,
@@ -172,7 +170,7 @@ fn emv_master_key_vectors_by_kcv_in_the_token() {
 fn contactless_dcvv_vectors() {
     let v = vectors();
     for d in &v.dcvv {
-        let imk = common::import(&key_hex(&v, &d.imk), KeyKind::ImkDcvv, "vec-dcvv");
+        let imk = support::import(&key_hex(&v, &d.imk), KeyKind::ImkDcvv, "vec-dcvv");
         let pan: Pan = d.pan.parse().unwrap();
         let mk_kcv = engine()
             .card_key_kcv(
@@ -198,7 +196,7 @@ fn contactless_dcvv_vectors() {
 }
 
 fn tdcvv2_imk(v: &Vectors, name: &str) -> KeyLabel {
-    common::import(&key_hex(v, name), KeyKind::ImkTdcvv2, "vec-tdcvv2")
+    support::import(&key_hex(v, name), KeyKind::ImkTdcvv2, "vec-tdcvv2")
 }
 
 #[test]

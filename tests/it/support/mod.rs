@@ -5,17 +5,20 @@
 //! label and random PINs through `softhsm2-util`, before this process loads the
 //! PKCS#11 library (SoftHSM only sees tokens that exist when it initializes).
 //! Under nextest every test is its own process, so every test gets its own token;
-//! tests also use unique key labels so they stay correct under `cargo test`.
+//! tests also use unique key labels so they stay correct under `cargo test`,
+//! which runs every test of this binary in one process. A test that needs a
+//! process to itself says so with [`in_own_process`].
 //! Tokens of test processes that have exited are deleted by the next test process.
-
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod disk;
 pub mod faults;
 pub mod http;
 pub mod instances;
 pub mod postgres;
+pub mod reference;
+pub mod routes;
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -46,7 +49,6 @@ pub struct TestToken {
     pub dir: PathBuf,
     pub label: String,
     pub pin_file: PathBuf,
-    pub so_pin: String,
 }
 
 fn random_hex(bytes: usize) -> String {
@@ -173,7 +175,6 @@ pub static TOKEN: LazyLock<TestToken> = LazyLock::new(|| {
         dir,
         label,
         pin_file,
-        so_pin,
     }
 });
 
@@ -192,6 +193,50 @@ pub fn hsm_settings() -> HsmSettings {
 /// SoftHSM has been seen to crash at exit when a process opened two contexts).
 pub static HSM: LazyLock<Arc<Token>> =
     LazyLock::new(|| Arc::new(Token::open(&hsm_settings()).expect("open the test token")));
+
+/// Set in the child process that [`in_own_process`] runs a test's body in.
+const OWN_PROCESS: &str = "DCVV_TEST_OWN_PROCESS";
+
+/// Whether this process belongs to `test` alone (its name as the test binary
+/// lists it, `module::function`), for a test that changes or counts what is
+/// process-wide: the token's login or objects, the global log subscriber.
+/// Under nextest it does (nextest runs every test in a process of its own);
+/// under `cargo test`, which runs every test of this binary in one process, it
+/// runs `test` again in a child process of this binary, waits for it, fails if
+/// the child failed and returns `false`; in that child it returns `true`. Call
+/// it before anything touches the token.
+pub fn in_own_process(test: &str) -> bool {
+    if std::env::var_os(OWN_PROCESS).is_some()
+        || std::env::var("NEXTEST_EXECUTION_MODE").is_ok_and(|mode| mode == "process-per-test")
+    {
+        return true;
+    }
+    run_in_child(test, &[(OWN_PROCESS, OsStr::new("1"))]);
+    false
+}
+
+/// Runs `test` (its name as the test binary lists it) in a child process of
+/// this test binary with `env` added; shows the child's output and fails unless
+/// the child ran exactly that test and it passed.
+pub fn run_in_child(test: &str, env: &[(&str, &OsStr)]) {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{test} failed in its child process ({})",
+        out.status
+    );
+    // A name that matched no test would pass silently: the child ran exactly it.
+    assert!(
+        stdout.contains("test result: ok. 1 passed"),
+        "{test} did not run in its child process"
+    );
+}
 
 /// A label no other test of this process uses.
 pub fn unique_label(prefix: &str) -> KeyLabel {

@@ -1,23 +1,19 @@
 //! The signed API end to end (issue 3): a real gateway on 127.0.0.1:0 over this
 //! process's SoftHSM token and a SQLite file, driven over real sockets. Codes are
 //! checked against the independent software reference of DESIGN 2
-//! (`tests/reference`, itself proven on the vectors), with keys imported from
+//! (`support::reference`, itself proven on the vectors), with keys imported from
 //! the vectors' clear values; the injectable clock puts requests on exact
 //! window boundaries.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
-mod reference;
-
-use common::http::{EXPIRY, K, K4, Options, PAN, T0, TestGateway, card, key};
 use serde_json::{Value, json};
 
-const VALUES: &str = "/cards/pin/dynamic-values";
-const VERIFY: &str = "/cards/cvv2/verification";
-const ENROL: &str = "/cards/dynamic-cvv2/enrollment";
-const UNENROL: &str = "/cards/dynamic-cvv2/unenrollment";
-const ENQUIRY: &str = "/cards/dynamic-cvv2/enquiry";
+use crate::support;
+use crate::support::http::{EXPIRY, K, K4, Options, PAN, T0, TestGateway, card, key};
+use crate::support::reference;
+use crate::support::routes::{
+    CODES, DCVV, ENQUIRY, ENROL, HEALTHZ, KEY_INVENTORY, METRICS, OPENAPI, READYZ, UNENROL, VALUES,
+    VERIFY,
+};
 
 fn dynamic(t: u64) -> String {
     reference::tdcvv2(&key(K), PAN, EXPIRY, t).1
@@ -91,7 +87,7 @@ async fn dynamic_values_match_the_reference_and_enrol_the_card() {
         assert_eq!(value["validUntil"], until);
     }
     // The vector of DESIGN 2.4 for this window: the gateway agrees with it for
-    // the vector's PAN through the engine (tests/vectors.rs); here the PAN must
+    // the vector's PAN through the engine (`vectors.rs`); here the PAN must
     // pass Luhn, so the reference stands in.
     let enquiry = gw.call("POST", ENQUIRY, &card(json!({}))).await;
     assert_eq!(enquiry.json()["enrollment"], "enrolled");
@@ -260,7 +256,7 @@ async fn static_codes_and_contactless_dcvv_match_the_reference() {
     let code = |body: Value| {
         let gw = &gw;
         async move {
-            let answer = gw.call("POST", "/cards/security-codes", &card(body)).await;
+            let answer = gw.call("POST", CODES, &card(body)).await;
             assert_eq!(
                 answer.status,
                 200,
@@ -296,7 +292,7 @@ async fn static_codes_and_contactless_dcvv_match_the_reference() {
         async move {
             gw.call(
                 "POST",
-                "/cards/dcvv/verification",
+                DCVV,
                 &card(json!({"serviceCode": "226", "atc": "3210", "dcvv": value})),
             )
             .await
@@ -316,14 +312,14 @@ async fn static_codes_and_contactless_dcvv_match_the_reference() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_inventory_health_metrics_and_openapi() {
     let gw = TestGateway::start(Options::default()).await;
-    let keys = gw.call("GET", "/keys", &Value::Null).await;
+    let keys = gw.call("GET", KEY_INVENTORY, &Value::Null).await;
     assert_eq!(keys.status, 200);
     let keys = keys.json();
     let tdcvv2 = keys["keys"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|k| k["label"] == common::http::KEYS.imk_tdcvv2.as_str())
+        .find(|k| k["label"] == support::http::KEYS.imk_tdcvv2.as_str())
         .unwrap()
         .clone();
     assert_eq!(tdcvv2["keyCheckValue"], "08D7B4");
@@ -335,15 +331,17 @@ async fn key_inventory_health_metrics_and_openapi() {
     );
     // The verifier client may verify but not list keys.
     let verifier = gw.clients.verifier.clone();
-    let refused = gw.call_as(&verifier, "GET", "/keys", &Value::Null).await;
+    let refused = gw
+        .call_as(&verifier, "GET", KEY_INVENTORY, &Value::Null)
+        .await;
     assert_eq!(
         (refused.status, refused.code()),
         (403, "forbidden_scope".into())
     );
 
-    let health = gw.send_raw("GET", "/healthz", &[], vec![]).await;
+    let health = gw.send_raw("GET", HEALTHZ, &[], vec![]).await;
     assert_eq!(health.status, 200);
-    let ready = gw.send_raw("GET", "/readyz", &[], vec![]).await;
+    let ready = gw.send_raw("GET", READYZ, &[], vec![]).await;
     assert_eq!(ready.status, 200);
     assert_eq!(
         ready.json(),
@@ -351,13 +349,15 @@ async fn key_inventory_health_metrics_and_openapi() {
     );
 
     gw.call("POST", VALUES, &card(json!({}))).await;
-    let metrics = gw.send_raw("GET", "/metrics", &[], vec![]).await;
+    let metrics = gw.send_raw("GET", METRICS, &[], vec![]).await;
     let text = String::from_utf8(metrics.body).unwrap();
     assert!(
-        text.contains(r#"dcvv_http_requests_total{route="/cards/pin/dynamic-values",method="POST",status="200",code=""} 1"#),
+        text.contains(&format!(
+            r#"dcvv_http_requests_total{{route="{VALUES}",method="POST",status="200",code=""}} 1"#
+        )),
         "{text}"
     );
-    assert!(text.contains(r#"dcvv_http_requests_total{route="/keys",method="GET",status="403",code="forbidden_scope"} 1"#), "{text}");
+    assert!(text.contains(&format!(r#"dcvv_http_requests_total{{route="{KEY_INVENTORY}",method="GET",status="403",code="forbidden_scope"}} 1"#)), "{text}");
     assert!(
         text.contains(
             r#"dcvv_hsm_call_duration_seconds_count{operation="tdcvv2_generate",outcome="ok"} 1"#
@@ -379,11 +379,8 @@ async fn key_inventory_health_metrics_and_openapi() {
         );
     }
 
-    let doc = gw
-        .send_raw("GET", "/openapi.json", &[], vec![])
-        .await
-        .json();
-    assert!(doc["paths"]["/cards/pin/dynamic-values"]["post"].is_object());
+    let doc = gw.send_raw("GET", OPENAPI, &[], vec![]).await.json();
+    assert!(doc["paths"][VALUES]["post"].is_object());
     assert!(doc["components"]["securitySchemes"]["hmac"].is_object());
 
     let missing = gw.send_raw("GET", "/nowhere", &[], vec![]).await;

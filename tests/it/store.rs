@@ -1,6 +1,6 @@
 //! The persistence port against real databases: every backend-neutral test runs
 //! twice, on a fresh SQLite file and on a fresh PostgreSQL database (a throwaway
-//! cluster of this test process, `tests/common/postgres.rs`); each test below is a
+//! cluster of this test process, `support/postgres.rs`); each test below is a
 //! module with a `sqlite` and a `postgres` test.
 //!
 //! What the store's callers rely on: schema creation and idempotent migrations,
@@ -22,10 +22,6 @@
 //! stay open (to race it, or to stop the server under it) stops it inside its
 //! closure at a [`Paused`] point until the test releases it.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
-
 use std::fs::{self, OpenOptions, Permissions};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -35,7 +31,6 @@ use std::sync::{Arc, mpsc};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use common::postgres::PG;
 use dcvv_gateway::store::{
     CardId, Cause, DatabaseUrl, Enrollment, PostgresLocation, Store, StoreError, StoreResult,
     StoreSettings, StoreTx,
@@ -47,6 +42,9 @@ use sqlx::{ConnectOptions, Connection};
 use tempfile::TempDir;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+
+use crate::support;
+use crate::support::postgres::PG;
 
 const T0: i64 = 1_767_225_600; // 2026-01-01T00:00:00Z
 const TABLES: [&str; 5] = [
@@ -1551,7 +1549,7 @@ fn assert_batch_lost_to_a_full_disk(err: &StoreError) {
 
 /// Issue 9: a batch whose commit fails answers none of its requests with success
 /// and leaves nothing. The file sits on a small tmpfs (mounting needs root, as in
-/// `tests/http_ops.rs`), which is filled while the store thread is held, so the
+/// `http_ops.rs`), which is filled while the store thread is held, so the
 /// transactions queued meanwhile form one batch: 32 that enrol 8 cards each, one
 /// that only reads, one that writes and is then refused. A batch's statements and
 /// savepoints work in SQLite's page cache and its pages reach the WAL only at
@@ -1563,7 +1561,7 @@ fn assert_batch_lost_to_a_full_disk(err: &StoreError) {
 /// without being reopened.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sqlite_a_batch_whose_commit_fails_answers_nobody_with_success_and_leaves_nothing() {
-    use common::disk::{Tmpfs, fill};
+    use support::disk::{Tmpfs, fill};
     const N: u32 = 32;
     let mount = tempfile::tempdir().unwrap();
     let _tmpfs = Tmpfs::mount(mount.path(), "1m");

@@ -1,5 +1,5 @@
 //! The engine (every DES operation and derivation in a real SoftHSM token) against
-//! an independent software reference of DESIGN 2 (`tests/reference`, RustCrypto
+//! an independent software reference of DESIGN 2 (`support::reference`, RustCrypto
 //! `des` and `sha1`), on random inputs and on inputs picked to hit the rare paths.
 //!
 //! - `reference_matches_known_answers` proves the reference itself on the vectors of
@@ -12,11 +12,6 @@
 //!   DESIGN 2.1 step 4), for PANs of 12 to 19 digits, and checks the engine on them:
 //!   random inputs reach that path only about once in 18,000 codes.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
-mod reference;
-
 use std::io::Read;
 use std::sync::LazyLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -28,7 +23,10 @@ use dcvv_gateway::domain::{
 use dcvv_gateway::hsm::{KeyKind, KeyLabel, Token};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner};
-use reference::MkOption;
+
+use crate::support;
+use crate::support::reference;
+use crate::support::reference::MkOption;
 
 const K: &str = "0123456789ABCDEFFEDCBA9876543210";
 const K4: &str = "12345678123456781234567812345678";
@@ -38,7 +36,7 @@ fn key(hex_key: &str) -> [u8; 16] {
 }
 
 fn engine() -> Engine<&'static Token> {
-    Engine::new(&**common::HSM)
+    Engine::new(&**support::HSM)
 }
 
 // ------------------------------------------------------------ the reference itself
@@ -184,9 +182,9 @@ static KEYS: LazyLock<Vec<PoolKey>> = LazyLock::new(|| {
             let hex_key = hex::encode_upper(clear);
             PoolKey {
                 clear,
-                cvk: common::import(&hex_key, KeyKind::Cvk, "prop-cvk"),
-                imk_dcvv: common::import(&hex_key, KeyKind::ImkDcvv, "prop-imk-dcvv"),
-                imk_tdcvv2: common::import(&hex_key, KeyKind::ImkTdcvv2, "prop-imk-tdcvv2"),
+                cvk: support::import(&hex_key, KeyKind::Cvk, "prop-cvk"),
+                imk_dcvv: support::import(&hex_key, KeyKind::ImkDcvv, "prop-imk-dcvv"),
+                imk_tdcvv2: support::import(&hex_key, KeyKind::ImkTdcvv2, "prop-imk-tdcvv2"),
             }
         })
         .collect()
@@ -457,8 +455,8 @@ fn pan_needing_second_pass(
 #[test]
 fn second_decimalization_pass_and_long_pans() {
     let k = key(K);
-    let cvk = common::import(K, KeyKind::Cvk, "second-pass-cvk");
-    let imk = common::import(K, KeyKind::ImkTdcvv2, "second-pass-imk");
+    let cvk = support::import(K, KeyKind::Cvk, "second-pass-cvk");
+    let imk = support::import(K, KeyKind::ImkTdcvv2, "second-pass-imk");
     let engine = engine();
     let expiry = "2812";
     let service_code = "101";

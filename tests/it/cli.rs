@@ -1,13 +1,11 @@
 //! The key-ceremony command line against a real SoftHSM token: what it prints,
 //! what it refuses, and that a refusal creates nothing.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
-
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
+
+use crate::support;
 
 const K: &str = "0123456789ABCDEFFEDCBA9876543210";
 const C1: &str = "11111111111111112222222222222222";
@@ -25,7 +23,7 @@ struct Ceremony {
 impl Ceremony {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let config = common::config_file(dir.path());
+        let config = support::config_file(dir.path());
         Ceremony { dir, config }
     }
 
@@ -36,7 +34,7 @@ impl Ceremony {
     }
 
     fn run(&self, args: &[&str]) -> (bool, String, String) {
-        common::gateway(&self.config, args)
+        support::gateway(&self.config, args)
     }
 
     fn listing(&self) -> Value {
@@ -224,13 +222,13 @@ fn config_variant(dir: &Path, from: &Path, edit: impl Fn(String) -> String) -> P
 #[test]
 fn startup_errors_are_one_clear_line() {
     let c = Ceremony::new();
-    let module = common::module().display().to_string();
+    let module = support::module().display().to_string();
     type Edit = Box<dyn Fn(String) -> String>;
     let cases: Vec<(Edit, String)> = vec![
         (
             Box::new(|t: String| {
                 t.replace(
-                    &format!("token_label = {:?}", common::TOKEN.label),
+                    &format!("token_label = {:?}", support::TOKEN.label),
                     "token_label = \"absent\"",
                 )
             }),
@@ -243,19 +241,19 @@ fn startup_errors_are_one_clear_line() {
     ];
     for (edit, expected) in cases {
         let config = config_variant(c.dir.path(), &c.config, edit);
-        let (ok, _, stderr) = common::gateway(&config, &["keys", "list"]);
+        let (ok, _, stderr) = support::gateway(&config, &["keys", "list"]);
         assert!(!ok);
         assert_one_line_error(&stderr, &expected);
     }
     let wrong = c.file("wrong.pin", "000000\n");
     let config = config_variant(c.dir.path(), &c.config, |t| {
-        t.replace(&common::TOKEN.pin_file.display().to_string(), &wrong)
+        t.replace(&support::TOKEN.pin_file.display().to_string(), &wrong)
     });
-    let (ok, _, stderr) = common::gateway(&config, &["hsm", "check"]);
+    let (ok, _, stderr) = support::gateway(&config, &["hsm", "check"]);
     assert!(!ok);
     assert_one_line_error(&stderr, "the token refused the user PIN (wrong PIN)");
 
-    let (ok, _, stderr) = common::gateway(Path::new("/nonexistent.toml"), &["keys", "list"]);
+    let (ok, _, stderr) = support::gateway(Path::new("/nonexistent.toml"), &["keys", "list"]);
     assert!(!ok);
     assert_one_line_error(
         &stderr,
@@ -322,7 +320,7 @@ fn environment_overrides_the_file_and_can_carry_the_pin() {
     assert_one_line_error(&stderr, "configuration: hsm.max_sessions: 1 to 256");
 
     // pin_env instead of pin_file.
-    let pin = std::fs::read_to_string(&common::TOKEN.pin_file).unwrap();
+    let pin = std::fs::read_to_string(&support::TOKEN.pin_file).unwrap();
     let config = config_variant(c.dir.path(), &c.config, |t| {
         t.lines()
             .map(|l| {

@@ -9,20 +9,17 @@
 //! Deadlines are short here so that no test waits longer than its deadline
 //! plus a margin. Each test prints its measured timings (`--no-capture`).
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::http::{Options, TestGateway, card};
 use dcvv_gateway::domain::service::Clock as _;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
-const ENQUIRY: &str = "/cards/dynamic-cvv2/enquiry";
+use crate::support::http::{Options, TestGateway, card};
+use crate::support::routes::{ENQUIRY, HEALTHZ};
+
 /// What "within its deadline" allows on top of the deadline.
 const MARGIN: Duration = Duration::from_secs(1);
 
@@ -286,7 +283,8 @@ async fn connection_caps_refuse_the_next_connection_and_accept_again() {
         ..Options::default()
     })
     .await;
-    let healthz = b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n";
+    let healthz = format!("GET {HEALTHZ} HTTP/1.1\r\nhost: localhost\r\n\r\n");
+    let healthz = healthz.as_bytes();
     let is_served = |mut stream: TcpStream| async move {
         stream.write_all(healthz).await.unwrap();
         let mut buf = [0u8; 12];
@@ -347,7 +345,7 @@ async fn connection_caps_refuse_the_next_connection_and_accept_again() {
 /// Sends `GET /healthz` and reads until the end of the response head.
 async fn healthz_on(stream: &mut TcpStream) {
     stream
-        .write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .write_all(format!("GET {HEALTHZ} HTTP/1.1\r\nhost: localhost\r\n\r\n").as_bytes())
         .await
         .unwrap();
     let mut seen = Vec::new();

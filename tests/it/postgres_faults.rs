@@ -11,24 +11,21 @@
 //! approval answered 2xx before, during or after the outage is in the database
 //! afterwards, and no (card, window) was approved twice.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
-mod reference;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::http::{EXPIRY, K, key};
-use common::instances::{Fleet, Instance, now_ms, pan};
-use common::postgres::PG;
 use serde_json::json;
 use tokio::sync::Mutex;
 
-const ENROL: &str = "/cards/dynamic-cvv2/enrollment";
-const VERIFY: &str = "/cards/cvv2/verification";
+use crate::support;
+use crate::support::http::{EXPIRY, K, key};
+use crate::support::instances::{Fleet, Instance, now_ms, pan};
+use crate::support::postgres::PG;
+use crate::support::reference;
+use crate::support::routes::{ENROL, VERIFY};
+
 const ACQUIRE_TIMEOUT_MS: u64 = 1000;
 /// A request may take the acquire timeout once or twice (a read outside the
 /// transaction, then the transaction) plus token work; anything near this is a hang.
@@ -110,7 +107,7 @@ async fn client(
 
 async fn record(
     outcomes: &Mutex<Outcomes>,
-    answer: &common::http::Answer,
+    answer: &support::http::Answer,
     elapsed: Duration,
     after_recovery: bool,
 ) {

@@ -1,22 +1,20 @@
 //! Engine behaviour that only a real token can show: threads share the token
 //! safely, and readiness answers over HTTP.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
-
 use std::sync::Arc;
 
 use dcvv_gateway::domain::{CodeLength, Engine, Pan, StaticCodeKind, Tdcvv2Profile};
 use dcvv_gateway::hsm::KeyKind;
 
+use crate::support;
+
 const K: &str = "0123456789ABCDEFFEDCBA9876543210";
 
 #[test]
 fn threads_share_the_token_and_agree() {
-    let cvk = common::import(K, KeyKind::Cvk, "eng-cvk");
-    let imk = common::import(K, KeyKind::ImkTdcvv2, "eng-imk-mt");
-    let engine = Arc::new(Engine::new(&**common::HSM));
+    let cvk = support::import(K, KeyKind::Cvk, "eng-cvk");
+    let imk = support::import(K, KeyKind::ImkTdcvv2, "eng-imk-mt");
+    let engine = Arc::new(Engine::new(&**support::HSM));
     let profile = Tdcvv2Profile::new(300, 0, 0).unwrap();
     let expected = engine
         .static_code(

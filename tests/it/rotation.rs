@@ -2,27 +2,23 @@
 //! process's SoftHSM token and a SQLite file, restarted on the same store with a
 //! new configuration as an operator would. Keys are imported from known clear
 //! values, so every code is checked against the independent software reference
-//! (`tests/reference`); the injectable clock stands on the grace period's end.
+//! (`support::reference`); the injectable clock stands on the grace period's end.
 //!
-//! v1 = the harness keys (`common::http::KEYS`); v2 = keys imported here.
-
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
-mod reference;
+//! v1 = the harness keys (`support::http::KEYS`); v2 = keys imported here.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use common::http::{EXPIRY, K, K4, KEYS, Options, PAN, T0, TestGateway, card, key, programme};
 use dcvv_gateway::domain::programme::Programme;
 use dcvv_gateway::domain::rotation::PreviousKey;
 use dcvv_gateway::hsm::{KeyKind, KeyLabel};
 use serde_json::{Value, json};
 
-const VALUES: &str = "/cards/pin/dynamic-values";
-const VERIFY: &str = "/cards/cvv2/verification";
-const CODES: &str = "/cards/security-codes";
-const DCVV: &str = "/cards/dcvv/verification";
+use crate::support;
+use crate::support::http::{
+    EXPIRY, K, K4, KEYS, Options, PAN, T0, TestGateway, card, key, programme,
+};
+use crate::support::reference;
+use crate::support::routes::{CODES, DCVV, KEY_INVENTORY, METRICS, READYZ, VALUES, VERIFY};
 
 /// Clear v2 keys (test values only).
 const V2_CVK: &str = "89ABCDEF01234567FEDCBA9876543210";
@@ -49,8 +45,8 @@ fn import_v2(key_hex: &str, kind: KeyKind, prefix: &str) -> KeyLabel {
     let label: KeyLabel = format!("{prefix}-{}-v2", N.fetch_add(1, Ordering::Relaxed))
         .parse()
         .unwrap();
-    common::HSM
-        .import_key(kind, &label, &common::components(key_hex, kind))
+    support::HSM
+        .import_key(kind, &label, &support::components(key_hex, kind))
         .unwrap();
     label
 }
@@ -68,7 +64,7 @@ fn ceremony() -> V2 {
         (&v2.imk_tdcvv2, KeyKind::ImkTdcvv2, V2_IMK_TDCVV2),
     ] {
         use dcvv_gateway::hsm::CardCrypto;
-        let kcv = common::HSM.key_check_value(label, kind).unwrap();
+        let kcv = support::HSM.key_check_value(label, kind).unwrap();
         assert_eq!(kcv.to_string(), kcv_of(clear));
     }
     v2
@@ -147,7 +143,7 @@ async fn verify_dcvv(gw: &TestGateway, code: &str) -> (String, String, String) {
     outcome(gw.call("POST", DCVV, &body).await)
 }
 
-fn outcome(answer: common::http::Answer) -> (String, String, String) {
+fn outcome(answer: support::http::Answer) -> (String, String, String) {
     assert_eq!(
         answer.status,
         200,
@@ -178,7 +174,7 @@ fn declined(reason: &str, method: &str) -> (String, String, String) {
 
 /// `dcvv_previous_key_matches_total{programme="test"}`, 0 when absent.
 async fn previous_matches(gw: &TestGateway) -> u64 {
-    let text = String::from_utf8(gw.send_raw("GET", "/metrics", &[], vec![]).await.body).unwrap();
+    let text = String::from_utf8(gw.send_raw("GET", METRICS, &[], vec![]).await.body).unwrap();
     assert!(
         !text.contains("412345") && !text.contains(PAN2),
         "no card data in metrics"
@@ -414,7 +410,7 @@ async fn the_key_inventory_shows_current_and_previous_roles() {
         .await
         .unwrap();
     gw.clock.set_seconds(T0 + 10);
-    let keys = gw.call("GET", "/keys", &Value::Null).await;
+    let keys = gw.call("GET", KEY_INVENTORY, &Value::Null).await;
     assert_eq!(keys.status, 200);
     let keys = keys.json();
 
@@ -444,7 +440,7 @@ async fn the_key_inventory_shows_current_and_previous_roles() {
     // Once the grace period has ended the configuration still names v1, but
     // the gateway no longer uses it.
     gw.clock.set_seconds(UNTIL);
-    let keys = gw.call("GET", "/keys", &Value::Null).await.json();
+    let keys = gw.call("GET", KEY_INVENTORY, &Value::Null).await.json();
     let old = entry(&keys, KEYS.imk_tdcvv2.as_str());
     assert_eq!(old["usedBy"], previous);
     assert_eq!(old["inUse"], false);
@@ -508,7 +504,7 @@ async fn previous_keys_are_checked_at_start_like_current_ones() {
         .restart_with(with_previous(KeyKind::Cvk, "cvk-destroyed-v1", UNTIL))
         .await
         .unwrap();
-    let ready = gw.send_raw("GET", "/readyz", &[], vec![]).await;
+    let ready = gw.send_raw("GET", READYZ, &[], vec![]).await;
     assert_eq!(ready.status, 200);
     assert_eq!(
         verify(&gw, PAN2, &static_cvv2(V2_CVK)).await,
@@ -520,7 +516,7 @@ async fn previous_keys_are_checked_at_start_like_current_ones() {
     );
     // ... but before accept_until the same configuration must find it.
     gw.clock.set_seconds(UNTIL - 1);
-    let ready = gw.send_raw("GET", "/readyz", &[], vec![]).await;
+    let ready = gw.send_raw("GET", READYZ, &[], vec![]).await;
     assert_eq!(ready.status, 503);
     assert_eq!(ready.json()["keys"], "missing_or_refused");
     let text = refused(
@@ -531,7 +527,7 @@ async fn previous_keys_are_checked_at_start_like_current_ones() {
 
     // Wider than its kind's policy.
     let wide: KeyLabel = "cvk-wide-v1".parse().unwrap();
-    common::plant_cvk(&wide, &[cryptoki::object::Attribute::Extractable(true)]);
+    support::plant_cvk(&wide, &[cryptoki::object::Attribute::Extractable(true)]);
     let gw = TestGateway::start(Options::default()).await;
     let text = refused(
         gw.restart_with(with_previous(KeyKind::Cvk, wide.as_str(), UNTIL))
@@ -550,7 +546,7 @@ async fn previous_keys_are_checked_at_start_like_current_ones() {
 /// Destroys every token object labelled `label`, behind the gateway's back.
 fn destroy_objects(label: &str) {
     use cryptoki::object::Attribute;
-    let session = common::raw_session();
+    let session = support::raw_session();
     let handles = session
         .find_objects(&[Attribute::Label(label.as_bytes().to_vec())])
         .unwrap();
@@ -565,7 +561,7 @@ async fn a_previous_key_destroyed_during_its_grace_period_fails_closed() {
     let v2 = ceremony();
     // v1's CVK under a label of its own: destroying the shared test key would
     // break the other tests of this process (under `cargo test`).
-    let v1_cvk = common::import(K, KeyKind::Cvk, "cvk-doomed");
+    let v1_cvk = support::import(K, KeyKind::Cvk, "cvk-doomed");
     let o = Options::default();
     let previous = vec![PreviousKey {
         kind: KeyKind::Cvk,
@@ -596,12 +592,12 @@ async fn a_previous_key_destroyed_during_its_grace_period_fails_closed() {
         (answer.status, answer.code()),
         (503, "key_unavailable".into())
     );
-    let ready = gw.send_raw("GET", "/readyz", &[], vec![]).await;
+    let ready = gw.send_raw("GET", READYZ, &[], vec![]).await;
     assert_eq!(ready.status, 503);
     assert_eq!(ready.json()["keys"], "missing_or_refused");
     // Once the grace period is over, nothing needs v1 any more.
     gw.clock.set_seconds(UNTIL);
-    let ready = gw.send_raw("GET", "/readyz", &[], vec![]).await;
+    let ready = gw.send_raw("GET", READYZ, &[], vec![]).await;
     assert_eq!(ready.status, 200);
     assert_eq!(
         verify(&gw, PAN2, &static_cvv2(K)).await,
@@ -612,7 +608,7 @@ async fn a_previous_key_destroyed_during_its_grace_period_fails_closed() {
 
 /// A config file for the CLI with the demo programme on v2 and v1 previous.
 fn rotation_toml(dir: &std::path::Path, v2: &V2, previous_label: &str) -> std::path::PathBuf {
-    let path = common::config_file(dir);
+    let path = support::config_file(dir);
     let mut text = std::fs::read_to_string(&path).unwrap();
     text.push_str(&format!(
         r#"
@@ -640,7 +636,7 @@ fn keys_list_shows_roles_and_serve_refuses_a_bad_previous_key() {
     let v2 = ceremony();
     let dir = tempfile::tempdir().unwrap();
     let config = rotation_toml(dir.path(), &v2, KEYS.imk_tdcvv2.as_str());
-    let (ok, stdout, stderr) = common::gateway(&config, &["keys", "list", "--json"]);
+    let (ok, stdout, stderr) = support::gateway(&config, &["keys", "list", "--json"]);
     assert!(ok, "{stderr}");
     let listing: Value = serde_json::from_str(&stdout).unwrap();
     let find = |label: &str| {
@@ -661,7 +657,7 @@ fn keys_list_shows_roles_and_serve_refuses_a_bad_previous_key() {
         json!([{"programme": "demo", "role": "current"}])
     );
     assert_eq!(find(KEYS.cvk.as_str())["used_by"], json!([]));
-    let (ok, table, _) = common::gateway(&config, &["keys", "list"]);
+    let (ok, table, _) = support::gateway(&config, &["keys", "list"]);
     assert!(ok);
     let row = table
         .lines()
@@ -675,7 +671,7 @@ fn keys_list_shows_roles_and_serve_refuses_a_bad_previous_key() {
     // A previous label equal to the current one: one line naming the field,
     // before the token is even opened.
     let config = rotation_toml(dir.path(), &v2, v2.imk_tdcvv2.as_str());
-    let (ok, _, stderr) = common::gateway(&config, &["serve"]);
+    let (ok, _, stderr) = support::gateway(&config, &["serve"]);
     assert!(!ok);
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(
@@ -688,7 +684,7 @@ fn keys_list_shows_roles_and_serve_refuses_a_bad_previous_key() {
 fn serve_logs_a_previous_key_whose_grace_period_has_ended_and_starts() {
     use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
-    let config = common::config_file(dir.path());
+    let config = support::config_file(dir.path());
     let secret = dir.path().join("client.secret");
     std::fs::write(&secret, "s".repeat(43)).unwrap();
     let mut text = std::fs::read_to_string(&config).unwrap();

@@ -2,18 +2,16 @@
 //! missing token, wrong PIN, missing key, keys planted with attributes wider than
 //! their kind allows (refused by the engine, reported by `hsm check`).
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
-
 use std::path::PathBuf;
 
 use cryptoki::object::Attribute;
 use dcvv_gateway::domain::{CodeLength, DomainError, Engine, StaticCodeKind};
 use dcvv_gateway::hsm::{CardCrypto, HsmError, KeyKind, KeyLabel, PinSource, Token};
 
+use crate::support;
+
 fn open_with(change: impl FnOnce(&mut dcvv_gateway::hsm::HsmSettings)) -> Result<Token, HsmError> {
-    let mut settings = common::hsm_settings();
+    let mut settings = support::hsm_settings();
     change(&mut settings);
     Token::open(&settings)
 }
@@ -47,7 +45,7 @@ fn missing_pin_source_is_named() {
 
 #[test]
 fn missing_key_and_wrong_kind_are_typed() {
-    let engine = Engine::new(&**common::HSM);
+    let engine = Engine::new(&**support::HSM);
     let missing: KeyLabel = "no-such-key-v1".parse().unwrap();
     let err = engine
         .static_code(
@@ -65,12 +63,14 @@ fn missing_key_and_wrong_kind_are_typed() {
     assert_eq!(err.to_string(), "key not found: no-such-key-v1");
 
     // An IMK is never used as a CVK.
-    let imk = common::import(
+    let imk = support::import(
         "0123456789ABCDEFFEDCBA9876543210",
         KeyKind::ImkDcvv,
         "policy-imk",
     );
-    let err = common::HSM.key_check_value(&imk, KeyKind::Cvk).unwrap_err();
+    let err = support::HSM
+        .key_check_value(&imk, KeyKind::Cvk)
+        .unwrap_err();
     assert!(
         matches!(
             err,
@@ -85,7 +85,7 @@ fn missing_key_and_wrong_kind_are_typed() {
 }
 
 fn assert_refused(label: &KeyLabel, expected: &str) {
-    let engine = Engine::new(&**common::HSM);
+    let engine = Engine::new(&**support::HSM);
     let err = engine
         .static_code(
             label,
@@ -107,8 +107,8 @@ fn assert_refused(label: &KeyLabel, expected: &str) {
     }
 
     let dir = tempfile::tempdir().unwrap();
-    let config = common::config_file(dir.path());
-    let (ok, stdout, stderr) = common::gateway(&config, &["hsm", "check"]);
+    let config = support::config_file(dir.path());
+    let (ok, stdout, stderr) = support::gateway(&config, &["hsm", "check"]);
     assert!(!ok, "hsm check must fail: {stdout}");
     let line = stdout
         .lines()
@@ -152,22 +152,37 @@ fn assert_refused(label: &KeyLabel, expected: &str) {
 
 #[test]
 fn extractable_key_is_refused_and_reported() {
-    let label = common::unique_label("planted-extractable");
-    common::plant_cvk(&label, &[Attribute::Extractable(true)]);
+    // The planted key stays in this process's token, where it would stop every
+    // later gateway of the process from starting.
+    if !support::in_own_process("hsm_policy::extractable_key_is_refused_and_reported") {
+        return;
+    }
+    let label = support::unique_label("planted-extractable");
+    support::plant_cvk(&label, &[Attribute::Extractable(true)]);
     assert_refused(&label, "CKA_EXTRACTABLE is true");
 }
 
 #[test]
 fn non_sensitive_key_is_refused_and_reported() {
-    let label = common::unique_label("planted-clear");
-    common::plant_cvk(&label, &[Attribute::Sensitive(false)]);
+    // The planted key stays in this process's token, where it would stop every
+    // later gateway of the process from starting.
+    if !support::in_own_process("hsm_policy::non_sensitive_key_is_refused_and_reported") {
+        return;
+    }
+    let label = support::unique_label("planted-clear");
+    support::plant_cvk(&label, &[Attribute::Sensitive(false)]);
     assert_refused(&label, "CKA_SENSITIVE is false");
 }
 
 #[test]
 fn key_with_a_second_usage_is_refused_and_reported() {
-    let label = common::unique_label("planted-decrypt");
-    common::plant_cvk(&label, &[Attribute::Decrypt(true)]);
+    // The planted key stays in this process's token, where it would stop every
+    // later gateway of the process from starting.
+    if !support::in_own_process("hsm_policy::key_with_a_second_usage_is_refused_and_reported") {
+        return;
+    }
+    let label = support::unique_label("planted-decrypt");
+    support::plant_cvk(&label, &[Attribute::Decrypt(true)]);
     assert_refused(&label, "CKA_DECRYPT is true");
 }
 
@@ -176,12 +191,12 @@ fn created_keys_cannot_be_read_or_wrapped_out() {
     use cryptoki::mechanism::Mechanism;
     use cryptoki::object::AttributeType;
 
-    let imported = common::import("0123456789ABCDEFFEDCBA9876543210", KeyKind::Cvk, "ro-cvk");
-    let generated = common::unique_label("ro-imk");
-    common::HSM
+    let imported = support::import("0123456789ABCDEFFEDCBA9876543210", KeyKind::Cvk, "ro-cvk");
+    let generated = support::unique_label("ro-imk");
+    support::HSM
         .generate_key(KeyKind::ImkTdcvv2, &generated)
         .unwrap();
-    let session = common::raw_session();
+    let session = support::raw_session();
     // SoftHSM refuses every DES wrapping mechanism; AES key wrap is the way out it offers.
     let wrapping = session
         .generate_key(

@@ -6,25 +6,21 @@
 //! commit under concurrency; and fail closed on a full disk (a small tmpfs),
 //! then recovery without a restart.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::disk::{Tmpfs, fill};
-use common::http::{EXPIRY, Options, PAN, TestGateway, card, fresh_id};
 use dcvv_gateway::audit::record::{self, Fields, GENESIS, parse_file_name};
 use dcvv_gateway::domain::service::Clock;
 use serde_json::{Value, json};
 
-const DYNAMIC: &str = "/cards/pin/dynamic-values";
-const VERIFY: &str = "/cards/cvv2/verification";
-const ENQUIRY: &str = "/cards/dynamic-cvv2/enquiry";
-const ENROL: &str = "/cards/dynamic-cvv2/enrollment";
+use crate::support;
+use crate::support::disk::{Tmpfs, fill};
+use crate::support::http::{EXPIRY, Options, PAN, TestGateway, card, fresh_id};
+use crate::support::routes::{
+    CODES, ENQUIRY, ENROL, KEY_INVENTORY, METRICS, READYZ, VALUES, VERIFY,
+};
 
 /// Every trail file of a directory in chain order, with its records.
 fn trail(dir: &Path) -> Vec<(PathBuf, Vec<Fields>)> {
@@ -61,12 +57,12 @@ fn requests(dir: &Path) -> Vec<Fields> {
 /// `audit verify` through the binary: (success, stdout, stderr).
 fn verify(paths: &[&Path], extra: &[&str]) -> (bool, String, String) {
     let cfg = tempfile::tempdir().unwrap();
-    let config = common::config_file(cfg.path());
+    let config = support::config_file(cfg.path());
     let mut args: Vec<String> = vec!["audit".into(), "verify".into()];
     args.extend(extra.iter().map(|s| s.to_string()));
     args.extend(paths.iter().map(|p| p.display().to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    common::gateway(&config, &args)
+    support::gateway(&config, &args)
 }
 
 /// Asserts `audit verify` fails at `file:line` with a reason containing `why`.
@@ -131,10 +127,10 @@ async fn every_request_has_exactly_one_record_and_none_holds_card_data() {
     })
     .await;
     let mut expected: BTreeMap<String, (u16, &str, &str)> = BTreeMap::new();
-    let send = async |client: &common::http::TestClient,
+    let send = async |client: &support::http::TestClient,
                       path: &str,
                       body: &Value|
-           -> (String, common::http::Answer) {
+           -> (String, support::http::Answer) {
         let bytes = serde_json::to_vec(body).unwrap();
         let id = fresh_id();
         let headers = gw.signed_headers(client, &id, gw.clock.now_ms(), "POST", path, &bytes);
@@ -144,7 +140,7 @@ async fn every_request_has_exactly_one_record_and_none_holds_card_data() {
 
     let (id, generated) = send(
         &main,
-        DYNAMIC,
+        VALUES,
         &card(json!({"numberOfValues": 3, "channel": "W"})),
     )
     .await;
@@ -168,12 +164,7 @@ async fn every_request_has_exactly_one_record_and_none_holds_card_data() {
     let (id, declined) = send(&main, VERIFY, &card(json!({"cvv2": wrong}))).await;
     assert_eq!(declined.json()["result"], "declined");
     expected.insert(id, (200, "declined", ""));
-    let (id, embossed) = send(
-        &main,
-        "/cards/security-codes",
-        &card(json!({"kind": "cvv2"})),
-    )
-    .await;
+    let (id, embossed) = send(&main, CODES, &card(json!({"kind": "cvv2"}))).await;
     assert_eq!(embossed.status, 200);
     let static_code = embossed.json()["securityCode"].as_str().unwrap().to_owned();
     expected.insert(id, (200, "ok", ""));
@@ -214,13 +205,13 @@ async fn every_request_has_exactly_one_record_and_none_holds_card_data() {
     );
     expected.insert(id, (422, "refused", "invalid_card_number"));
     let verifier = gw.clients.verifier.clone();
-    let (id, forbidden) = send(&verifier, DYNAMIC, &card(json!({}))).await;
+    let (id, forbidden) = send(&verifier, VALUES, &card(json!({}))).await;
     assert_eq!(forbidden.status, 403);
     expected.insert(id, (403, "refused", "forbidden_scope"));
     let (_, missing) = send(&main, "/cards/4123456789012349", &json!({})).await;
     assert_eq!(missing.status, 404);
     // Operational routes are not recorded.
-    assert_eq!(gw.send_raw("GET", "/readyz", &[], vec![]).await.status, 200);
+    assert_eq!(gw.send_raw("GET", READYZ, &[], vec![]).await.status, 200);
     let secret = main.secret.clone();
     let audit_dir = gw.audit_dir.clone();
     gw.stop().await;
@@ -261,7 +252,7 @@ async fn every_request_has_exactly_one_record_and_none_holds_card_data() {
     assert_eq!(dynamic["key_kcv"], kcv.as_str());
     assert_eq!(dynamic["client"], "cms");
     assert_eq!(dynamic["authenticated"], true);
-    assert_eq!(dynamic["operation"], DYNAMIC);
+    assert_eq!(dynamic["operation"], VALUES);
     assert!(dynamic["peer"].as_str().unwrap().starts_with("127.0.0.1:"));
     let approved = records
         .iter()
@@ -634,7 +625,7 @@ async fn concurrent_requests_share_fsyncs_and_every_record_is_chained() {
         let gw = std::sync::Arc::clone(&gw);
         tasks.spawn(async move {
             let client = gw.clients.main.clone();
-            let path = if i % 2 == 0 { ENQUIRY } else { "/keys" };
+            let path = if i % 2 == 0 { ENQUIRY } else { KEY_INVENTORY };
             let method = if i % 2 == 0 { "POST" } else { "GET" };
             let body = if i % 2 == 0 {
                 card(json!({}))
@@ -657,7 +648,7 @@ async fn concurrent_requests_share_fsyncs_and_every_record_is_chained() {
         assert_eq!(status, 200);
         ids.push(id);
     }
-    let metrics = gw.send_raw("GET", "/metrics", &[], vec![]).await;
+    let metrics = gw.send_raw("GET", METRICS, &[], vec![]).await;
     let text = String::from_utf8(metrics.body).unwrap();
     let batches: f64 = text
         .lines()
@@ -690,7 +681,7 @@ async fn concurrent_requests_share_fsyncs_and_every_record_is_chained() {
 }
 
 async fn readiness(gw: &TestGateway) -> (u16, Value) {
-    let answer = gw.send_raw("GET", "/readyz", &[], vec![]).await;
+    let answer = gw.send_raw("GET", READYZ, &[], vec![]).await;
     (answer.status, answer.json())
 }
 
@@ -739,7 +730,7 @@ async fn a_full_disk_fails_closed_with_503_and_the_trail_recovers_without_a_rest
         (refused.status, refused.code().as_str()),
         (503, "audit_unavailable")
     );
-    let dynamic = gw.call("POST", DYNAMIC, &other_card).await;
+    let dynamic = gw.call("POST", VALUES, &other_card).await;
     assert_eq!(dynamic.status, 503);
     let unsigned = gw.send_raw("POST", ENQUIRY, &[], vec![]).await;
     assert_eq!(
@@ -751,8 +742,7 @@ async fn a_full_disk_fails_closed_with_503_and_the_trail_recovers_without_a_rest
         before,
         "a refused request changed the store"
     );
-    let metrics =
-        String::from_utf8(gw.send_raw("GET", "/metrics", &[], vec![]).await.body).unwrap();
+    let metrics = String::from_utf8(gw.send_raw("GET", METRICS, &[], vec![]).await.body).unwrap();
     assert!(metrics.contains("dcvv_audit_trail_down 1"), "{metrics}");
 
     // Space again: the gateway recovers by itself.

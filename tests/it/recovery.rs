@@ -2,18 +2,16 @@
 //! token restart), the next call re-opens, logs in again, re-resolves its keys
 //! and succeeds, without the caller doing anything.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
-
 use dcvv_gateway::domain::{CodeLength, Engine, StaticCodeKind, Tdcvv2Profile};
 use dcvv_gateway::hsm::KeyKind;
+
+use crate::support;
 
 const K: &str = "0123456789ABCDEFFEDCBA9876543210";
 
 /// Logs the whole process out of the token, as a token restart would.
 fn drop_login() {
-    let session = common::raw_session();
+    let session = support::raw_session();
     session.logout().unwrap();
     assert!(matches!(
         session.get_session_info().unwrap().session_state(),
@@ -23,9 +21,9 @@ fn drop_login() {
 
 #[test]
 fn calls_recover_after_the_login_is_lost() {
-    let cvk = common::import(K, KeyKind::Cvk, "rec-cvk");
-    let imk = common::import(K, KeyKind::ImkTdcvv2, "rec-imk");
-    let engine = Engine::new(&**common::HSM);
+    let cvk = support::import(K, KeyKind::Cvk, "rec-cvk");
+    let imk = support::import(K, KeyKind::ImkTdcvv2, "rec-imk");
+    let engine = Engine::new(&**support::HSM);
     let pan = "4123456789012345".parse().unwrap();
     let cvv2 = |e: &Engine<_>| {
         e.static_code(
@@ -56,12 +54,12 @@ fn calls_recover_after_the_login_is_lost() {
     };
     assert_eq!(cvv2(&engine), "636");
     assert_eq!(dcvv2(&engine), "209");
-    common::HSM.probe().unwrap();
+    support::HSM.probe().unwrap();
 
     drop_login();
     assert_eq!(cvv2(&engine), "636", "CVK path after the login was lost");
     drop_login();
     assert_eq!(dcvv2(&engine), "209", "IMK path after the login was lost");
     drop_login();
-    common::HSM.probe().unwrap();
+    support::HSM.probe().unwrap();
 }

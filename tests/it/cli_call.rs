@@ -3,15 +3,13 @@
 //! accepts it, and the command checks the response signature. This is the README's
 //! walk from set-up to a first dynamic value, run as a test.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
-
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use common::http::{EXPIRY, Options, PAN, TestGateway};
 use serde_json::Value;
+
+use crate::support::http::{EXPIRY, Options, PAN, TestGateway};
+use crate::support::routes::{KEY_INVENTORY, VALUES, VERIFY};
 
 struct Run {
     ok: bool,
@@ -87,7 +85,7 @@ async fn call_gets_dynamic_values_and_verifies_one_over_tls() {
             "--data",
             &format!(r#"{card},"numberOfValues":2}}"#),
             "POST",
-            "/cards/pin/dynamic-values",
+            VALUES,
         ],
     )
     .await;
@@ -110,19 +108,20 @@ async fn call_gets_dynamic_values_and_verifies_one_over_tls() {
         &gw,
         &ca,
         &secret,
-        &[
-            "--data-file",
-            request.to_str().unwrap(),
-            "POST",
-            "/cards/cvv2/verification",
-        ],
+        &["--data-file", request.to_str().unwrap(), "POST", VERIFY],
     )
     .await;
     assert!(verified.ok, "{}\n{}", verified.stdout, verified.stderr);
     assert_eq!(verified.body()["result"], "approved", "{}", verified.stdout);
 
     // Another client's secret: the gateway's 401, printed, and a failing exit status.
-    let wrong = call(&gw, &ca, &gw.clients.verifier.secret, &["GET", "/keys"]).await;
+    let wrong = call(
+        &gw,
+        &ca,
+        &gw.clients.verifier.secret,
+        &["GET", KEY_INVENTORY],
+    )
+    .await;
     assert!(!wrong.ok);
     assert_eq!(
         wrong.body()["code"],

@@ -1,14 +1,10 @@
 //! Every way a request signature can fail (DESIGN 5), against a real gateway:
 //! each gets its 401 / 403 / 409 with a stable code, and none changes the store.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
-
-use common::http::{Answer, Options, T0, TestClient, TestGateway, card, fresh_id};
 use serde_json::json;
 
-const PATH: &str = "/cards/dynamic-cvv2/enrollment";
+use crate::support::http::{Answer, Options, T0, TestClient, TestGateway, card, fresh_id};
+use crate::support::routes::{ENQUIRY, ENROL, UNENROL, VALUES, VERIFY};
 
 fn body() -> Vec<u8> {
     serde_json::to_vec(&card(json!({}))).unwrap()
@@ -19,7 +15,7 @@ fn now_ms() -> u64 {
 }
 
 async fn send(gw: &TestGateway, headers: Vec<(String, String)>, body: Vec<u8>) -> Answer {
-    gw.send_raw("POST", PATH, &headers, body).await
+    gw.send_raw("POST", ENROL, &headers, body).await
 }
 
 fn replace(headers: &mut [(String, String)], name: &str, value: &str) {
@@ -35,7 +31,7 @@ async fn every_signature_failure_is_refused_and_changes_nothing() {
     let gw = TestGateway::start(Options::default()).await;
     let main = gw.clients.main.clone();
     let before = gw.snapshot().await;
-    let signed = |id: &str| gw.signed_headers(&main, id, now_ms(), "POST", PATH, &body());
+    let signed = |id: &str| gw.signed_headers(&main, id, now_ms(), "POST", ENROL, &body());
 
     // Each of the four headers missing.
     for name in ["apikey", "Timestamp", "X-Client-Request-Id", "Signature"] {
@@ -79,7 +75,7 @@ async fn every_signature_failure_is_refused_and_changes_nothing() {
     // Stale and future timestamps (300 s either side is the limit).
     for offset in [-301_000i64, 301_000] {
         let ts = now_ms().checked_add_signed(offset).unwrap();
-        let headers = gw.signed_headers(&main, &fresh_id(), ts, "POST", PATH, &body());
+        let headers = gw.signed_headers(&main, &fresh_id(), ts, "POST", ENROL, &body());
         let answer = send(&gw, headers, body()).await;
         assert_eq!(
             (answer.status, answer.code()),
@@ -94,7 +90,7 @@ async fn every_signature_failure_is_refused_and_changes_nothing() {
             apikey: main.apikey.clone(),
             secret: "w".repeat(43),
         };
-        let headers = gw.signed_headers(&wrong, &fresh_id(), now_ms(), "POST", PATH, &body());
+        let headers = gw.signed_headers(&wrong, &fresh_id(), now_ms(), "POST", ENROL, &body());
         send(&gw, headers, body()).await
     };
     assert_eq!(
@@ -115,16 +111,15 @@ async fn every_signature_failure_is_refused_and_changes_nothing() {
         ("body", send(&gw, signed(&fresh_id()), tampered_body).await),
         ("path", {
             let headers = signed(&fresh_id());
-            gw.send_raw("POST", "/cards/dynamic-cvv2/unenrollment", &headers, body())
-                .await
+            gw.send_raw("POST", UNENROL, &headers, body()).await
         }),
         ("query", {
             let headers = signed(&fresh_id());
-            gw.send_raw("POST", &format!("{PATH}?x=1"), &headers, body())
+            gw.send_raw("POST", &format!("{ENROL}?x=1"), &headers, body())
                 .await
         }),
         ("method", {
-            let headers = gw.signed_headers(&main, &fresh_id(), now_ms(), "GET", PATH, &body());
+            let headers = gw.signed_headers(&main, &fresh_id(), now_ms(), "GET", ENROL, &body());
             send(&gw, headers, body()).await
         }),
         ("timestamp", {
@@ -143,7 +138,7 @@ async fn every_signature_failure_is_refused_and_changes_nothing() {
                 secret: main.secret.clone(),
             };
             let headers =
-                gw.signed_headers(&stranger, &fresh_id(), now_ms(), "POST", PATH, &body());
+                gw.signed_headers(&stranger, &fresh_id(), now_ms(), "POST", ENROL, &body());
             send(&gw, headers, body()).await
         }),
     ];
@@ -162,17 +157,8 @@ async fn every_signature_failure_is_refused_and_changes_nothing() {
     );
     for offset in [-300_000i64, 300_000] {
         let ts = now_ms().checked_add_signed(offset).unwrap();
-        let headers = gw.signed_headers(
-            &main,
-            &fresh_id(),
-            ts,
-            "POST",
-            "/cards/dynamic-cvv2/enquiry",
-            &body(),
-        );
-        let answer = gw
-            .send_raw("POST", "/cards/dynamic-cvv2/enquiry", &headers, body())
-            .await;
+        let headers = gw.signed_headers(&main, &fresh_id(), ts, "POST", ENQUIRY, &body());
+        let answer = gw.send_raw("POST", ENQUIRY, &headers, body()).await;
         assert_eq!(
             answer.status, 200,
             "exactly 300 s off is still accepted ({offset})"
@@ -184,7 +170,7 @@ async fn every_signature_failure_is_refused_and_changes_nothing() {
         apikey: main.apikey.clone(),
         secret: gw.clients.main_second.clone(),
     };
-    let answer = gw.call_as(&rotated, "POST", PATH, &card(json!({}))).await;
+    let answer = gw.call_as(&rotated, "POST", ENROL, &card(json!({}))).await;
     assert_eq!(answer.status, 200);
     assert!(answer.headers.contains_key("signature"));
     gw.stop().await;
@@ -195,7 +181,7 @@ async fn a_replayed_request_id_is_refused_with_409() {
     let gw = TestGateway::start(Options::default()).await;
     let main = gw.clients.main.clone();
     let id = fresh_id();
-    let headers = gw.signed_headers(&main, &id, now_ms(), "POST", PATH, &body());
+    let headers = gw.signed_headers(&main, &id, now_ms(), "POST", ENROL, &body());
     let first = send(&gw, headers.clone(), body()).await;
     assert_eq!(first.status, 200);
     let after_first = gw.snapshot().await;
@@ -210,7 +196,7 @@ async fn a_replayed_request_id_is_refused_with_409() {
     let other = gw.clients.other_programme.clone();
     let other_card = json!({"cardNumber": "5123456789012346", "expiryDate": "2812"});
     let bytes = serde_json::to_vec(&other_card).unwrap();
-    let headers = gw.signed_headers(&other, &id, now_ms(), "POST", PATH, &bytes);
+    let headers = gw.signed_headers(&other, &id, now_ms(), "POST", ENROL, &bytes);
     assert_eq!(send(&gw, headers, bytes).await.status, 200);
     gw.stop().await;
 }
@@ -221,12 +207,7 @@ async fn scopes_and_programmes_bound_each_client() {
     let before = gw.snapshot().await;
     let verifier = gw.clients.verifier.clone();
     let refused = gw
-        .call_as(
-            &verifier,
-            "POST",
-            "/cards/pin/dynamic-values",
-            &card(json!({})),
-        )
+        .call_as(&verifier, "POST", VALUES, &card(json!({})))
         .await;
     assert_eq!(
         (refused.status, refused.code()),
@@ -238,7 +219,7 @@ async fn scopes_and_programmes_bound_each_client() {
     );
     // The other bank's client has every scope but not the `test` programme.
     let other = gw.clients.other_programme.clone();
-    let refused = gw.call_as(&other, "POST", PATH, &card(json!({}))).await;
+    let refused = gw.call_as(&other, "POST", ENROL, &card(json!({}))).await;
     assert_eq!(
         (refused.status, refused.code()),
         (403, "forbidden_programme".into())
@@ -246,12 +227,7 @@ async fn scopes_and_programmes_bound_each_client() {
     assert_eq!(gw.snapshot().await, before);
     // The verifier's own scope works.
     let ok = gw
-        .call_as(
-            &verifier,
-            "POST",
-            "/cards/cvv2/verification",
-            &card(json!({"cvv2": "123"})),
-        )
+        .call_as(&verifier, "POST", VERIFY, &card(json!({"cvv2": "123"})))
         .await;
     assert_eq!(ok.status, 200);
     gw.stop().await;

@@ -3,16 +3,13 @@
 //! and recovered from without a restart, and a graceful shutdown that lets
 //! in-flight requests finish.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::http::{Options, TestGateway, card};
 use serde_json::json;
 
-const VERIFY: &str = "/cards/cvv2/verification";
+use crate::support;
+use crate::support::http::{Options, TestGateway, card};
+use crate::support::routes::{ENQUIRY, ENROL, HEALTHZ, READYZ, VALUES, VERIFY};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_with_a_certificate_from_the_config() {
@@ -33,7 +30,7 @@ async fn https_with_a_certificate_from_the_config() {
     let untrusting = reqwest::Client::new();
     assert!(
         untrusting
-            .get(format!("{}/healthz", gw.url))
+            .get(format!("{}{HEALTHZ}", gw.url))
             .send()
             .await
             .is_err()
@@ -46,7 +43,7 @@ async fn https_with_a_certificate_from_the_config() {
     assert_eq!(answer.status, 200);
     // Plain HTTP to the TLS port gets no HTTP answer.
     let plain = reqwest::Client::new()
-        .get(gw.url.replace("https://", "http://") + "/healthz")
+        .get(gw.url.replace("https://", "http://") + HEALTHZ)
         .send()
         .await;
     assert!(plain.is_err() || plain.unwrap().status() != 200);
@@ -62,7 +59,7 @@ async fn overload_is_shed_with_429_and_retry_after() {
     .await;
     let body = card(json!({"numberOfValues": 24}));
     let requests = (0..24)
-        .map(|_| Box::pin(gw.call("POST", "/cards/pin/dynamic-values", &body)))
+        .map(|_| Box::pin(gw.call("POST", VALUES, &body)))
         .collect();
     let answers = join_all(requests).await;
     let shed: Vec<_> = answers.iter().filter(|a| a.status == 429).collect();
@@ -78,10 +75,7 @@ async fn overload_is_shed_with_429_and_retry_after() {
         assert_eq!(a.headers["retry-after"], "1");
     }
     // Health stays outside the limit.
-    assert_eq!(
-        gw.send_raw("GET", "/healthz", &[], vec![]).await.status,
-        200
-    );
+    assert_eq!(gw.send_raw("GET", HEALTHZ, &[], vec![]).await.status, 200);
     gw.stop().await;
 }
 
@@ -122,9 +116,7 @@ async fn a_locked_store_fails_fast_with_503_and_recovers() {
         .unwrap();
 
     let started = Instant::now();
-    let answer = gw
-        .call("POST", "/cards/dynamic-cvv2/enrollment", &card(json!({})))
-        .await;
+    let answer = gw.call("POST", ENROL, &card(json!({}))).await;
     assert_eq!(
         (answer.status, answer.code()),
         (503, "store_unavailable".into())
@@ -138,7 +130,7 @@ async fn a_locked_store_fails_fast_with_503_and_recovers() {
         started.elapsed() < Duration::from_secs(5),
         "fails within the store's timeout"
     );
-    let ready = gw.send_raw("GET", "/readyz", &[], vec![]).await;
+    let ready = gw.send_raw("GET", READYZ, &[], vec![]).await;
     assert_eq!(
         (ready.status, ready.json()["store"].clone()),
         (503, json!("unavailable"))
@@ -146,11 +138,9 @@ async fn a_locked_store_fails_fast_with_503_and_recovers() {
 
     sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
     drop(locker);
-    let ready = gw.send_raw("GET", "/readyz", &[], vec![]).await;
+    let ready = gw.send_raw("GET", READYZ, &[], vec![]).await;
     assert_eq!(ready.status, 200, "ready again without a restart");
-    let answer = gw
-        .call("POST", "/cards/dynamic-cvv2/enrollment", &card(json!({})))
-        .await;
+    let answer = gw.call("POST", ENROL, &card(json!({}))).await;
     assert_eq!(answer.status, 200);
     assert_eq!(
         answer.json()["changed"],
@@ -179,14 +169,14 @@ async fn shutdown_drains_in_flight_requests() {
         let headers = gw.signed_headers(
             &gw.clients.main,
             "drain-1",
-            common::http::T0 * 1000,
+            support::http::T0 * 1000,
             "POST",
-            "/cards/dynamic-cvv2/enrollment",
+            ENROL,
             &serde_json::to_vec(&body).unwrap(),
         );
         async move {
             let mut request = reqwest::Client::new()
-                .post(format!("{url}/cards/dynamic-cvv2/enrollment"))
+                .post(format!("{url}{ENROL}"))
                 .body(serde_json::to_vec(&body).unwrap());
             for (k, v) in headers {
                 request = request.header(k, v);
@@ -198,7 +188,7 @@ async fn shutdown_drains_in_flight_requests() {
     let stopping = tokio::spawn(gw.stop());
     tokio::time::sleep(Duration::from_millis(300)).await;
     // New connections are refused while draining; the in-flight request goes on.
-    assert!(reqwest::get(format!("{url}/healthz")).await.is_err());
+    assert!(reqwest::get(format!("{url}{HEALTHZ}")).await.is_err());
     sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
     let status = in_flight.await.unwrap().unwrap();
     assert_eq!(
@@ -214,10 +204,8 @@ async fn shutdown_drains_in_flight_requests() {
 /// space again the gateway serves without a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_under_the_store_fails_fast_with_503_and_recovers() {
-    use common::disk::{Tmpfs, fill};
-    use common::instances::pan;
-    const ENROL: &str = "/cards/dynamic-cvv2/enrollment";
-    const ENQUIRY: &str = "/cards/dynamic-cvv2/enquiry";
+    use support::disk::{Tmpfs, fill};
+    use support::instances::pan;
     let mount = tempfile::tempdir().unwrap();
     let _tmpfs = Tmpfs::mount(mount.path(), "1m");
     let gw = TestGateway::start(Options {
@@ -225,7 +213,7 @@ async fn a_full_disk_under_the_store_fails_fast_with_503_and_recovers() {
         ..Options::default()
     })
     .await;
-    let body = |n: u32| json!({"cardNumber": pan(n), "expiryDate": common::http::EXPIRY});
+    let body = |n: u32| json!({"cardNumber": pan(n), "expiryDate": support::http::EXPIRY});
     assert_eq!(gw.call("POST", ENROL, &body(0)).await.status, 200);
     let filler = fill(mount.path());
 
@@ -255,7 +243,7 @@ async fn a_full_disk_under_the_store_fails_fast_with_503_and_recovers() {
         String::from_utf8_lossy(&answer.body)
     );
     assert_eq!(answer.headers["retry-after"], "1");
-    let ready = gw.send_raw("GET", "/readyz", &[], vec![]).await;
+    let ready = gw.send_raw("GET", READYZ, &[], vec![]).await;
     assert_eq!(
         (ready.status, ready.json()["store"].clone()),
         (503, json!("unavailable"))
@@ -265,7 +253,7 @@ async fn a_full_disk_under_the_store_fails_fast_with_503_and_recovers() {
     // enrolment not half made.
     std::fs::remove_file(&filler).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while gw.send_raw("GET", "/readyz", &[], vec![]).await.status != 200 {
+    while gw.send_raw("GET", READYZ, &[], vec![]).await.status != 200 {
         assert!(Instant::now() < deadline, "not ready again within 10 s");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

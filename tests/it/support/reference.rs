@@ -6,8 +6,6 @@
 //! clear byte arrays here; nothing is zeroized: this never runs in the gateway.
 //! Inputs are plain `&str` and are assumed well formed (the callers generate them).
 
-#![allow(dead_code)]
-
 use des::cipher::{BlockEncrypt, KeyInit};
 use des::{Des, TdesEde2};
 use sha1::{Digest, Sha1};
