@@ -19,6 +19,7 @@ mod audit;
 mod card_keys;
 mod cli;
 mod cli_call;
+mod docs_links;
 mod engine_on_token;
 mod hsm_policy;
 mod http_api;

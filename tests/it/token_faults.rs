@@ -185,7 +185,7 @@ async fn the_token_goes_away_requests_fail_fast_and_it_comes_back_without_restar
         return;
     }
     let gw = TestGateway::start(Options::default()).await;
-    let token = std::sync::Arc::clone(&*common::HSM);
+    let token = std::sync::Arc::clone(&*crate::support::HSM);
     let t = T0 / 300;
     let (values, cvv) = served(&gw).await;
     assert_eq!(values[0], reference::tdcvv2(&key(K), PAN, EXPIRY, t).1);
@@ -328,7 +328,7 @@ async fn a_pin_refused_at_re_login_is_never_retried_and_a_fixed_pin_recovers() {
         .init();
     let wrong = "00112233445566778899aabbccddeeff";
     let gw = TestGateway::start(Options::default()).await;
-    let token = std::sync::Arc::clone(&*common::HSM);
+    let token = std::sync::Arc::clone(&*crate::support::HSM);
     let (values, cvv) = served(&gw).await;
 
     let away = take_token_away();
@@ -606,7 +606,7 @@ async fn requests_under_load_get_the_right_answer_or_a_fast_503() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let away = take_token_away();
     within(DETECTION, "the token is missing", || async {
-        (common::HSM.state() == TokenState::Missing).then_some(())
+        (crate::support::HSM.state() == TokenState::Missing).then_some(())
     })
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -1,30 +1,32 @@
 //! The gateway's route paths, for every test that calls one (or looks for one
-//! in a metric label, a log line or the OpenAPI document). Defined here once and
-//! nowhere else in the tests, so that taking them from the gateway's own route
-//! table (`dcvv_gateway::http::ROUTES`) is a change to this file alone.
+//! in a metric label, a log line or the OpenAPI document): taken from the
+//! gateway's own route table ([`dcvv_gateway::http::routes::Route`]), so no
+//! test writes a route string.
+
+use dcvv_gateway::http::routes::Route;
 
 /// `POST`: 1 to 24 dynamic CVV2 (TDCVV2) values of a card; enrols it.
-pub const VALUES: &str = "/cards/pin/dynamic-values";
+pub const VALUES: &str = Route::DYNAMIC_VALUES.path;
 /// `POST`: enrols a card for dynamic CVV2.
-pub const ENROL: &str = "/cards/dynamic-cvv2/enrollment";
+pub const ENROL: &str = Route::ENROLLMENT.path;
 /// `POST`: takes a card out of dynamic CVV2.
-pub const UNENROL: &str = "/cards/dynamic-cvv2/unenrollment";
+pub const UNENROL: &str = Route::UNENROLLMENT.path;
 /// `POST`: whether a card is enrolled.
-pub const ENQUIRY: &str = "/cards/dynamic-cvv2/enquiry";
+pub const ENQUIRY: &str = Route::ENQUIRY.path;
 /// `POST`: the authorization-time CVV2 check (dynamic for an enrolled card,
 /// static otherwise).
-pub const VERIFY: &str = "/cards/cvv2/verification";
+pub const VERIFY: &str = Route::CVV2_VERIFICATION.path;
 /// `POST`: computes a static code (CVV, CVV2, iCVV).
-pub const CODES: &str = "/cards/security-codes";
+pub const CODES: &str = Route::SECURITY_CODES.path;
 /// `POST`: verifies a contactless dCVV.
-pub const DCVV: &str = "/cards/dcvv/verification";
+pub const DCVV: &str = Route::DCVV_VERIFICATION.path;
 /// `GET`: the key inventory.
-pub const KEY_INVENTORY: &str = "/keys";
+pub const KEY_INVENTORY: &str = Route::KEYS.path;
 /// `GET`: liveness.
-pub const HEALTHZ: &str = "/healthz";
+pub const HEALTHZ: &str = Route::HEALTHZ.path;
 /// `GET`: readiness (token, keys, store).
-pub const READYZ: &str = "/readyz";
+pub const READYZ: &str = Route::READYZ.path;
 /// `GET`: Prometheus metrics.
-pub const METRICS: &str = "/metrics";
+pub const METRICS: &str = Route::METRICS.path;
 /// `GET`: the OpenAPI document.
-pub const OPENAPI: &str = "/openapi.json";
+pub const OPENAPI: &str = Route::OPENAPI.path;

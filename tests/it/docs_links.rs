@@ -6,8 +6,6 @@
 //! migrations, the scripts and the docs names a section of `docs/design.md`.
 //! Plain file reading: no token, no network.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Component, Path, PathBuf};
 
