@@ -5,7 +5,7 @@
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Extension, State};
+use axum::extract::{Extension, FromRequest, FromRequestParts, Request, State};
 use serde::de::DeserializeOwned;
 
 use crate::domain::StaticCodeKind;
@@ -25,8 +25,30 @@ use super::routes::Route;
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
-fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|_| ApiError::malformed())
+/// A signed request to one endpoint, as its handler takes it: the state, the
+/// authenticated caller, the audit note and the body parsed into the
+/// endpoint's wire type (400 `malformed_request` when it is not one).
+pub struct Signed<T> {
+    state: AppState,
+    auth: Authenticated,
+    note: AuditNote,
+    request: T,
+}
+
+/// The client and the request id only: the body holds card data.
+impl<T> std::fmt::Debug for Signed<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Signed")
+            .field("client", &self.auth.client.apikey)
+            .field("request_id", &self.auth.request_id.as_str())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T> Signed<T> {
+    fn caller(&self) -> Caller<'_> {
+        caller(&self.auth)
+    }
 }
 
 fn caller(auth: &Authenticated) -> Caller<'_> {
@@ -34,6 +56,29 @@ fn caller(auth: &Authenticated) -> Caller<'_> {
         client: &auth.client.apikey,
         request_id: auth.request_id.as_str(),
         access: &auth.client.access,
+    }
+}
+
+impl<T: DeserializeOwned> FromRequest<AppState> for Signed<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, ApiError> {
+        let (mut parts, body) = request.into_parts();
+        // Set by the signature layer in front of every signed route.
+        let Extension(auth) = Extension::<Authenticated>::from_request_parts(&mut parts, state)
+            .await
+            .map_err(|_| ApiError::internal())?;
+        let Ok(note) = AuditNote::from_request_parts(&mut parts, state).await;
+        let body = Bytes::from_request(Request::from_parts(parts, body), state)
+            .await
+            .map_err(|_| ApiError::malformed())?;
+        let request = serde_json::from_slice(&body).map_err(|_| ApiError::malformed())?;
+        Ok(Signed {
+            state: state.clone(),
+            auth,
+            note,
+            request,
+        })
     }
 }
 
@@ -51,23 +96,20 @@ fn caller(auth: &Authenticated) -> Caller<'_> {
     security(("hmac" = []))
 )]
 pub async fn dynamic_values(
-    State(state): State<AppState>,
-    Extension(auth): Extension<Authenticated>,
-    note: AuditNote,
-    body: Bytes,
+    call: Signed<DynamicValuesRequest>,
 ) -> ApiResult<DynamicValuesResponse> {
-    let request: DynamicValuesRequest = parse(&body)?;
-    let (card, count, channel) = request.parse()?;
-    note.pan(&card.pan);
+    let (card, count, channel) = call.request.parse()?;
+    call.note.pan(&card.pan);
     if let Some(channel) = channel {
-        note.channel(channel.letter());
+        call.note.channel(channel.letter());
     }
-    let generated = state
+    let generated = call
+        .state
         .service()
-        .dynamic_values(&caller(&auth), &card, count)
+        .dynamic_values(&call.caller(), &card, count)
         .await?;
-    note.card(&generated.card);
-    note.key(&generated.key);
+    call.note.card(&generated.card);
+    call.note.key(&generated.key);
     let values: Vec<DynamicValue> = generated
         .values
         .iter()
@@ -102,21 +144,15 @@ fn seconds_text(unix_seconds: u64) -> String {
         .unwrap_or_default()
 }
 
-async fn set_enrollment(
-    state: AppState,
-    auth: Authenticated,
-    note: AuditNote,
-    body: Bytes,
-    enrol: bool,
-) -> ApiResult<EnrollmentResponse> {
-    let request: CardRequest = parse(&body)?;
-    let card = request.card()?;
-    note.pan(&card.pan);
-    let status = state
+async fn set_enrollment(call: Signed<CardRequest>, enrol: bool) -> ApiResult<EnrollmentResponse> {
+    let card = call.request.card()?;
+    call.note.pan(&card.pan);
+    let status = call
+        .state
         .service()
-        .set_enrollment(&caller(&auth), &card, enrol)
+        .set_enrollment(&call.caller(), &card, enrol)
         .await?;
-    note.card(&status.card);
+    call.note.card(&status.card);
     Ok(Json(EnrollmentResponse::from_status(&status)))
 }
 
@@ -127,13 +163,8 @@ async fn set_enrollment(
     responses((status = 200, body = EnrollmentResponse), (status = "4XX", body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("hmac" = []))
 )]
-pub async fn enroll(
-    State(state): State<AppState>,
-    Extension(auth): Extension<Authenticated>,
-    note: AuditNote,
-    body: Bytes,
-) -> ApiResult<EnrollmentResponse> {
-    set_enrollment(state, auth, note, body, true).await
+pub async fn enroll(call: Signed<CardRequest>) -> ApiResult<EnrollmentResponse> {
+    set_enrollment(call, true).await
 }
 
 /// Unenrol a card (idempotent): its static CVV2 is accepted again.
@@ -143,13 +174,8 @@ pub async fn enroll(
     responses((status = 200, body = EnrollmentResponse), (status = "4XX", body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("hmac" = []))
 )]
-pub async fn unenroll(
-    State(state): State<AppState>,
-    Extension(auth): Extension<Authenticated>,
-    note: AuditNote,
-    body: Bytes,
-) -> ApiResult<EnrollmentResponse> {
-    set_enrollment(state, auth, note, body, false).await
+pub async fn unenroll(call: Signed<CardRequest>) -> ApiResult<EnrollmentResponse> {
+    set_enrollment(call, false).await
 }
 
 /// Is the card enrolled in dynamic CVV2?
@@ -159,17 +185,11 @@ pub async fn unenroll(
     responses((status = 200, body = EnrollmentResponse), (status = "4XX", body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("hmac" = []))
 )]
-pub async fn enquiry(
-    State(state): State<AppState>,
-    Extension(auth): Extension<Authenticated>,
-    note: AuditNote,
-    body: Bytes,
-) -> ApiResult<EnrollmentResponse> {
-    let request: CardRequest = parse(&body)?;
-    let card = request.card()?;
-    note.pan(&card.pan);
-    let status = state.service().enquiry(&caller(&auth), &card).await?;
-    note.card(&status.card);
+pub async fn enquiry(call: Signed<CardRequest>) -> ApiResult<EnrollmentResponse> {
+    let card = call.request.card()?;
+    call.note.pan(&card.pan);
+    let status = call.state.service().enquiry(&call.caller(), &card).await?;
+    call.note.card(&status.card);
     Ok(Json(EnrollmentResponse::from_status(&status)))
 }
 
@@ -180,22 +200,17 @@ pub async fn enquiry(
     responses((status = 200, body = VerificationResponse), (status = "4XX", body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("hmac" = []))
 )]
-pub async fn verify_cvv2(
-    State(state): State<AppState>,
-    Extension(auth): Extension<Authenticated>,
-    note: AuditNote,
-    body: Bytes,
-) -> ApiResult<VerificationResponse> {
-    let request: Cvv2VerificationRequest = parse(&body)?;
-    let (card, cvv2) = request.parse()?;
-    note.pan(&card.pan);
-    let verification = state
+pub async fn verify_cvv2(call: Signed<Cvv2VerificationRequest>) -> ApiResult<VerificationResponse> {
+    let (card, cvv2) = call.request.parse()?;
+    call.note.pan(&card.pan);
+    let verification = call
+        .state
         .service()
-        .verify_cvv2(&caller(&auth), &card, cvv2)
+        .verify_cvv2(&call.caller(), &card, cvv2)
         .await?;
-    note.card(&verification.card);
-    note.key(&verification.key);
-    note.verdict(verification.reason);
+    call.note.card(&verification.card);
+    call.note.key(&verification.key);
+    call.note.verdict(verification.reason);
     Ok(Json(VerificationResponse::from_verification(&verification)))
 }
 
@@ -206,21 +221,16 @@ pub async fn verify_cvv2(
     responses((status = 200, body = SecurityCodeResponse), (status = "4XX", body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("hmac" = []))
 )]
-pub async fn security_code(
-    State(state): State<AppState>,
-    Extension(auth): Extension<Authenticated>,
-    note: AuditNote,
-    body: Bytes,
-) -> ApiResult<SecurityCodeResponse> {
-    let request: SecurityCodeRequest = parse(&body)?;
-    let (card, kind, digits) = request.parse()?;
-    note.pan(&card.pan);
-    let issued = state
+pub async fn security_code(call: Signed<SecurityCodeRequest>) -> ApiResult<SecurityCodeResponse> {
+    let (card, kind, digits) = call.request.parse()?;
+    call.note.pan(&card.pan);
+    let issued = call
+        .state
         .service()
-        .security_code(&caller(&auth), &card, kind, digits)
+        .security_code(&call.caller(), &card, kind, digits)
         .await?;
-    note.card(&issued.card);
-    note.key(&issued.key);
+    call.note.card(&issued.card);
+    call.note.key(&issued.key);
     Ok(Json(SecurityCodeResponse {
         card_number: issued.card.masked_pan.clone(),
         kind: match kind {
@@ -241,22 +251,17 @@ pub async fn security_code(
     responses((status = 200, body = VerificationResponse), (status = "4XX", body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("hmac" = []))
 )]
-pub async fn verify_dcvv(
-    State(state): State<AppState>,
-    Extension(auth): Extension<Authenticated>,
-    note: AuditNote,
-    body: Bytes,
-) -> ApiResult<VerificationResponse> {
-    let request: DcvvVerificationRequest = parse(&body)?;
-    let (card, service_code, atc, dcvv) = request.parse()?;
-    note.pan(&card.pan);
-    let verification = state
+pub async fn verify_dcvv(call: Signed<DcvvVerificationRequest>) -> ApiResult<VerificationResponse> {
+    let (card, service_code, atc, dcvv) = call.request.parse()?;
+    call.note.pan(&card.pan);
+    let verification = call
+        .state
         .service()
-        .verify_dcvv(&caller(&auth), &card, service_code, atc, dcvv)
+        .verify_dcvv(&call.caller(), &card, service_code, atc, dcvv)
         .await?;
-    note.card(&verification.card);
-    note.key(&verification.key);
-    note.verdict(verification.reason);
+    call.note.card(&verification.card);
+    call.note.key(&verification.key);
+    call.note.verdict(verification.reason);
     Ok(Json(VerificationResponse::from_verification(&verification)))
 }
 
