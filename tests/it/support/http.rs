@@ -173,6 +173,12 @@ impl Answer {
     pub fn code(&self) -> String {
         self.json()["code"].as_str().unwrap_or_default().to_owned()
     }
+
+    /// The JSON of a 200 answer; any other status fails the test, showing the body.
+    pub fn ok_json(&self) -> Value {
+        assert_eq!(self.status, 200, "{}", String::from_utf8_lossy(&self.body));
+        self.json()
+    }
 }
 
 /// A running gateway.
