@@ -4,27 +4,12 @@
 //! searched for the PAN (and its middle digits), every code value the gateway
 //! returned or was sent, every client secret and every signature.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
 use serde_json::{Value, json};
 
 use crate::support;
 use crate::support::http::{Options, PAN, TestGateway, card};
+use crate::support::logs::Capture;
 use crate::support::routes::{CODES, DCVV, ENQUIRY, METRICS, UNENROL, VALUES, VERIFY};
-
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 /// Whole words of the log, after removing fields whose numbers are legitimate
 /// (latencies, statuses, addresses, sqlx timings and row counts), so a 3-digit
@@ -78,14 +63,7 @@ fn no_pan_code_secret_or_signature_reaches_a_log_line() {
     if !support::in_own_process("http_logs::no_pan_code_secret_or_signature_reaches_a_log_line") {
         return;
     }
-    let capture = Capture::default();
-    let writer = capture.clone();
-    tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .without_time()
-        .with_writer(move || writer.clone())
-        .init();
+    let capture = Capture::install(false);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -169,7 +147,7 @@ fn no_pan_code_secret_or_signature_reaches_a_log_line() {
         (codes, secrets, signatures)
     });
 
-    let log = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    let log = capture.text();
     assert!(log.contains("request"), "the request log ran: {log}");
     assert!(
         log.contains("412345******2349") || !log.contains("412345"),

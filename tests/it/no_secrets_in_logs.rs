@@ -2,28 +2,13 @@
 //! log event of a full key ceremony and of every engine operation (including
 //! failures) is captured at TRACE level, cryptoki's own included, and searched.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
 use dcvv_gateway::domain::{
     CardKeyMethod, CodeLength, Engine, Pan, Psn, SecurityCode, StaticCodeKind, Tdcvv2Profile,
 };
 use dcvv_gateway::hsm::{Component, KeyKind};
 
 use crate::support;
-
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+use crate::support::logs::Capture;
 
 const K: &str = "0123456789ABCDEFFEDCBA9876543210";
 const C1: &str = "5A5A5A5A5A5A5A5AA5A5A5A5A5A5A5A5";
@@ -43,14 +28,7 @@ fn nothing_secret_reaches_a_log_line() {
     if !support::in_own_process("no_secrets_in_logs::nothing_secret_reaches_a_log_line") {
         return;
     }
-    let capture = Capture::default();
-    let writer = capture.clone();
-    tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .without_time()
-        .with_writer(move || writer.clone())
-        .init();
+    let capture = Capture::install(false);
 
     let c2: String = hex::encode_upper(
         hex::decode(K)
@@ -146,7 +124,7 @@ fn nothing_secret_reaches_a_log_line() {
         let _ = engine.tdcvv2_verify(&imk, &pan, expiry, profile, 1_767_225_600, &wrong);
     }
 
-    let log = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    let log = capture.text();
     assert!(
         log.contains("key imported from components"),
         "the capture works: {log}"

@@ -22,6 +22,7 @@ use serde_json::{Value, json};
 use crate::support;
 use crate::support::faults::{in_private_softhsm, set_pin, take_token_away, within};
 use crate::support::http::{Answer, EXPIRY, K, K4, Options, PAN, T0, TestGateway, card, key};
+use crate::support::logs::Capture;
 use crate::support::reference;
 use crate::support::routes::{
     CODES, DCVV, ENQUIRY, ENROL, KEY_INVENTORY, METRICS, READYZ, VALUES, VERIFY,
@@ -285,27 +286,6 @@ async fn the_token_goes_away_requests_fail_fast_and_it_comes_back_without_restar
     gw.stop().await;
 }
 
-/// Every log line of the process (the only test of this file that installs a
-/// global subscriber).
-#[derive(Clone, Default)]
-struct Capture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Capture {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pin_refused_at_re_login_is_never_retried_and_a_fixed_pin_recovers() {
     if !in_private_softhsm(
@@ -313,13 +293,7 @@ async fn a_pin_refused_at_re_login_is_never_retried_and_a_fixed_pin_recovers() {
     ) {
         return;
     }
-    let capture = Capture::default();
-    let writer = capture.clone();
-    tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .init();
+    let capture = Capture::install(true);
     let wrong = "00112233445566778899aabbccddeeff";
     let gw = TestGateway::start(Options::default()).await;
     let token = std::sync::Arc::clone(&*crate::support::HSM);

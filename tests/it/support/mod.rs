@@ -14,6 +14,7 @@ pub mod disk;
 pub mod faults;
 pub mod http;
 pub mod instances;
+pub mod logs;
 pub mod postgres;
 pub mod reference;
 pub mod routes;
