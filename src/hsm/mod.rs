@@ -76,41 +76,35 @@ pub trait CardCrypto {
     fn hmac(&self, label: &KeyLabel, kind: KeyKind, data: &[u8]) -> HsmResult<Zeroizing<Vec<u8>>>;
 }
 
-impl<T: CardCrypto + ?Sized> CardCrypto for &T {
-    fn with_cvv_keys<R>(
-        &self,
-        source: CvvKeySource<'_>,
-        f: impl FnMut(&dyn BlockCipher) -> HsmResult<R>,
-    ) -> HsmResult<R> {
-        (**self).with_cvv_keys(source, f)
-    }
+/// The port behind a reference or a shared handle is the port itself.
+macro_rules! forward_card_crypto {
+    ($($holder:ty),+) => {$(
+        impl<T: CardCrypto + ?Sized> CardCrypto for $holder {
+            fn with_cvv_keys<R>(
+                &self,
+                source: CvvKeySource<'_>,
+                f: impl FnMut(&dyn BlockCipher) -> HsmResult<R>,
+            ) -> HsmResult<R> {
+                (**self).with_cvv_keys(source, f)
+            }
 
-    fn key_check_value(&self, label: &KeyLabel, kind: KeyKind) -> HsmResult<Kcv> {
-        (**self).key_check_value(label, kind)
-    }
+            fn key_check_value(&self, label: &KeyLabel, kind: KeyKind) -> HsmResult<Kcv> {
+                (**self).key_check_value(label, kind)
+            }
 
-    fn hmac(&self, label: &KeyLabel, kind: KeyKind, data: &[u8]) -> HsmResult<Zeroizing<Vec<u8>>> {
-        (**self).hmac(label, kind, data)
-    }
+            fn hmac(
+                &self,
+                label: &KeyLabel,
+                kind: KeyKind,
+                data: &[u8],
+            ) -> HsmResult<Zeroizing<Vec<u8>>> {
+                (**self).hmac(label, kind, data)
+            }
+        }
+    )+};
 }
 
-impl<T: CardCrypto + ?Sized> CardCrypto for std::sync::Arc<T> {
-    fn with_cvv_keys<R>(
-        &self,
-        source: CvvKeySource<'_>,
-        f: impl FnMut(&dyn BlockCipher) -> HsmResult<R>,
-    ) -> HsmResult<R> {
-        (**self).with_cvv_keys(source, f)
-    }
-
-    fn key_check_value(&self, label: &KeyLabel, kind: KeyKind) -> HsmResult<Kcv> {
-        (**self).key_check_value(label, kind)
-    }
-
-    fn hmac(&self, label: &KeyLabel, kind: KeyKind, data: &[u8]) -> HsmResult<Zeroizing<Vec<u8>>> {
-        (**self).hmac(label, kind, data)
-    }
-}
+forward_card_crypto!(&T, std::sync::Arc<T>);
 
 /// Runs a token call on tokio's blocking pool, never on a runtime worker
 /// (STYLE 2). The one way async code calls the HSM.
