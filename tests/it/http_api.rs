@@ -8,7 +8,9 @@
 use serde_json::{Value, json};
 
 use crate::support;
-use crate::support::http::{EXPIRY, K, K4, Options, PAN, T0, TestGateway, card, key};
+use crate::support::http::{
+    EXPIRY, K, K4, Options, PAN, T0, TestGateway, approved, card, declined, key,
+};
 use crate::support::reference;
 use crate::support::routes::{
     CODES, DCVV, ENQUIRY, ENROL, HEALTHZ, KEY_INVENTORY, METRICS, OPENAPI, READYZ, UNENROL, VALUES,
@@ -24,21 +26,9 @@ fn static_cvv2() -> String {
 }
 
 async fn verify(gw: &TestGateway, cvv2: &str) -> (String, String, String) {
-    let answer = gw.call("POST", VERIFY, &card(json!({"cvv2": cvv2}))).await;
-    let v = answer.ok_json();
-    (
-        v["result"].as_str().unwrap().to_owned(),
-        v["reason"].as_str().unwrap().to_owned(),
-        v["method"].as_str().unwrap().to_owned(),
-    )
-}
-
-fn approved(method: &str) -> (String, String, String) {
-    ("approved".into(), "match".into(), method.into())
-}
-
-fn declined(reason: &str, method: &str) -> (String, String, String) {
-    ("declined".into(), reason.into(), method.into())
+    gw.call("POST", VERIFY, &card(json!({"cvv2": cvv2})))
+        .await
+        .verdict()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

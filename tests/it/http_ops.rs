@@ -8,18 +8,13 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::support;
-use crate::support::http::{Options, TestGateway, card};
+use crate::support::http::{Options, TestGateway, card, self_signed_tls};
 use crate::support::routes::{ENQUIRY, ENROL, HEALTHZ, READYZ, VALUES, VERIFY};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_with_a_certificate_from_the_config() {
     let dir = tempfile::tempdir().unwrap();
-    let cert =
-        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
-    let cert_path = dir.path().join("server.pem");
-    let key_path = dir.path().join("server.key");
-    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
-    std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
+    let (cert, cert_path, key_path) = self_signed_tls(dir.path());
     let mut gw = TestGateway::start(Options {
         tls: Some((cert_path, key_path)),
         ..Options::default()

@@ -17,7 +17,7 @@ use serde_json::json;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
-use crate::support::http::{Options, TestGateway, card};
+use crate::support::http::{Options, TestGateway, card, self_signed_tls};
 use crate::support::routes::{ENQUIRY, HEALTHZ};
 
 /// What "within its deadline" allows on top of the deadline.
@@ -408,12 +408,7 @@ async fn a_tls_connection_silent_after_its_handshake_is_closed_at_the_header_dea
     // The attack of issue 13, over HTTPS: the handshake completes, then nothing.
     let deadline = Duration::from_secs(1);
     let dir = tempfile::tempdir().unwrap();
-    let cert =
-        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
-    let cert_path = dir.path().join("server.pem");
-    let key_path = dir.path().join("server.key");
-    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
-    std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
+    let (cert, cert_path, key_path) = self_signed_tls(dir.path());
     let gw = TestGateway::start(Options {
         tls: Some((cert_path, key_path)),
         header_read_timeout: deadline,

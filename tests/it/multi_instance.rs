@@ -82,12 +82,7 @@ async fn verify(instance: &Instance, pan: &str, cvv2: &str) -> (String, String, 
     let answer = instance
         .post(VERIFY, &card(pan, json!({"cvv2": cvv2})))
         .await;
-    let v = answer.ok_json();
-    (
-        v["result"].as_str().unwrap().to_owned(),
-        v["reason"].as_str().unwrap().to_owned(),
-        v["method"].as_str().unwrap().to_owned(),
-    )
+    answer.verdict()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

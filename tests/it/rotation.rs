@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use crate::support;
 use crate::support::http::{
-    EXPIRY, K, K4, KEYS, Options, PAN, T0, TestGateway, card, key, programme,
+    EXPIRY, K, K4, KEYS, Options, PAN, T0, TestGateway, approved, card, declined, key, programme,
 };
 use crate::support::reference;
 use crate::support::routes::{CODES, DCVV, KEY_INVENTORY, METRICS, READYZ, VALUES, VERIFY};
@@ -151,19 +151,7 @@ fn outcome(answer: support::http::Answer) -> (String, String, String) {
         ["method", "reason", "result"],
         "the response names no key"
     );
-    (
-        v["result"].as_str().unwrap().to_owned(),
-        v["reason"].as_str().unwrap().to_owned(),
-        v["method"].as_str().unwrap().to_owned(),
-    )
-}
-
-fn approved(method: &str) -> (String, String, String) {
-    ("approved".into(), "match".into(), method.into())
-}
-
-fn declined(reason: &str, method: &str) -> (String, String, String) {
-    ("declined".into(), reason.into(), method.into())
+    answer.verdict()
 }
 
 /// `dcvv_previous_key_matches_total{programme="test"}`, 0 when absent.

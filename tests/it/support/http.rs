@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::num::NonZeroU32;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
@@ -174,11 +174,43 @@ impl Answer {
         self.json()["code"].as_str().unwrap_or_default().to_owned()
     }
 
+    /// `(result, reason, method)` of a 200 verification answer.
+    pub fn verdict(&self) -> Verdict {
+        let v = self.ok_json();
+        let field = |name: &str| v[name].as_str().unwrap().to_owned();
+        (field("result"), field("reason"), field("method"))
+    }
+
     /// The JSON of a 200 answer; any other status fails the test, showing the body.
     pub fn ok_json(&self) -> Value {
         assert_eq!(self.status, 200, "{}", String::from_utf8_lossy(&self.body));
         self.json()
     }
+}
+
+/// `(result, reason, method)` of a verification.
+pub type Verdict = (String, String, String);
+
+/// An approval by the `method` (`dynamic` or `static`) check.
+pub fn approved(method: &str) -> Verdict {
+    ("approved".into(), "match".into(), method.into())
+}
+
+/// A decline for `reason` by the `method` check.
+pub fn declined(reason: &str, method: &str) -> Verdict {
+    ("declined".into(), reason.into(), method.into())
+}
+
+/// A self-signed certificate for `localhost` and `127.0.0.1`, written as PEM
+/// into `dir`: the certificate and the paths of its PEM and key files.
+pub fn self_signed_tls(dir: &Path) -> (rcgen::CertifiedKey, PathBuf, PathBuf) {
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let cert_path = dir.join("server.pem");
+    let key_path = dir.join("server.key");
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
+    (cert, cert_path, key_path)
 }
 
 /// A running gateway.
@@ -197,6 +229,19 @@ pub struct TestGateway {
 
 fn random_secret() -> String {
     ClientSecret::generate().unwrap().expose().to_owned()
+}
+
+/// Every scope: the main client may call every route.
+fn all_scopes() -> HashSet<Scope> {
+    [
+        Scope::DynamicValues,
+        Scope::Enrollment,
+        Scope::Cvv2Verification,
+        Scope::SecurityCodes,
+        Scope::DcvvVerification,
+        Scope::Keys,
+    ]
+    .into()
 }
 
 static REQUEST_IDS: AtomicU32 = AtomicU32::new(0);
@@ -254,15 +299,7 @@ impl TestGateway {
                 secret: random_secret(),
             },
         };
-        let all_scopes: HashSet<Scope> = [
-            Scope::DynamicValues,
-            Scope::Enrollment,
-            Scope::Cvv2Verification,
-            Scope::SecurityCodes,
-            Scope::DcvvVerification,
-            Scope::Keys,
-        ]
-        .into();
+        let all_scopes = all_scopes();
         let client_settings = vec![
             ClientSettings {
                 apikey: clients.main.apikey.clone(),
@@ -542,15 +579,7 @@ impl TestGateway {
         if let Some(served) = self.served.take() {
             served.await.unwrap();
         }
-        let all_scopes: HashSet<Scope> = [
-            Scope::DynamicValues,
-            Scope::Enrollment,
-            Scope::Cvv2Verification,
-            Scope::SecurityCodes,
-            Scope::DcvvVerification,
-            Scope::Keys,
-        ]
-        .into();
+        let all_scopes = all_scopes();
         // The secret files `start` wrote.
         let file = |name: &str| SecretSource::File(self._dir.path().join(name));
         let client_settings = vec![

@@ -12,7 +12,6 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use dcvv_gateway::http::signature::ClientSecret;
@@ -45,16 +44,7 @@ pub struct Instance {
     http: reqwest::Client,
 }
 
-static IDS: AtomicU32 = AtomicU32::new(0);
-
-/// A request id no other request of this process used.
-pub fn fresh_id() -> String {
-    format!(
-        "mi{}x{}",
-        std::process::id(),
-        IDS.fetch_add(1, Ordering::Relaxed)
-    )
-}
+pub use super::http::fresh_id;
 
 /// Now, Unix epoch milliseconds.
 pub fn now_ms() -> u64 {
