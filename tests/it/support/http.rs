@@ -165,6 +165,15 @@ pub struct Answer {
 }
 
 impl Answer {
+    /// Reads a whole response.
+    pub async fn of(response: reqwest::Response) -> Answer {
+        Answer {
+            status: response.status().as_u16(),
+            headers: response.headers().clone(),
+            body: response.bytes().await.unwrap().to_vec(),
+        }
+    }
+
     pub fn json(&self) -> Value {
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&self.body)))
@@ -418,12 +427,7 @@ impl TestGateway {
         for (k, v) in headers {
             request = request.header(k.as_str(), v.as_str());
         }
-        let response = request.send().await.unwrap();
-        Answer {
-            status: response.status().as_u16(),
-            headers: response.headers().clone(),
-            body: response.bytes().await.unwrap().to_vec(),
-        }
+        Answer::of(request.send().await.unwrap()).await
     }
 
     /// The four signature headers for a request.

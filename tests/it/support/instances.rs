@@ -277,12 +277,7 @@ impl Instance {
         for (k, v) in headers {
             request = request.header(k.as_str(), v.as_str());
         }
-        let response = request.send().await.unwrap();
-        Answer {
-            status: response.status().as_u16(),
-            headers: response.headers().clone(),
-            body: response.bytes().await.unwrap().to_vec(),
-        }
+        Answer::of(request.send().await.unwrap()).await
     }
 
     /// A signed POST with a fresh request id.

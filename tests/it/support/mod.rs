@@ -52,7 +52,8 @@ pub struct TestToken {
     pub pin_file: PathBuf,
 }
 
-fn random_hex(bytes: usize) -> String {
+/// `bytes` random bytes from the kernel, as hex.
+pub fn random_hex(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf))

@@ -83,13 +83,7 @@ fn uid_of(user: &str) -> Option<(u32, u32)> {
     Some((id("-u")?, id("-g")?))
 }
 
-fn random_hex(bytes: usize) -> String {
-    let mut buf = vec![0u8; bytes];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf))
-        .expect("/dev/urandom");
-    hex::encode(buf)
-}
+use super::random_hex;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
