@@ -63,7 +63,7 @@ max_file_bytes = 67108864
 "#;
 
 /// The built-in defaults of every section as TOML, for `dcvv-gateway config
-/// defaults`: the embedded [`DEFAULTS`], the SQLite file of a store that names no
+/// defaults`: the embedded `DEFAULTS`, the SQLite file of a store that names no
 /// database, the runtime workers computed from the cores (a comment: the number
 /// depends on the machine), and the serde defaults of each `[[programmes]]` table.
 /// A key it does not name has no default.

@@ -3,7 +3,7 @@
 //! document.
 //!
 //! The stack, outside in: request id (`x-request-id`), trace span, the request
-//! log and metrics ([`observe`], the one place that logs requests), then — on
+//! log and metrics (`observe`, the one place that logs requests), then — on
 //! the signed routes only — a timeout (503), the signature layer ([`auth`])
 //! that reads the body under its deadline (408) and size limit (413) and
 //! verifies it, and only then load shedding beyond a global in-flight limit
