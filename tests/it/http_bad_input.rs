@@ -320,3 +320,38 @@ fn gw_now(gw: &TestGateway) -> u64 {
     use dcvv_gateway::domain::service::Clock;
     gw.clock.now_ms()
 }
+
+/// Every error body names the request it answers, whichever layer refused it
+/// (the request id is added by one layer, not by each handler).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_error_body_carries_the_request_id() {
+    let gw = TestGateway::start(Options::default()).await;
+    let id = fresh_id();
+    // 422 from a handler, on a signed request.
+    let body = serde_json::to_vec(&json!({"cardNumber": "4123450000000002", "expiryDate": "3012"}))
+        .unwrap();
+    let headers = gw.signed_headers(&gw.clients.main, &id, T0 * 1000, "POST", ENQUIRY, &body);
+    let refused = gw.send_raw("POST", ENQUIRY, &headers, body).await;
+    assert_eq!(
+        (refused.status, refused.code()),
+        (422, "invalid_card_number".into())
+    );
+    assert_eq!(refused.json()["requestId"], id.as_str());
+    // 401 from the signature layer, and 404 from the router: the client's id
+    // when it sent a well-formed one.
+    let only_id = vec![("X-Client-Request-Id".to_owned(), id.clone())];
+    let unsigned = gw.send_raw("POST", ENQUIRY, &only_id, b"{}".to_vec()).await;
+    assert_eq!(
+        (unsigned.status, unsigned.code()),
+        (401, "missing_header".into())
+    );
+    assert_eq!(unsigned.json()["requestId"], id.as_str());
+    let nowhere = gw.send_raw("GET", "/cards", &only_id, Vec::new()).await;
+    assert_eq!((nowhere.status, nowhere.code()), (404, "not_found".into()));
+    assert_eq!(nowhere.json()["requestId"], id.as_str());
+    // Without one, the gateway's own id, also in `x-request-id`.
+    let anonymous = gw.send_raw("GET", "/cards", &[], Vec::new()).await;
+    let own = anonymous.json()["requestId"].as_str().unwrap().to_owned();
+    assert!(own.starts_with("gw-"), "{own}");
+    assert_eq!(anonymous.headers["x-request-id"], own.as_str());
+}
