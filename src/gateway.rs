@@ -15,7 +15,7 @@ use crate::audit::{AuditError, AuditObserver, Sealer, TokenSealer, Trail};
 use crate::config::Settings;
 use crate::domain::DomainError;
 use crate::domain::service::{CardService, Clock, SystemClock};
-use crate::hsm::{self, HsmError, Token};
+use crate::hsm::{self, HsmError, KeyListing, Token};
 use crate::http::clients::{ClientError, Clients};
 use crate::http::metrics::Metrics;
 use crate::http::server::ServeError;
@@ -29,8 +29,8 @@ pub enum StartError {
     #[error(transparent)]
     Hsm(#[from] HsmError),
     /// A key in the token is wider than its kind allows (DESIGN 3).
-    #[error("refusing to start: key(s) wider than their policy: {0}")]
-    WideKeys(String),
+    #[error("refusing to start: key(s) wider than their policy: {}", wide_keys(.0))]
+    WideKeys(Vec<KeyListing>),
     /// A configured key is missing or refused.
     #[error("refusing to start: a configured key is unusable: {0}")]
     Keys(DomainError),
@@ -253,17 +253,24 @@ async fn watch_token(token: Arc<Token>) {
 /// DESIGN 3: the gateway does not start while a gateway key in the token is
 /// wider than its kind allows.
 fn refuse_wide_keys(token: &Token) -> Result<(), StartError> {
-    let wide: Vec<String> = token
+    let wide: Vec<KeyListing> = token
         .list_keys()?
         .into_iter()
         .filter(|k| !k.violations.is_empty())
-        .map(|k| format!("{} ({})", k.label, k.violations.join(", ")))
         .collect();
     if wide.is_empty() {
         Ok(())
     } else {
-        Err(StartError::WideKeys(wide.join("; ")))
+        Err(StartError::WideKeys(wide))
     }
+}
+
+/// `label (violation, ...); ...`: labels and attribute names only.
+fn wide_keys(keys: &[KeyListing]) -> String {
+    keys.iter()
+        .map(|k| format!("{} ({})", k.label, k.violations.join(", ")))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Completes on SIGINT or SIGTERM.
