@@ -24,7 +24,8 @@ Sets up a SoftHSM development token for dcvv-gateway:
   4. creates a development TLS CA (.softhsm/tls/ca.pem) and a certificate for localhost,
      127.0.0.1 and ::1 signed by it (.softhsm/tls/server.pem), private keys mode 600;
   5. creates the demo API client's random secret (.softhsm/clients/cms-demo.secret, 600);
-  6. builds the gateway (cargo build --release --locked);
+  6. builds the gateway and its tools (cargo build --release --locked: dcvv-gateway, and
+     dcvv-tools with the signed client `call` and `bench http`);
   7. generates the demo keys inside the token, each only if its label is not present;
   8. runs `dcvv-gateway hsm check`.
 Each step creates only what is missing; running it again changes nothing and says so.
@@ -219,7 +220,7 @@ fi
 # Where the demo client's secret is, never the secret itself.
 secret_hint=$(cat <<'EOF'
 # The demo API client's (cms-demo) secret file; the secret itself is never in this file.
-# For `dcvv-gateway call`: export DCVV_CLIENT_SECRET="$(cat "$DCVV_CLIENT_SECRET_FILE")"
+# For `dcvv-tools call`: export DCVV_CLIENT_SECRET="$(cat "$DCVV_CLIENT_SECRET_FILE")"
 EOF
 )
 env_content+=$'\n'"$secret_hint"
@@ -277,7 +278,7 @@ fi
 # ---- 4. development TLS: a CA and a server certificate signed by it --------------------
 #
 # Two levels, because rustls/webpki refuses a CA certificate as a server's end-entity
-# certificate. Clients trust ca.pem (curl --cacert, dcvv-gateway call --cacert); the gateway
+# certificate. Clients trust ca.pem (curl --cacert, dcvv-tools call --cacert); the gateway
 # serves server.pem with server.key (hsm-config/gateway.toml, [server]). Each pair is made
 # again only when it is missing, does not match its key, expires within 30 days, or (the
 # server's) no longer verifies under the CA. Files are written under temporary names and
@@ -432,10 +433,12 @@ fi
 
 # ---- 6. the gateway ---------------------------------------------------------------------
 
-say "Building dcvv-gateway (cargo build --release --locked; the first build takes a few minutes)"
+say "Building dcvv-gateway and dcvv-tools (cargo build --release --locked; the first build takes a few minutes)"
 cargo build --release --locked --quiet
 bin="${CARGO_TARGET_DIR:-$repo/target}/release/dcvv-gateway"
 [ -x "$bin" ] || die "cargo build did not produce $bin"
+tools_bin="${CARGO_TARGET_DIR:-$repo/target}/release/dcvv-tools"
+[ -x "$tools_bin" ] || die "cargo build did not produce $tools_bin"
 
 gw() { "$bin" --config "$config" "$@"; }
 
@@ -523,11 +526,11 @@ if [ "$mode" = run ]; then
   curl --cacert .softhsm/tls/ca.pem $url/readyz
 
   # three dynamic CVV2 values for the demo card (enrols it)
-  target/release/dcvv-gateway call --url $url --apikey $demo_client --secret-env DCVV_CLIENT_SECRET --cacert .softhsm/tls/ca.pem \\
+  target/release/dcvv-tools call --url $url --apikey $demo_client --secret-env DCVV_CLIENT_SECRET --cacert .softhsm/tls/ca.pem \\
     POST /cards/pin/dynamic-values --data '{"cardNumber":"4123450000000001","expiryDate":"3012","numberOfValues":3}'
 
   # verify the first one (the "dcvv2" field): approved / match, then declined / code_already_used
-  target/release/dcvv-gateway call --url $url --apikey $demo_client --secret-env DCVV_CLIENT_SECRET --cacert .softhsm/tls/ca.pem \\
+  target/release/dcvv-tools call --url $url --apikey $demo_client --secret-env DCVV_CLIENT_SECRET --cacert .softhsm/tls/ca.pem \\
     POST /cards/cvv2/verification --data '{"cardNumber":"4123450000000001","expiryDate":"3012","cvv2":"<the dcvv2 from above>"}'
 
   More (enrolment, static CVV2): README.md, "Quick start"; the API and signing your own

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# bench http against a gateway on PostgreSQL (docs/benchmarks.md, "Against a gateway on PostgreSQL").
+# dcvv-tools bench http against a gateway on PostgreSQL (docs/benchmarks.md, "Against a gateway on PostgreSQL").
 #
 # Starts a throwaway PostgreSQL cluster (Debian's initdb + pg_ctl, as the tests do in
 # tests/it/support/postgres.rs: 127.0.0.1 on a free port and a unix socket in a temporary
 # directory, SCRAM password logins over TCP, the server run as `postgres` through runuser
-# when this script runs as root), then a gateway `serve` on it and `bench http` against that
-# gateway. Everything it starts is stopped and its directory deleted when it exits, however
-# it exits.
+# when this script runs as root), then a gateway `serve` on it and `dcvv-tools bench http`
+# against that gateway. Everything it starts is stopped and its directory deleted when it
+# exits, however it exits.
 #
 # The gateway uses the committed hsm-config/gateway.toml with the one line that names the
 # SQLite file left out (the store takes exactly one of sqlite_path and database_url), and the
@@ -16,19 +16,22 @@
 #   DCVV_GATEWAY__AUDIT__DIRECTORY=<tmp>/audit       (one audit directory per instance)
 #   DCVV_GATEWAY__SERVER__LISTEN=127.0.0.1:GW_PORT  (beside a gateway on 8443)
 #
-# Needs ./softhsm-setup.sh first (token, keys, TLS, demo client) and a release build.
-# Usage: scripts/bench-postgres.sh [bench http options, e.g. --seconds 2 --rate 600 --json]
+# Needs ./softhsm-setup.sh first (token, keys, TLS, demo client) and a release build
+# (target/release/dcvv-gateway and target/release/dcvv-tools).
+# Usage: scripts/bench-postgres.sh [dcvv-tools bench http options, e.g. --seconds 2 --rate 600 --json]
 # Environment: GW_PORT (default 8444), CARGO_TARGET_DIR (where the release build is),
 #              KEEP_LOGS=1 to keep the temporary directory (logs) after the run.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bin="${CARGO_TARGET_DIR:-$repo/target}/release/dcvv-gateway"
+tools_bin="${CARGO_TARGET_DIR:-$repo/target}/release/dcvv-tools"
 gw_port="${GW_PORT:-8444}"
 
 die() { echo "bench-postgres.sh: $*" >&2; exit 1; }
 
 [ -x "$bin" ] || die "no release build at $bin (cargo build --release --locked; set CARGO_TARGET_DIR if it is elsewhere)"
+[ -x "$tools_bin" ] || die "no release build at $tools_bin (cargo build --release --locked; set CARGO_TARGET_DIR if it is elsewhere)"
 [ -f "$repo/.softhsm/env" ] || die "no .softhsm/env: run ./softhsm-setup.sh first"
 # shellcheck source=/dev/null
 . "$repo/.softhsm/env"
@@ -116,6 +119,6 @@ done
 
 DCVV_CLIENT_SECRET=$(cat "$DCVV_CLIENT_SECRET_FILE")
 export DCVV_CLIENT_SECRET
-"$bin" --config "$tmp/gateway.toml" bench http \
+"$tools_bin" --config "$tmp/gateway.toml" bench http \
     --url "https://localhost:$gw_port" --apikey cms-demo --secret-env DCVV_CLIENT_SECRET \
     --cacert "$repo/.softhsm/tls/ca.pem" --gateway-pid "$gw_pid" "$@"

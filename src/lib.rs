@@ -3,7 +3,8 @@
 //!
 //! Layers, one way: `gateway` (start-up and shutdown) -> `http` -> `domain`
 //! -> {`hsm`, `store`, `audit`}; `config` assembles each layer's settings;
-//! `cli` holds the commands (key ceremony, `serve`, benchmarks).
+//! `cli` holds the commands (key ceremony, `serve`, `bench engine`); the client
+//! and the HTTP benchmark are the `dcvv-tools` crate's (`tools/`).
 //!
 //! What a test or an embedder drives: [`app`] (the router over an assembled
 //! state) and [`run`] (everything, on a listener of the caller's).

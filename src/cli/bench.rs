@@ -198,18 +198,18 @@ impl<'t> Fixture<'t> {
     }
 }
 
-/// An engine operation that `bench http` sets its HTTP figures against.
+/// An engine operation that `dcvv-tools bench http` sets its HTTP figures against.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum EngineOp {
+pub enum EngineOp {
     /// TDCVV2-v1 verification with G = 1, F = 0 (2 windows computed and compared).
     Tdcvv2Verify,
     /// TDCVV2-v1 generation of this many values (1–24).
     Tdcvv2Generate(u8),
 }
 
-/// What `bench http` sets one HTTP operation against.
+/// What `dcvv-tools bench http` sets one HTTP operation against.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub(super) struct EngineRate {
+pub struct EngineRate {
     /// Operations per second.
     pub per_second: f64,
     /// CPU time of this process (the engine and the token library, which runs
@@ -218,12 +218,12 @@ pub(super) struct EngineRate {
 }
 
 /// Process CPU seconds spent over `cpu_seconds` for `ops` operations.
-pub(super) fn per_op(cpu_seconds: f64, ops: u64) -> Option<f64> {
+pub fn per_op(cpu_seconds: f64, ops: u64) -> Option<f64> {
     (ops > 0 && cpu_seconds >= 0.0).then(|| cpu_seconds / ops as f64)
 }
 
 /// This process's CPU time so far (user + system), `None` without `/proc`.
-pub(super) fn own_cpu_seconds() -> Option<f64> {
+pub fn own_cpu_seconds() -> Option<f64> {
     Stat::read(None).ok().map(|s| s.cpu_seconds())
 }
 
@@ -234,7 +234,7 @@ pub(super) fn own_cpu_seconds() -> Option<f64> {
 ///
 /// # Errors
 /// The token's error creating the keys or during a measurement.
-pub(super) fn engine_rates(
+pub fn engine_rates(
     token: &Token,
     ops: &[EngineOp],
     threads: usize,

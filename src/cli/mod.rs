@@ -1,8 +1,10 @@
 //! The command line: the key ceremony (`keys ...`), the policy check
-//! (`hsm check`), `serve`, the signed client for people and scripts (`call`) and
-//! the benchmarks (`bench engine`, `bench http` against a running gateway),
-//! the audit trail's verifier (`audit verify`), and the configuration's built-in
-//! defaults (`config defaults`).
+//! (`hsm check`), `serve`, the engine's benchmark (`bench engine`), the audit
+//! trail's verifier (`audit verify`), and the configuration's built-in defaults
+//! (`config defaults`). The signed client (`call`) and the benchmark of a running
+//! gateway (`bench http`) are the `dcvv-tools` crate's (`tools/`); the pieces of
+//! this module it reuses are public: [`bench`]'s engine-only figures,
+//! [`with_token`] and [`CliError`].
 //!
 //! Output on stdout is the commands' contract (tooling parses `keys list --json`);
 //! logs go to stderr. Every error is one line and a non-zero exit; no command
@@ -12,9 +14,7 @@
 #![allow(clippy::print_stdout)]
 
 mod audit;
-mod bench;
-mod bench_http;
-mod call;
+pub mod bench;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -52,8 +52,6 @@ enum Command {
     Bench(BenchCommand),
     /// Run the HTTP service.
     Serve,
-    /// Send one HMAC-signed request to a running gateway and check the response's signature.
-    Call(call::CallArgs),
     /// The audit trail.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
@@ -117,9 +115,6 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
-    /// End-to-end throughput and latency of a running gateway's signed API, next to
-    /// engine-only figures for the same operations on the same token.
-    Http(bench_http::HttpBenchArgs),
 }
 
 /// A command failure: one line for stderr.
@@ -155,7 +150,9 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging(serving: bool) {
+/// Logs to stderr, at `info` when serving and `warn` otherwise unless `RUST_LOG`
+/// says more; also what `dcvv-tools` logs with (its benchmark opens the token).
+pub fn init_logging(serving: bool) {
     let default = if serving { "info" } else { "warn" };
     let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
@@ -173,8 +170,6 @@ fn init_logging(serving: bool) {
 
 fn run(cli: Cli) -> Result<(), CliError> {
     let command = match cli.command {
-        // `call` talks to a running gateway: no configuration file, no token.
-        Command::Call(args) => return call::run(args),
         // The built-in defaults are the code's: no configuration file, no token.
         Command::Config(ConfigCommand::Defaults) => {
             print_defaults();
@@ -184,7 +179,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
     };
     let settings = Settings::load(&cli.config)?;
     match command {
-        Command::Call(_) | Command::Config(_) => Ok(()), // handled above
+        Command::Config(_) => Ok(()), // handled above
         Command::Serve => {
             crate::gateway::run_blocking(settings).map_err(|e| CliError::Io(e.to_string()))
         }
@@ -193,13 +188,15 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Bench(BenchCommand::Engine { seconds, json }) => {
             with_token(&settings, |token| bench::engine(token, seconds, json))
         }
-        Command::Bench(BenchCommand::Http(args)) => bench_http::run(&settings, args),
         Command::Audit(cmd) => with_token(&settings, |token| audit::run(token, cmd)),
     }
 }
 
 /// Opens the token, runs a command, and finalizes the library whatever the outcome.
-fn with_token(
+///
+/// # Errors
+/// The token's error opening or finalizing it, or the command's.
+pub fn with_token(
     settings: &Settings,
     command: impl FnOnce(&Token) -> Result<(), CliError>,
 ) -> Result<(), CliError> {

@@ -4,10 +4,10 @@
 //! `process_threads`) and the process's context switches
 //! (`process_context_switches_total{kind}`), read from `/proc` at scrape time,
 //! unprefixed, as the Go and Python clients name them so dashboards and
-//! `bench http` find them.
+//! `dcvv-tools bench http` find them.
 //!
-//! The readers are public because `bench http` uses the same parsing on its own
-//! process (engine CPU) and on a local gateway's (`--gateway-pid`). On a system
+//! The readers are public because `dcvv-tools bench http` uses the same parsing
+//! on its own process (engine CPU) and on a local gateway's (`--gateway-pid`). On a system
 //! without `/proc`, or when one file cannot be read, the families from that file
 //! are left out of the exposition; a scrape never fails because of them.
 //!

@@ -2,8 +2,8 @@
 //! under a client's secret, the four headers, and their parsing.
 //!
 //! This module is pure: no clock, no store, no client registry. The server's
-//! middleware ([`super::auth`]) and the `call` client both build on it, so the
-//! two sides cannot drift. Signatures are checked with `Mac::verify_slice`
+//! middleware ([`super::auth`]) and the `dcvv-tools call` client (`tools/`) both
+//! build on it, so the two sides cannot drift. Signatures are checked with `Mac::verify_slice`
 //! (constant time); a secret never appears in `Debug` output or an error.
 
 use axum::http::HeaderMap;

@@ -1,9 +1,17 @@
-//! `dcvv-gateway call` against a real gateway (issue 3, item 6): the binary signs
+//! `dcvv-tools call` against a real gateway (issue 3, item 6): the binary signs
 //! the request, the gateway (TLS, this process's SoftHSM token, a SQLite file)
 //! accepts it, and the command checks the response signature. This is the README's
 //! walk from set-up to a first dynamic value, run as a test.
+//!
+//! It runs the built `dcvv-tools` binary, as a person or a script would: what is
+//! tested is the command (arguments, secret from the environment, exit status,
+//! stdout and stderr), which an in-process call could not observe without
+//! changing the command. The binary is not this package's, so Cargo gives no
+//! `CARGO_BIN_EXE_` for it; `tools/` is a default member of the workspace, so
+//! `cargo nextest run` (or `cargo test`) at the root builds it, before any test
+//! runs, into the directory that holds `dcvv-gateway`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
@@ -28,9 +36,21 @@ impl Run {
     }
 }
 
+/// The `dcvv-tools` binary of this build, beside `dcvv-gateway` (see above).
+fn tools_binary() -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_dcvv-gateway"))
+        .with_file_name(format!("dcvv-tools{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        path.is_file(),
+        "{} is missing: run the tests from the workspace root (or cargo build -p dcvv-tools)",
+        path.display()
+    );
+    path
+}
+
 /// Runs `call` with the secret in `DCVV_TEST_SECRET`, off the runtime's threads.
 async fn call(gw: &TestGateway, ca: &Path, secret: &str, args: &[&str]) -> Run {
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_dcvv-gateway"));
+    let mut command = std::process::Command::new(tools_binary());
     command
         .args([
             "call",

@@ -2,8 +2,9 @@
 //!
 //! Every relative link in `README.md` and `docs/**/*.md` names a file or directory
 //! that exists, and a `#anchor` names a heading of the target page as GitHub
-//! renders it. Every "DESIGN §n" / "DESIGN n.n" citation in the code, the
-//! migrations, the scripts and the docs names a section of `docs/design.md`.
+//! renders it. Every "DESIGN §n" / "DESIGN n.n" citation in the code (`src/`,
+//! `tools/`), the migrations, the scripts and the docs names a section of
+//! `docs/design.md`.
 //! Plain file reading: no token, no network.
 
 use std::collections::{BTreeSet, HashMap};
@@ -315,6 +316,7 @@ fn every_design_citation_names_a_section_of_docs_design_md() {
     let mut files = Vec::new();
     for dir in [
         "src",
+        "tools",
         "tests",
         "migrations",
         "docs",

@@ -1,7 +1,7 @@
 //! `call`: one HMAC-signed request to a running gateway (DESIGN 5), for people
 //! trying the API by hand and for scripts.
 //!
-//! The request is signed with [`crate::http::signature`], the same code the
+//! The request is signed with [`dcvv_gateway::http::signature`], the same code the
 //! server verifies with, so client and server cannot drift. The response's
 //! signature is checked before the command reports success: the echoed
 //! `X-Client-Request-Id` must be ours and the HMAC over the status and body must
@@ -20,8 +20,8 @@ use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode, Url};
 use zeroize::Zeroizing;
 
-use super::CliError;
-use crate::http::signature::{
+use dcvv_gateway::cli::CliError;
+use dcvv_gateway::http::signature::{
     APIKEY, ClientSecret, HeaderError, MAX_APIKEY_CHARS, REQUEST_ID, RequestId, RequestToSign,
     ResponseToSign, SIGNATURE, SecretError, SignatureHeaders, TIMESTAMP,
 };
@@ -31,9 +31,9 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long any client of this module waits for a TCP (and TLS) connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Arguments of `dcvv-gateway call`.
+/// Arguments of `dcvv-tools call`.
 #[derive(Debug, clap::Args)]
-pub(super) struct CallArgs {
+pub(crate) struct CallArgs {
     /// Base URL of the gateway, http:// or https:// (e.g. https://127.0.0.1:8443).
     #[arg(long)]
     url: String,
@@ -62,7 +62,7 @@ pub(super) struct CallArgs {
 
 /// Why `call` (or the HTTP benchmark) could not do its job. Never carries a secret.
 #[derive(Debug, thiserror::Error)]
-pub(super) enum CallError {
+pub(crate) enum CallError {
     /// The secret's environment variable is not set.
     #[error("environment variable {0} (--secret-env) is not set")]
     SecretUnset(String),
@@ -130,7 +130,7 @@ impl From<CallError> for CliError {
 
 /// A reqwest error with its causes, which hold the useful part ("connection
 /// refused", "invalid peer certificate: UnknownIssuer"). URLs carry no card data.
-pub(super) fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {
@@ -147,7 +147,7 @@ pub(super) fn error_chain(e: &dyn std::error::Error) -> String {
 /// A client's id and secret: what signs requests and checks responses.
 /// `Debug` shows the id only.
 #[derive(Clone)]
-pub(super) struct Credentials {
+pub(crate) struct Credentials {
     apikey: String,
     secret: ClientSecret,
 }
@@ -163,7 +163,7 @@ impl std::fmt::Debug for Credentials {
 
 /// The response carried a valid signature, or none at all.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum ResponseSignature {
+pub(crate) enum ResponseSignature {
     /// `Signature` verified over our request id, the status and the body.
     Verified,
     /// No `Signature` header (e.g. a 401, or an unsigned endpoint such as /healthz).
@@ -172,7 +172,7 @@ pub(super) enum ResponseSignature {
 
 /// Why a signed response was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-pub(super) enum BadResponseSignature {
+pub(crate) enum BadResponseSignature {
     /// A signature header is missing or malformed.
     #[error("{0}")]
     Header(HeaderError),
@@ -189,7 +189,7 @@ impl Credentials {
     ///
     /// # Errors
     /// `Apikey` when the id cannot be an `apikey` header the gateway reads.
-    pub(super) fn new(apikey: &str, secret: ClientSecret) -> Result<Self, CallError> {
+    pub(crate) fn new(apikey: &str, secret: ClientSecret) -> Result<Self, CallError> {
         let valid = !apikey.is_empty()
             && apikey.len() <= MAX_APIKEY_CHARS
             && apikey.bytes().all(|b| b.is_ascii_graphic());
@@ -207,7 +207,7 @@ impl Credentials {
     /// # Errors
     /// The variable is unset, not Unicode, or not a valid secret (the message
     /// names the variable, never its value); or `Apikey`.
-    pub(super) fn from_env(apikey: &str, var: &str) -> Result<Self, CallError> {
+    pub(crate) fn from_env(apikey: &str, var: &str) -> Result<Self, CallError> {
         let value = match std::env::var(var) {
             Ok(value) => Zeroizing::new(value),
             Err(std::env::VarError::NotPresent) => {
@@ -230,7 +230,7 @@ impl Credentials {
     /// # Errors
     /// `Apikey` if a header value cannot be encoded (not reachable for
     /// credentials built by [`Credentials::new`]).
-    pub(super) fn sign_request(
+    pub(crate) fn sign_request(
         &self,
         request_id: &RequestId,
         timestamp_ms: u64,
@@ -262,7 +262,7 @@ impl Credentials {
     ///
     /// # Errors
     /// The first thing wrong with a signed response.
-    pub(super) fn check_response(
+    pub(crate) fn check_response(
         &self,
         request_id: &RequestId,
         status: u16,
@@ -304,7 +304,7 @@ impl Credentials {
 /// # Errors
 /// `Random` when the OS random source fails; `Target` when the prefix makes an
 /// id longer than 40 characters or uses another character than `[A-Za-z0-9._-]`.
-pub(super) fn random_request_id(prefix: &str) -> Result<RequestId, CallError> {
+pub(crate) fn random_request_id(prefix: &str) -> Result<RequestId, CallError> {
     let mut bytes = [0u8; 8];
     getrandom::fill(&mut bytes).map_err(CallError::Random)?;
     RequestId::parse(&format!("{prefix}-{}", hex::encode(bytes))).ok_or(CallError::Target(
@@ -316,7 +316,7 @@ pub(super) fn random_request_id(prefix: &str) -> Result<RequestId, CallError> {
 ///
 /// # Errors
 /// `Clock` when the clock is before 1970.
-pub(super) fn now_ms() -> Result<u64, CallError> {
+pub(crate) fn now_ms() -> Result<u64, CallError> {
     let since = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_err(|_| CallError::Clock)?;
@@ -330,7 +330,7 @@ pub(super) fn now_ms() -> Result<u64, CallError> {
 ///
 /// # Errors
 /// `Target` naming what is wrong.
-pub(super) fn target(base: &str, path: &str) -> Result<(Url, String), CallError> {
+pub(crate) fn target(base: &str, path: &str) -> Result<(Url, String), CallError> {
     if !path.starts_with('/') {
         return Err(CallError::Target(
             "path: must start with / (e.g. /cards/pin/dynamic-values)",
@@ -366,11 +366,11 @@ pub(super) fn target(base: &str, path: &str) -> Result<(Url, String), CallError>
 ///
 /// # Errors
 /// `File` or `CaCert` for an unreadable or empty PEM file.
-pub(super) fn client_builder(cacert: Option<&Path>) -> Result<reqwest::ClientBuilder, CallError> {
+pub(crate) fn client_builder(cacert: Option<&Path>) -> Result<reqwest::ClientBuilder, CallError> {
     let mut builder = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(CONNECT_TIMEOUT)
-        .user_agent(concat!("dcvv-gateway/", env!("CARGO_PKG_VERSION")));
+        .user_agent(concat!("dcvv-tools/", env!("CARGO_PKG_VERSION")));
     if let Some(path) = cacert {
         let pem = std::fs::read(path).map_err(|e| CallError::File {
             what: "--cacert",
@@ -516,12 +516,12 @@ fn pretty_json(body: &[u8]) -> Option<String> {
     Some(out)
 }
 
-/// Runs `dcvv-gateway call`.
+/// Runs `dcvv-tools call`.
 ///
 /// # Errors
 /// A bad argument or secret, a transport failure, a response whose signature
 /// does not verify, or a status other than 2xx (after printing the body).
-pub(super) fn run(args: CallArgs) -> Result<(), CliError> {
+pub(crate) fn run(args: CallArgs) -> Result<(), CliError> {
     let credentials = Credentials::from_env(&args.apikey, &args.secret_env)?;
     let method = Method::from_bytes(args.method.to_ascii_uppercase().as_bytes())
         .map_err(|_| CallError::Method)?;
@@ -881,7 +881,7 @@ mod tests {
         let status = if uri.path() == "/missing" { 404 } else { 200 };
         let answer = format!(
             "{{\"path\":\"{path_and_query}\",\"bodySha256\":\"{}\"}}",
-            crate::http::signature::body_digest(&body)
+            dcvv_gateway::http::signature::body_digest(&body)
         );
         let signed_body = if uri.path() == "/tamper" {
             answer.replace("path", "PATH")
@@ -1009,7 +1009,7 @@ mod tests {
         assert_eq!(echoed["path"], "/cards/pin/dynamic-values?trace=1");
         assert_eq!(
             echoed["bodySha256"],
-            crate::http::signature::body_digest(body)
+            dcvv_gateway::http::signature::body_digest(body)
         );
         let (outcome, _, verdict) = reported(&ok);
         assert!(outcome.is_ok());

@@ -36,18 +36,18 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use zeroize::Zeroizing;
 
-use super::CliError;
-use super::bench::{self, EngineOp};
-use super::call::{self, CallError, Credentials, ResponseSignature};
-use crate::config::Settings;
-use crate::domain::{Expiry, Pan};
-use crate::http::process::{self, ContextSwitches, Stat};
-use crate::http::signature::RequestId;
+use crate::call::{self, CallError, Credentials, ResponseSignature};
+use dcvv_gateway::cli::CliError;
+use dcvv_gateway::cli::bench::{self, EngineOp};
+use dcvv_gateway::config::Settings;
+use dcvv_gateway::domain::{Expiry, Pan};
+use dcvv_gateway::http::process::{self, ContextSwitches, Stat};
+use dcvv_gateway::http::signature::RequestId;
 
 /// Luhn-valid test card in BIN 412345, the development configuration's programme.
-pub(super) const DEMO_PAN: &str = "4123450000000019";
+pub(crate) const DEMO_PAN: &str = "4123450000000019";
 /// Expiry of the demo card (`YYMM`).
-pub(super) const DEMO_EXPIRY: &str = "3012";
+pub(crate) const DEMO_EXPIRY: &str = "3012";
 /// Longest wait for one exchange before it counts as an error.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Engine-only threads at most: the reference machine has 2 cores.
@@ -60,9 +60,9 @@ const TARGET_SWITCHES_PER_REQUEST: f64 = 8.0;
 const TARGET_P99_MS: f64 = 10.0;
 const TARGET_VALUES_24_TO_1: f64 = 0.8;
 
-/// Arguments of `dcvv-gateway bench http`.
+/// Arguments of `dcvv-tools bench http`.
 #[derive(Debug, clap::Args)]
-pub(super) struct HttpBenchArgs {
+pub(crate) struct HttpBenchArgs {
     /// Base URL of the running gateway (http:// or https://).
     #[arg(long)]
     url: String,
@@ -814,12 +814,12 @@ fn check_args(args: &HttpBenchArgs) -> Result<(), CallError> {
     Ok(())
 }
 
-/// Runs `dcvv-gateway bench http`.
+/// Runs `dcvv-tools bench http`.
 ///
 /// # Errors
 /// Bad arguments, an unset secret, an unreachable gateway or one that does not
 /// generate values for the card, or the token's error in the engine-only phase.
-pub(super) fn run(settings: &Settings, args: HttpBenchArgs) -> Result<(), CliError> {
+pub(crate) fn run(settings: &Settings, args: HttpBenchArgs) -> Result<(), CliError> {
     check_args(&args)?;
     if let Some(pid) = args.gateway_pid
         && process::thread_switches(Some(pid)).is_err()
@@ -895,7 +895,7 @@ pub(super) fn run(settings: &Settings, args: HttpBenchArgs) -> Result<(), CliErr
     );
     let engine_ops: Vec<EngineOp> = Operation::ALL.iter().map(|op| op.engine()).collect();
     let mut engine_rates = Vec::new();
-    super::with_token(settings, |token| {
+    dcvv_gateway::cli::with_token(settings, |token| {
         engine_rates = bench::engine_rates(token, &engine_ops, engine_threads, args.seconds)?;
         Ok(())
     })?;
@@ -1072,7 +1072,7 @@ fn counts<K: std::fmt::Display>(map: &BTreeMap<K, u64>) -> String {
 fn print_report(r: &Report, out: &mut impl Write) -> std::io::Result<()> {
     writeln!(
         out,
-        "dcvv-gateway bench http: {} ({}), card {}, {} s per operation",
+        "dcvv-tools bench http: {} ({}), card {}, {} s per operation",
         r.url, r.http_version, r.card, r.seconds_per_operation
     )?;
     match r.target_rate {
