@@ -498,11 +498,17 @@ mod tests {
 
     #[test]
     fn the_gateway_exposition_has_the_process_families_with_plausible_values() {
-        // Burn a little CPU so the counter is above zero even in a fresh process.
+        // Burn CPU until the kernel has counted some (its tick is 10 ms; on a
+        // loaded machine 30 ms of wall time may hold no tick of this process),
+        // so the counter is above zero even in a fresh process.
         let mut x = 0u64;
         let start = std::time::Instant::now();
-        while start.elapsed() < std::time::Duration::from_millis(30) {
-            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        while Stat::read(None).unwrap().cpu_seconds() == 0.0
+            && start.elapsed() < std::time::Duration::from_secs(10)
+        {
+            for _ in 0..100_000 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+            }
         }
         let text = super::super::metrics::Metrics::new().encode().unwrap();
         assert!(text.ends_with("# EOF\n"), "{text}");
