@@ -3,7 +3,7 @@
 //! trail's verifier (`audit verify`), and the configuration's built-in defaults
 //! (`config defaults`). The signed client (`call`) and the benchmark of a running
 //! gateway (`bench http`) are the `dcvv-tools` crate's (`tools/`); the pieces of
-//! this module it reuses are public: [`bench`]'s engine-only figures,
+//! this module it reuses are public: [`mod@bench`]'s engine-only figures,
 //! [`with_token`] and [`CliError`].
 //!
 //! Output on stdout is the commands' contract (tooling parses `keys list --json`);
