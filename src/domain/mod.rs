@@ -130,3 +130,51 @@ impl From<StoreError> for DomainError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hsm::{SessionLoss, TokenState, WorkerFailure};
+
+    /// The one classification of token and store failures (what `http`
+    /// answers 503, 500 or 409 follows from it).
+    #[test]
+    fn failures_below_are_classified_once_here() {
+        for e in [
+            HsmError::SessionLost(SessionLoss::NoAnchor),
+            HsmError::SessionLost(SessionLoss::LoggedOut),
+            HsmError::TokenDown {
+                state: TokenState::PinRefused,
+            },
+        ] {
+            assert!(
+                matches!(
+                    DomainError::from(e),
+                    DomainError::Unavailable(Dependency::Hsm, Cause::Hsm(_))
+                ),
+                "token down or session lost is the token unavailable"
+            );
+        }
+        assert!(matches!(
+            DomainError::from(HsmError::Busy { millis: 5 }),
+            DomainError::Unavailable(Dependency::HsmSessions, _)
+        ));
+        assert!(matches!(
+            DomainError::from(HsmError::KeyNotFound { label: "k".into() }),
+            DomainError::KeyUnusable(HsmError::KeyNotFound { .. })
+        ));
+        let worker = DomainError::from(HsmError::Worker(WorkerFailure::Panicked));
+        assert!(matches!(worker, DomainError::Internal(Cause::Hsm(_))));
+        assert!(worker.is_token_failure());
+        assert!(matches!(
+            DomainError::from(StoreError::DuplicateRequest),
+            DomainError::DuplicateRequest
+        ));
+        let store_down = DomainError::from(StoreError::Unavailable(crate::store::Cause::Closed));
+        assert!(matches!(
+            store_down,
+            DomainError::Unavailable(Dependency::Store, Cause::Store(_))
+        ));
+        assert!(!store_down.is_token_failure());
+    }
+}

@@ -263,19 +263,6 @@ impl HsmError {
         )
     }
 
-    /// Whether the failure is the token's availability rather than the request:
-    /// the HTTP layer answers these with 503.
-    pub fn is_unavailable(&self) -> bool {
-        matches!(
-            self,
-            HsmError::Unavailable(_)
-                | HsmError::SessionLost(_)
-                | HsmError::TokenDown { .. }
-                | HsmError::Busy { .. }
-                | HsmError::Worker(_)
-        )
-    }
-
     /// Whether the failure could mean the token itself went away, so its
     /// presence is worth checking before blaming the request or the key: a
     /// vanished SoftHSM token answers with invalid handles and finds no keys.
@@ -414,19 +401,17 @@ mod tests {
     }
 
     #[test]
-    fn lost_sessions_are_retryable_and_unavailable() {
+    fn lost_sessions_are_retryable() {
         let e = HsmError::from(CkError::Pkcs11(
             RvError::SessionHandleInvalid,
             Function::Encrypt,
         ));
         assert!(e.is_stale_handle());
-        assert!(e.is_unavailable());
         let e = HsmError::from(CkError::Pkcs11(
             RvError::ObjectHandleInvalid,
             Function::Encrypt,
         ));
         assert!(e.is_stale_handle());
-        assert!(!e.is_unavailable());
         let e = HsmError::from(CkError::Pkcs11(
             RvError::MechanismInvalid,
             Function::Encrypt,
@@ -461,7 +446,6 @@ mod tests {
         let down = HsmError::TokenDown {
             state: TokenState::PinRefused,
         };
-        assert!(down.is_unavailable());
         assert!(
             !down.is_stale_handle(),
             "a down token is not retried per call"
@@ -473,11 +457,10 @@ mod tests {
     }
 
     #[test]
-    fn a_lost_session_is_recovered_once_and_answered_as_unavailable() {
+    fn a_lost_session_is_recovered_once_and_may_mean_the_token_is_gone() {
         for loss in [SessionLoss::NoAnchor, SessionLoss::LoggedOut] {
             let e = HsmError::SessionLost(loss);
             assert!(e.is_stale_handle());
-            assert!(e.is_unavailable());
             assert!(e.may_mean_token_lost());
             assert_eq!(e.token_state(), TokenState::Failed);
         }
