@@ -316,7 +316,9 @@ impl Token {
         let counters = self.op_counters();
         Ok(match kind {
             KeyKind::Cvk => Some(kcv_des(session, handle, counters)?),
-            KeyKind::ImkDcvv | KeyKind::ImkTdcvv2 => inspect(session, handle)?.check_value,
+            KeyKind::ImkDcvv | KeyKind::ImkTdcvv2 | KeyKind::ImkAc | KeyKind::ImkCvc3 => {
+                inspect(session, handle)?.check_value
+            }
             KeyKind::PanIndex | KeyKind::AuditSeal => Some(hmac_kcv(session, handle, counters)?),
         })
     }
@@ -396,7 +398,7 @@ impl Token {
                     return Err(HsmError::InvalidInput(KeyInputError::EqualHalves));
                 }
             }
-            KeyKind::ImkDcvv | KeyKind::ImkTdcvv2 => {
+            KeyKind::ImkDcvv | KeyKind::ImkTdcvv2 | KeyKind::ImkAc | KeyKind::ImkCvc3 => {
                 created
                     .handles
                     .push(session.generate_key(&Mechanism::Des2KeyGen, &template)?);

@@ -27,6 +27,10 @@ pub enum KeyKind {
     ImkDcvv,
     /// Issuer master key for TDCVV2-v1 (E6): derive only.
     ImkTdcvv2,
+    /// Issuer master key for EMV application cryptograms, ARQC / ARPC (E0): derive only.
+    ImkAc,
+    /// Issuer master key for Mastercard CVC3 (E6): derive only.
+    ImkCvc3,
     /// Keyed hash of PANs for storage: HMAC sign only.
     PanIndex,
     /// Audit trail seal: HMAC sign and verify.
@@ -35,10 +39,12 @@ pub enum KeyKind {
 
 impl KeyKind {
     /// Every kind, in listing order.
-    pub const ALL: [KeyKind; 5] = [
+    pub const ALL: [KeyKind; 7] = [
         KeyKind::Cvk,
         KeyKind::ImkDcvv,
         KeyKind::ImkTdcvv2,
+        KeyKind::ImkAc,
+        KeyKind::ImkCvc3,
         KeyKind::PanIndex,
         KeyKind::AuditSeal,
     ];
@@ -49,6 +55,8 @@ impl KeyKind {
             KeyKind::Cvk => "cvk",
             KeyKind::ImkDcvv => "imk-dcvv",
             KeyKind::ImkTdcvv2 => "imk-tdcvv2",
+            KeyKind::ImkAc => "imk-ac",
+            KeyKind::ImkCvc3 => "imk-cvc3",
             KeyKind::PanIndex => "pan-index",
             KeyKind::AuditSeal => "audit-seal",
         }
@@ -57,7 +65,11 @@ impl KeyKind {
     /// PKCS#11 key type of the kind's objects.
     pub fn key_type(self) -> KeyType {
         match self {
-            KeyKind::Cvk | KeyKind::ImkDcvv | KeyKind::ImkTdcvv2 => KeyType::Des2,
+            KeyKind::Cvk
+            | KeyKind::ImkDcvv
+            | KeyKind::ImkTdcvv2
+            | KeyKind::ImkAc
+            | KeyKind::ImkCvc3 => KeyType::Des2,
             KeyKind::PanIndex | KeyKind::AuditSeal => KeyType::GenericSecret,
         }
     }
@@ -65,7 +77,11 @@ impl KeyKind {
     /// Length in bytes of the key value (and so of each clear component).
     pub fn key_len(self) -> usize {
         match self {
-            KeyKind::Cvk | KeyKind::ImkDcvv | KeyKind::ImkTdcvv2 => 16,
+            KeyKind::Cvk
+            | KeyKind::ImkDcvv
+            | KeyKind::ImkTdcvv2
+            | KeyKind::ImkAc
+            | KeyKind::ImkCvc3 => 16,
             KeyKind::PanIndex | KeyKind::AuditSeal => 32,
         }
     }
@@ -83,7 +99,7 @@ impl KeyKind {
                 encrypt: true,
                 ..none
             },
-            KeyKind::ImkDcvv | KeyKind::ImkTdcvv2 => Usage {
+            KeyKind::ImkDcvv | KeyKind::ImkTdcvv2 | KeyKind::ImkAc | KeyKind::ImkCvc3 => Usage {
                 derive: true,
                 ..none
             },
@@ -100,7 +116,9 @@ impl KeyKind {
     pub fn mechanisms(self) -> &'static [Mechanism] {
         match self {
             KeyKind::Cvk => &[Mechanism::Des3Ecb],
-            KeyKind::ImkDcvv | KeyKind::ImkTdcvv2 => &[Mechanism::Des3EcbEncryptData],
+            KeyKind::ImkDcvv | KeyKind::ImkTdcvv2 | KeyKind::ImkAc | KeyKind::ImkCvc3 => {
+                &[Mechanism::Des3EcbEncryptData]
+            }
             KeyKind::PanIndex | KeyKind::AuditSeal => &[Mechanism::Sha256Hmac],
         }
     }

@@ -11,7 +11,10 @@ use std::fmt;
 
 use cryptoki::mechanism::MechanismType;
 use cryptoki::object::KeyType as CkKeyType;
-use cryptoki_sys::{CK_MECHANISM_TYPE, CKM_DES3_ECB, CKM_DES3_ECB_ENCRYPT_DATA, CKM_SHA256_HMAC};
+use cryptoki_sys::{
+    CK_MECHANISM_TYPE, CKM_DES2_KEY_GEN, CKM_DES3_CBC, CKM_DES3_ECB, CKM_DES3_ECB_ENCRYPT_DATA,
+    CKM_GENERIC_SECRET_KEY_GEN, CKM_RSA_PKCS_KEY_PAIR_GEN, CKM_RSA_PKCS_OAEP, CKM_SHA256_HMAC,
+};
 use serde::Serialize;
 
 use super::mechanism::des3_ecb_encrypt_data_type;
@@ -71,6 +74,17 @@ pub enum Mechanism {
     Des3EcbEncryptData,
     /// `CKM_SHA256_HMAC`: PAN index and audit seal.
     Sha256Hmac,
+    /// `CKM_DES3_CBC`: the CBC chain of an ISO 9797-1 MAC under a session key's
+    /// single-DES twin (ARQC, CVC3).
+    Des3Cbc,
+    /// `CKM_DES2_KEY_GEN`: double-length DES keys generated in the token.
+    Des2KeyGen,
+    /// `CKM_GENERIC_SECRET_KEY_GEN`: HMAC keys generated in the token.
+    GenericSecretKeyGen,
+    /// `CKM_RSA_PKCS_KEY_PAIR_GEN`: the RSA key pair of wrapped key import.
+    RsaPkcsKeyPairGen,
+    /// `CKM_RSA_PKCS_OAEP`: unwraps a key sent wrapped under the token's RSA key.
+    RsaPkcsOaep,
     /// Any other mechanism, as the token listed it.
     Other(ForeignMechanism),
 }
@@ -85,6 +99,11 @@ impl Mechanism {
             CKM_DES3_ECB => Mechanism::Des3Ecb,
             CKM_DES3_ECB_ENCRYPT_DATA => Mechanism::Des3EcbEncryptData,
             CKM_SHA256_HMAC => Mechanism::Sha256Hmac,
+            CKM_DES3_CBC => Mechanism::Des3Cbc,
+            CKM_DES2_KEY_GEN => Mechanism::Des2KeyGen,
+            CKM_GENERIC_SECRET_KEY_GEN => Mechanism::GenericSecretKeyGen,
+            CKM_RSA_PKCS_KEY_PAIR_GEN => Mechanism::RsaPkcsKeyPairGen,
+            CKM_RSA_PKCS_OAEP => Mechanism::RsaPkcsOaep,
             _ => Mechanism::Other(ForeignMechanism(m)),
         }
     }
@@ -94,6 +113,11 @@ impl Mechanism {
             Mechanism::Des3Ecb => MechanismType::DES3_ECB,
             Mechanism::Des3EcbEncryptData => des3_ecb_encrypt_data_type(),
             Mechanism::Sha256Hmac => MechanismType::SHA256_HMAC,
+            Mechanism::Des3Cbc => MechanismType::DES3_CBC,
+            Mechanism::Des2KeyGen => MechanismType::DES2_KEY_GEN,
+            Mechanism::GenericSecretKeyGen => MechanismType::GENERIC_SECRET_KEY_GEN,
+            Mechanism::RsaPkcsKeyPairGen => MechanismType::RSA_PKCS_KEY_PAIR_GEN,
+            Mechanism::RsaPkcsOaep => MechanismType::RSA_PKCS_OAEP,
             Mechanism::Other(ForeignMechanism(m)) => m,
         }
     }
@@ -106,6 +130,11 @@ impl fmt::Display for Mechanism {
             Mechanism::Des3Ecb => f.write_str("CKM_DES3_ECB"),
             Mechanism::Des3EcbEncryptData => f.write_str("CKM_DES3_ECB_ENCRYPT_DATA"),
             Mechanism::Sha256Hmac => f.write_str("CKM_SHA256_HMAC"),
+            Mechanism::Des3Cbc => f.write_str("CKM_DES3_CBC"),
+            Mechanism::Des2KeyGen => f.write_str("CKM_DES2_KEY_GEN"),
+            Mechanism::GenericSecretKeyGen => f.write_str("CKM_GENERIC_SECRET_KEY_GEN"),
+            Mechanism::RsaPkcsKeyPairGen => f.write_str("CKM_RSA_PKCS_KEY_PAIR_GEN"),
+            Mechanism::RsaPkcsOaep => f.write_str("CKM_RSA_PKCS_OAEP"),
             Mechanism::Other(ForeignMechanism(m)) => {
                 write!(f, "0x{:x}", CK_MECHANISM_TYPE::from(*m))
             }
@@ -153,6 +182,23 @@ mod tests {
                 "CKM_DES3_ECB_ENCRYPT_DATA",
             ),
             (Mechanism::Sha256Hmac, CKM_SHA256_HMAC, "CKM_SHA256_HMAC"),
+            (Mechanism::Des3Cbc, CKM_DES3_CBC, "CKM_DES3_CBC"),
+            (Mechanism::Des2KeyGen, CKM_DES2_KEY_GEN, "CKM_DES2_KEY_GEN"),
+            (
+                Mechanism::GenericSecretKeyGen,
+                CKM_GENERIC_SECRET_KEY_GEN,
+                "CKM_GENERIC_SECRET_KEY_GEN",
+            ),
+            (
+                Mechanism::RsaPkcsKeyPairGen,
+                CKM_RSA_PKCS_KEY_PAIR_GEN,
+                "CKM_RSA_PKCS_KEY_PAIR_GEN",
+            ),
+            (
+                Mechanism::RsaPkcsOaep,
+                CKM_RSA_PKCS_OAEP,
+                "CKM_RSA_PKCS_OAEP",
+            ),
         ] {
             assert_eq!(CK_MECHANISM_TYPE::from(ours.to_cryptoki()), raw);
             assert_eq!(Mechanism::from_cryptoki(ours.to_cryptoki()), ours);

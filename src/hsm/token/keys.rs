@@ -119,7 +119,7 @@ impl Token {
         let main = use_copy(handle)?;
         let kcv = match kind {
             KeyKind::Cvk => kcv_des(anchor, main, &self.counters)?,
-            KeyKind::ImkDcvv | KeyKind::ImkTdcvv2 => {
+            KeyKind::ImkDcvv | KeyKind::ImkTdcvv2 | KeyKind::ImkAc | KeyKind::ImkCvc3 => {
                 info.check_value.ok_or_else(|| HsmError::KeyPolicy {
                     label: label.to_string(),
                     violations: vec![
