@@ -150,6 +150,24 @@ digit_field!(
     |s| s.bytes().all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
 );
 
+impl Atc {
+    /// The counter as its 2 bytes (tag 9F36).
+    pub fn binary(self) -> [u8; 2] {
+        let b = self.bytes();
+        let nibble = |c: u8| {
+            if c.is_ascii_digit() {
+                c - b'0'
+            } else {
+                c - b'A' + 10
+            }
+        };
+        [
+            (nibble(b[0]) << 4) | nibble(b[1]),
+            (nibble(b[2]) << 4) | nibble(b[3]),
+        ]
+    }
+}
+
 impl ServiceCode {
     /// The service code of CVV2 (DESIGN 2.1).
     pub const CVV2: ServiceCode = ServiceCode(*b"000");

@@ -350,6 +350,15 @@ mod tests {
             })
         }
 
+        /// The EMV codes are checked on a real token only (tests/it/emv.rs).
+        fn with_emv_key<R>(
+            &self,
+            _: crate::hsm::EmvKeySource<'_>,
+            _: impl FnMut(&dyn crate::hsm::MacKey) -> HsmResult<R>,
+        ) -> HsmResult<R> {
+            Err(HsmError::WrongPin)
+        }
+
         fn key_check_value(&self, _: &KeyLabel, _: KeyKind) -> HsmResult<Kcv> {
             Ok(Kcv([0x08, 0xD7, 0xB4]))
         }

@@ -6,6 +6,7 @@
 
 pub mod blocks;
 pub mod card;
+pub mod emv;
 pub mod engine;
 pub mod operations;
 pub mod programme;
@@ -14,6 +15,7 @@ pub mod service;
 
 pub use blocks::CardKeyMethod;
 pub use card::{Atc, CodeLength, Expiry, Pan, Psn, SecurityCode, ServiceCode, Tdcvv2Profile};
+pub use emv::{ArpcRequest, ArqcInput, ArqcOutcome, CryptogramVersion, Padding};
 pub use engine::{Engine, IssuedCode, StaticCodeKind, WindowCode};
 
 /// The card service over the PKCS#11 token, as the gateway runs it.

@@ -188,6 +188,9 @@ pub enum KeyInputError {
     /// The two generated halves of a CVK are equal.
     #[error("generated halves are equal; run again")]
     EqualHalves,
+    /// MAC input that is empty or not a whole number of 8-byte blocks.
+    #[error("MAC input of {0} bytes is not a whole number of 8-byte blocks")]
+    BlockLength(usize),
 }
 
 /// Why a session is no longer usable, found by the port rather than returned

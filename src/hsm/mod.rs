@@ -25,7 +25,9 @@ pub use error::{
     SessionLoss, WorkerFailure,
 };
 pub use policy::{Kcv, KeyAttributes, KeyKind, KeyLabel, Usage};
-pub use token::{CvvCipher, CvvKeySource, HsmSettings, OpCounts, PinSource, Token};
+pub use token::{
+    CvvCipher, CvvKeySource, EmvKeySource, HsmSettings, KeyDerivation, OpCounts, PinSource, Token,
+};
 pub use types::{ForeignKeyType, ForeignMechanism, KeyType, Mechanism};
 
 use zeroize::Zeroizing;
@@ -50,6 +52,28 @@ pub trait BlockCipher {
     fn kcv(&self) -> HsmResult<Kcv>;
 }
 
+/// A double-length DES key of an EMV computation (a card master key or a session
+/// key derived from it), usable inside [`CardCrypto::with_emv_key`].
+pub trait MacKey {
+    /// ISO/IEC 9797-1 MAC algorithm 3 (the EMV "retail MAC") of `padded`, a
+    /// non-empty multiple of 8 bytes: single-DES CBC under the left half, the
+    /// last block under the whole key. The 8-byte MAC.
+    ///
+    /// # Errors
+    /// `InvalidInput` for a length that is not a multiple of 8, or the token's error.
+    fn retail_mac(&self, padded: &[u8]) -> HsmResult<Zeroizing<[u8; 8]>>;
+    /// `CKM_DES3_ECB` under the key (ARPC method 1, the CVC3 block).
+    ///
+    /// # Errors
+    /// The token's error.
+    fn encrypt(&self, blocks: &[u8]) -> HsmResult<Zeroizing<Vec<u8>>>;
+    /// KCV of the key, computed in the token.
+    ///
+    /// # Errors
+    /// The token's error.
+    fn kcv(&self) -> HsmResult<Kcv>;
+}
+
 /// The narrow port the card-code engine needs (STYLE 2): keyed primitives by label.
 pub trait CardCrypto {
     /// Runs `f` with the two keys of a CVV computation; per-card keys are derived
@@ -61,6 +85,18 @@ pub trait CardCrypto {
         &self,
         source: CvvKeySource<'_>,
         f: impl FnMut(&dyn BlockCipher) -> HsmResult<R>,
+    ) -> HsmResult<R>;
+
+    /// Runs `f` with the key of an EMV computation: the card master key derived
+    /// in the token from an IMK, or a session key derived in the token from that;
+    /// every derived key is destroyed before this returns.
+    ///
+    /// # Errors
+    /// As [`CardCrypto::with_cvv_keys`].
+    fn with_emv_key<R>(
+        &self,
+        source: EmvKeySource<'_>,
+        f: impl FnMut(&dyn MacKey) -> HsmResult<R>,
     ) -> HsmResult<R>;
 
     /// KCV of a gateway key of the given kind.
@@ -86,6 +122,14 @@ macro_rules! forward_card_crypto {
                 f: impl FnMut(&dyn BlockCipher) -> HsmResult<R>,
             ) -> HsmResult<R> {
                 (**self).with_cvv_keys(source, f)
+            }
+
+            fn with_emv_key<R>(
+                &self,
+                source: EmvKeySource<'_>,
+                f: impl FnMut(&dyn MacKey) -> HsmResult<R>,
+            ) -> HsmResult<R> {
+                (**self).with_emv_key(source, f)
             }
 
             fn key_check_value(&self, label: &KeyLabel, kind: KeyKind) -> HsmResult<Kcv> {

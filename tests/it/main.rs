@@ -20,6 +20,7 @@ mod card_keys;
 mod cli;
 mod cli_call;
 mod docs_links;
+mod emv;
 mod engine_on_token;
 mod hsm_policy;
 mod http_api;

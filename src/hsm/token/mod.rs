@@ -40,7 +40,7 @@ use recovery::{find_token, load_module, login};
 pub(in crate::hsm) use counters::OpCounters;
 pub use counters::OpCounts;
 pub(in crate::hsm) use inspect::{find_key, inspect};
-pub use ops::{CvvCipher, CvvKeySource};
+pub use ops::{CvvCipher, CvvKeySource, EmvKeySource, KeyDerivation};
 pub(in crate::hsm) use ops::{EphemeralKey, hmac_kcv, kcv_des, session_des_encrypt_template};
 use settings::UserPin;
 pub use settings::{HsmSettings, PinSource};

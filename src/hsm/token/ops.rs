@@ -17,11 +17,11 @@ use zeroize::Zeroizing;
 
 use super::Token;
 use super::counters::OpCounters;
-use crate::hsm::error::{Benign, HsmError, HsmResult, Malfunction, tolerate};
+use crate::hsm::error::{Benign, HsmError, HsmResult, KeyInputError, Malfunction, tolerate};
 use crate::hsm::mechanism::{allowed_mechanisms, des3_ecb_encrypt_data};
 use crate::hsm::policy::{Kcv, KeyKind, KeyLabel};
 use crate::hsm::types::Mechanism;
-use crate::hsm::{BlockCipher, CardCrypto};
+use crate::hsm::{BlockCipher, CardCrypto, MacKey};
 
 /// Where the two keys of the CVV construction (DESIGN 2.1) come from.
 #[derive(Clone, Copy)]
@@ -53,6 +53,110 @@ impl std::fmt::Debug for CvvKeySource<'_> {
                 .field("kind", kind)
                 .finish_non_exhaustive(),
         }
+    }
+}
+
+/// The derivation data of a double-length key and of its single-DES twin, for
+/// `CKM_DES3_ECB_ENCRYPT_DATA`: `key` gives K = KL‖KR, `twin` gives KL‖KL.
+#[derive(Clone, Copy)]
+pub struct KeyDerivation<'a> {
+    /// Derivation data of the key (16 bytes).
+    pub key: &'a [u8; 16],
+    /// Derivation data of its single-DES twin (16 bytes).
+    pub twin: &'a [u8; 16],
+}
+
+/// Shows nothing: derivation data carries PAN digits and the ATC.
+impl std::fmt::Debug for KeyDerivation<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyDerivation").finish_non_exhaustive()
+    }
+}
+
+/// Where the key of an EMV computation comes from: the card master key derived
+/// from an IMK (DESIGN 2.2), and, when `session` is given, a session key derived
+/// from that card key (EMV common session key, Mastercard SKD).
+#[derive(Clone, Copy)]
+pub struct EmvKeySource<'a> {
+    /// The issuer master key.
+    pub imk: &'a KeyLabel,
+    /// Its kind (`ImkAc` or `ImkCvc3`): a key is only used as its kind.
+    pub kind: KeyKind,
+    /// Derivation of the card master key from the IMK.
+    pub card: KeyDerivation<'a>,
+    /// Derivation of a session key from the card master key.
+    pub session: Option<KeyDerivation<'a>>,
+}
+
+/// Shows the label, the kind and whether a session key is derived: the
+/// derivation data carries PAN digits and the ATC.
+impl std::fmt::Debug for EmvKeySource<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmvKeySource")
+            .field("imk", self.imk)
+            .field("kind", &self.kind)
+            .field("session_key", &self.session.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The key of an EMV computation and its single-DES twin, for one call.
+#[derive(Debug)]
+struct EmvKey<'s> {
+    session: &'s Session,
+    key: ObjectHandle,
+    twin: ObjectHandle,
+    counters: &'s OpCounters,
+}
+
+impl MacKey for EmvKey<'_> {
+    fn retail_mac(&self, padded: &[u8]) -> HsmResult<Zeroizing<[u8; 8]>> {
+        if padded.is_empty() || !padded.len().is_multiple_of(8) {
+            return Err(HsmError::InvalidInput(KeyInputError::BlockLength(
+                padded.len(),
+            )));
+        }
+        let (head, last) = padded.split_at(padded.len() - 8);
+        let mut x = Zeroizing::new([0u8; 8]);
+        x.copy_from_slice(last);
+        if !head.is_empty() {
+            // H(n-1): single-DES CBC under KL (the twin KL‖KL), IV zero.
+            self.counters.count_encrypt();
+            let chain = Zeroizing::new(self.session.encrypt(
+                &CkMechanism::Des3Cbc([0u8; 8]),
+                self.twin,
+                head,
+            )?);
+            let h = chain
+                .len()
+                .checked_sub(8)
+                .and_then(|at| chain.get(at..))
+                .filter(|_| chain.len() == head.len())
+                .ok_or(HsmError::Wrapper(Malfunction::OutputLength {
+                    mechanism: Mechanism::Des3Cbc,
+                    len: chain.len(),
+                }))?;
+            x.iter_mut().zip(h).for_each(|(a, b)| *a ^= b);
+        }
+        // The last step DES(KL)·DES⁻¹(KR)·DES(KL) is TDES-EDE under K.
+        let out = encrypt(self.session, self.key, &x[..], self.counters)?;
+        let mut mac = Zeroizing::new([0u8; 8]);
+        if out.len() != 8 {
+            return Err(HsmError::Wrapper(Malfunction::OutputLength {
+                mechanism: Mechanism::Des3Ecb,
+                len: out.len(),
+            }));
+        }
+        mac.copy_from_slice(&out);
+        Ok(mac)
+    }
+
+    fn encrypt(&self, blocks: &[u8]) -> HsmResult<Zeroizing<Vec<u8>>> {
+        encrypt(self.session, self.key, blocks, self.counters)
+    }
+
+    fn kcv(&self) -> HsmResult<Kcv> {
+        kcv_des(self.session, self.key, self.counters)
     }
 }
 
@@ -187,7 +291,77 @@ pub(in crate::hsm) fn session_des_encrypt_template() -> Vec<Attribute> {
     ]
 }
 
+/// Template of a session key that can only derive with `CKM_DES3_ECB_ENCRYPT_DATA`:
+/// a card master key from which the session key of a cryptogram is derived.
+fn session_des_derive_template() -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::DES2),
+        Attribute::Token(false),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Derive(true),
+        allowed_mechanisms(&[Mechanism::Des3EcbEncryptData]),
+    ]
+}
+
+/// Template of the single-DES twin KL‖KL of an EMV key: CBC encryption only
+/// (the chain of ISO/IEC 9797-1 MAC algorithm 3).
+fn session_des_chain_template() -> Vec<Attribute> {
+    let mut template = session_des_encrypt_template();
+    template.pop();
+    template.push(allowed_mechanisms(&[Mechanism::Des3Cbc]));
+    template
+}
+
 impl Token {
+    fn emv_key<R>(
+        &self,
+        source: EmvKeySource<'_>,
+        mut f: impl FnMut(&dyn MacKey) -> HsmResult<R>,
+    ) -> HsmResult<R> {
+        self.with_session(|session| {
+            let imk = self.key(source.imk, source.kind)?;
+            let derive = |base, data: &[u8; 16], template: &[Attribute]| {
+                let params = KeyDerivationStringData::new(data);
+                self.counters.count_derive();
+                let handle = session.derive_key(&des3_ecb_encrypt_data(&params), base, template)?;
+                Ok::<_, HsmError>(EphemeralKey::new(session, handle, &self.counters))
+            };
+            let encrypt_only = session_des_encrypt_template();
+            let chain_only = session_des_chain_template();
+            // Locals drop in reverse order: every derived key is destroyed on every path.
+            let (key, twin, _card) = match source.session {
+                None => (
+                    derive(imk.main, source.card.key, &encrypt_only)?,
+                    derive(imk.main, source.card.twin, &chain_only)?,
+                    None,
+                ),
+                Some(sk) => {
+                    let card = derive(imk.main, source.card.key, &session_des_derive_template())?;
+                    (
+                        derive(card.handle, sk.key, &encrypt_only)?,
+                        derive(card.handle, sk.twin, &chain_only)?,
+                        Some(card),
+                    )
+                }
+            };
+            f(&EmvKey {
+                session,
+                key: key.handle,
+                twin: twin.handle,
+                counters: &self.counters,
+            })
+        })
+    }
+
     fn cvv_keys<R>(
         &self,
         source: CvvKeySource<'_>,
@@ -286,6 +460,16 @@ impl CardCrypto for Token {
         f: impl FnMut(&dyn BlockCipher) -> HsmResult<R>,
     ) -> HsmResult<R> {
         self.cvv_keys(source, f)
+    }
+
+    /// The card key (and the session key) are derived in the token as session
+    /// objects of the call's session and destroyed before this returns, also on error.
+    fn with_emv_key<R>(
+        &self,
+        source: EmvKeySource<'_>,
+        f: impl FnMut(&dyn MacKey) -> HsmResult<R>,
+    ) -> HsmResult<R> {
+        self.emv_key(source, f)
     }
 
     fn key_check_value(&self, label: &KeyLabel, kind: KeyKind) -> HsmResult<Kcv> {

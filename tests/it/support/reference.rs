@@ -174,3 +174,104 @@ pub fn tdcvv2_with_card_key(mk: &[u8; 16], pan: &str, expiry: &str, t: u64) -> (
 pub fn tdcvv2(imk: &[u8; 16], pan: &str, expiry: &str, t: u64) -> ([u8; 8], String) {
     tdcvv2_with_card_key(&tdcvv2_card_key(imk, pan), pan, expiry, t)
 }
+
+/// Single-DES decryption of one block under `key`.
+fn des_decrypt(key: &[u8; 8], block: [u8; 8]) -> [u8; 8] {
+    use des::cipher::BlockDecrypt;
+    let cipher = Des::new_from_slice(key).unwrap();
+    let mut b = block.into();
+    cipher.decrypt_block(&mut b);
+    b.into()
+}
+
+/// ISO/IEC 9797-1 MAC algorithm 3 (EMV Book 2 A1.2) under K = KL‖KR, padding
+/// method 2 (`80 00…`) or method 1 (`00…`): single-DES CBC under KL over every
+/// block, then DES(KL, DES⁻¹(KR, H)).
+pub fn retail_mac(key: &[u8; 16], data: &[u8], method2: bool) -> [u8; 8] {
+    let mut d = data.to_vec();
+    if method2 {
+        d.push(0x80);
+    }
+    while d.is_empty() || !d.len().is_multiple_of(8) {
+        d.push(0);
+    }
+    let kl: [u8; 8] = key[..8].try_into().unwrap();
+    let kr: [u8; 8] = key[8..].try_into().unwrap();
+    let h = d
+        .chunks(8)
+        .fold([0u8; 8], |h, chunk| des(&kl, xor(h, block(chunk))));
+    des(&kl, des_decrypt(&kr, h))
+}
+
+/// The card master key by Option A for PANs of up to 16 digits, B beyond.
+pub fn emv_master_key(imk: &[u8; 16], pan: &str, psn: &str) -> [u8; 16] {
+    let option = if pan.len() > 16 {
+        MkOption::B
+    } else {
+        MkOption::A
+    };
+    master_key(imk, pan, psn, option)
+}
+
+/// EMV session key (Book 2 A1.3.1): TDES(MK, R with R[2] = F0) ‖ TDES(MK, R with R[2] = 0F).
+pub fn session_key(mk: &[u8; 16], r: [u8; 8]) -> [u8; 16] {
+    let (mut a, mut b) = (r, r);
+    a[2] = 0xF0;
+    b[2] = 0x0F;
+    let mut sk = [0u8; 16];
+    sk[..8].copy_from_slice(&tdes(mk, a));
+    sk[8..].copy_from_slice(&tdes(mk, b));
+    sk
+}
+
+/// Mastercard CVC3 (pyemv `generate_cvc3`, jPOS `calculateCVC3`): IVCVC3 = last 2
+/// bytes of the padding-method-2 retail MAC of the track data under MK-CVC3; CVC3 =
+/// last 2 bytes of TDES(MK-CVC3, IVCVC3 ‖ UN ‖ ATC), 5 decimal digits.
+pub fn cvc3(
+    imk: &[u8; 16],
+    pan: &str,
+    psn: &str,
+    track: &[u8],
+    un: [u8; 4],
+    atc: [u8; 2],
+) -> String {
+    let mk = emv_master_key(imk, pan, psn);
+    let iv = retail_mac(&mk, track, true);
+    let mut b = [0u8; 8];
+    b[..2].copy_from_slice(&iv[6..]);
+    b[2..6].copy_from_slice(&un);
+    b[6..].copy_from_slice(&atc);
+    let c = tdes(&mk, b);
+    format!("{:05}", u16::from_be_bytes([c[6], c[7]]))
+}
+
+/// The key an ARQC of `cvn` is MACed under, and the padding (method 2 or not) it uses.
+pub fn arqc_key(
+    imk: &[u8; 16],
+    pan: &str,
+    psn: &str,
+    cvn: &str,
+    atc: [u8; 2],
+    un: [u8; 4],
+) -> ([u8; 16], bool) {
+    let mk = emv_master_key(imk, pan, psn);
+    let common = [atc[0], atc[1], 0, 0, 0, 0, 0, 0];
+    let skd = [atc[0], atc[1], 0, 0, un[0], un[1], un[2], un[3]];
+    match cvn {
+        "visa-cvn10" => (mk, false),
+        "mastercard-cvn16" | "mastercard-cvn17" => (session_key(&mk, skd), true),
+        _ => (session_key(&mk, common), true),
+    }
+}
+
+/// ARPC method 1 (EMV Book 2 A1.2.1): TDES(K, ARQC ⊕ (ARC ‖ 00×6)).
+pub fn arpc_method1(key: &[u8; 16], arqc: [u8; 8], arc: [u8; 2]) -> [u8; 8] {
+    tdes(key, xor(arqc, [arc[0], arc[1], 0, 0, 0, 0, 0, 0]))
+}
+
+/// ARPC method 2 (EMV Book 2 A1.2.2): first 4 bytes of the retail MAC (method 2)
+/// of ARQC ‖ CSU ‖ proprietary authentication data.
+pub fn arpc_method2(sk: &[u8; 16], arqc: [u8; 8], csu: [u8; 4], prop: &[u8]) -> [u8; 4] {
+    let data = [&arqc[..], &csu[..], prop].concat();
+    retail_mac(sk, &data, true)[..4].try_into().unwrap()
+}
