@@ -448,6 +448,8 @@ demo_keys=(
     "cvk cvk-demo-v1"
     "imk-dcvv imk-dcvv-demo-v1"
     "imk-tdcvv2 imk-tdcvv2-demo-v1"
+    "imk-ac imk-ac-demo-v1"
+    "imk-cvc3 imk-cvc3-demo-v1"
     "pan-index pan-index-v1"
     "audit-seal audit-seal-v1"
 )

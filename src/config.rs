@@ -213,6 +213,12 @@ struct RawProgramme {
     cvk: String,
     imk_dcvv: String,
     imk_tdcvv2: String,
+    /// IMK of EMV cryptograms (ARQC / ARPC); without it the programme's ARQCs are not checked.
+    #[serde(default)]
+    imk_ac: Option<String>,
+    /// IMK of Mastercard CVC3; without it the programme's CVC3s are not checked.
+    #[serde(default)]
+    imk_cvc3: Option<String>,
     window_seconds: u32,
     #[serde(default = "default_past")]
     past_windows: u32,
@@ -280,6 +286,10 @@ fn relative_to(base: &Path, path: PathBuf) -> PathBuf {
 fn label(field: &str, text: &str) -> Result<KeyLabel, ConfigError> {
     text.parse()
         .map_err(|_| err(format!("{field}: {text:?} is not a key label")))
+}
+
+fn optional_label(field: &str, text: Option<&str>) -> Result<Option<KeyLabel>, ConfigError> {
+    text.map(|t| label(field, t)).transpose()
 }
 
 impl Settings {
@@ -564,6 +574,8 @@ fn programme(p: RawProgramme) -> Result<Programme, ConfigError> {
         cvk: label(&at("cvk"), &p.cvk)?,
         imk_dcvv: label(&at("imk_dcvv"), &p.imk_dcvv)?,
         imk_tdcvv2: label(&at("imk_tdcvv2"), &p.imk_tdcvv2)?,
+        imk_ac: optional_label(&at("imk_ac"), p.imk_ac.as_deref())?,
+        imk_cvc3: optional_label(&at("imk_cvc3"), p.imk_cvc3.as_deref())?,
         previous,
         name: p.name.clone(),
         bin_prefixes: p.bin_prefixes,
@@ -574,7 +586,10 @@ fn programme(p: RawProgramme) -> Result<Programme, ConfigError> {
         failure_period_seconds: p.failure_period_seconds,
     };
     rotation::validate(&programme.current_keys(), &programme.previous).map_err(|(i, e)| {
-        let field = if matches!(e, rotation::RotationError::KindNotUsed(_)) {
+        let field = if matches!(
+            e,
+            rotation::RotationError::KindNotUsed(_) | rotation::RotationError::NoCurrentKey(_)
+        ) {
             "kind"
         } else {
             "label"

@@ -70,7 +70,7 @@ enum ConfigCommand {
 enum KeysCommand {
     /// Generate a key inside the token.
     Generate {
-        /// cvk, imk-dcvv, imk-tdcvv2, pan-index or audit-seal.
+        /// cvk, imk-dcvv, imk-tdcvv2, imk-ac, imk-cvc3, pan-index or audit-seal.
         #[arg(long)]
         kind: String,
         /// Label of the new key (e.g. cvk-visa-v1).
@@ -79,7 +79,7 @@ enum KeysCommand {
     },
     /// Import a key from 2 or 3 clear components (dual control).
     Import {
-        /// cvk, imk-dcvv, imk-tdcvv2, pan-index or audit-seal.
+        /// cvk, imk-dcvv, imk-tdcvv2, imk-ac, imk-cvc3, pan-index or audit-seal.
         #[arg(long)]
         kind: String,
         /// Label of the new key.

@@ -21,7 +21,7 @@ pub use engine::{Engine, IssuedCode, StaticCodeKind, WindowCode};
 /// The card service over the PKCS#11 token, as the gateway runs it.
 pub type Service = service::CardService<std::sync::Arc<crate::hsm::Token>>;
 
-use crate::hsm::HsmError;
+use crate::hsm::{HsmError, KeyKind};
 use crate::store::StoreError;
 
 /// What the domain reports: invalid card data, or a token failure underneath.
@@ -47,6 +47,10 @@ pub enum DomainError {
     /// The client's request id was already used within the replay window.
     #[error("duplicate request id")]
     DuplicateRequest,
+    /// The card's programme has no key of this kind (e.g. no `imk_ac`), so it
+    /// does not offer the operation.
+    #[error("the card programme has no {} key configured", .0.as_str())]
+    NotConfigured(KeyKind),
     /// A configured key is missing from the token, of another kind, ambiguous
     /// or wider than its policy (DESIGN 3): nothing a retry mends.
     #[error(transparent)]

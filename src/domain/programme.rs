@@ -26,6 +26,11 @@ pub struct Programme {
     pub imk_dcvv: KeyLabel,
     /// IMK of TDCVV2-v1 (a key of its own, DESIGN 2.4).
     pub imk_tdcvv2: KeyLabel,
+    /// IMK of EMV application cryptograms (ARQC / ARPC), when the programme's
+    /// cards are chip cards whose cryptograms the gateway checks.
+    pub imk_ac: Option<KeyLabel>,
+    /// IMK of Mastercard contactless CVC3, when the programme checks it.
+    pub imk_cvc3: Option<KeyLabel>,
     /// Window length and past / future tolerance.
     pub profile: Tdcvv2Profile,
     /// Once a window's code is accepted for a card, refuse it for that card.
@@ -41,17 +46,36 @@ pub struct Programme {
 
 impl Programme {
     /// Every key label the programme uses, for start-up and readiness checks.
-    pub fn key_labels(&self) -> [&KeyLabel; 3] {
-        [&self.cvk, &self.imk_dcvv, &self.imk_tdcvv2]
+    pub fn key_labels(&self) -> impl Iterator<Item = &KeyLabel> {
+        self.current_keys().into_iter().map(|(_, label)| label)
     }
 
-    /// The current key of each kind the programme uses.
-    pub fn current_keys(&self) -> [(KeyKind, &KeyLabel); 3] {
+    /// The current key of each kind the programme uses: always a CVK, an
+    /// IMK-dCVV and an IMK-TDCVV2; an IMK-AC and an IMK-CVC3 when configured.
+    pub fn current_keys(&self) -> Vec<(KeyKind, &KeyLabel)> {
+        let optional = [
+            (KeyKind::ImkAc, self.imk_ac.as_ref()),
+            (KeyKind::ImkCvc3, self.imk_cvc3.as_ref()),
+        ];
         [
             (KeyKind::Cvk, &self.cvk),
             (KeyKind::ImkDcvv, &self.imk_dcvv),
             (KeyKind::ImkTdcvv2, &self.imk_tdcvv2),
         ]
+        .into_iter()
+        .chain(
+            optional
+                .into_iter()
+                .filter_map(|(kind, label)| label.map(|l| (kind, l))),
+        )
+        .collect()
+    }
+
+    /// The current key of `kind`, if the programme uses one.
+    pub fn current_key(&self, kind: KeyKind) -> Option<&KeyLabel> {
+        self.current_keys()
+            .into_iter()
+            .find_map(|(k, label)| (k == kind).then_some(label))
     }
 }
 
@@ -185,6 +209,8 @@ mod tests {
             cvk: "cvk-v1".parse().unwrap(),
             imk_dcvv: "imk-dcvv-v1".parse().unwrap(),
             imk_tdcvv2: "imk-tdcvv2-v1".parse().unwrap(),
+            imk_ac: None,
+            imk_cvc3: None,
             profile: Tdcvv2Profile::new(300, 1, 0).unwrap(),
             single_use: true,
             failure_limit: NonZeroU32::new(5),

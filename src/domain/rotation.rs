@@ -2,7 +2,7 @@
 //! versions a verification tries, and in which order.
 //!
 //! A programme names its *current* key of each kind (CVK, IMK-dCVV,
-//! IMK-TDCVV2) and, optionally, *previous* versions, each with the end of its
+//! IMK-TDCVV2, and IMK-AC / IMK-CVC3 where configured) and, optionally, *previous* versions, each with the end of its
 //! grace period (`accept_until`, exclusive). The rule:
 //! - generation (dynamic values, static CVV / CVV2 / iCVV) always uses the
 //!   current key;
@@ -18,7 +18,13 @@
 use crate::hsm::{KeyKind, KeyLabel};
 
 /// The kinds of key a card programme uses, and so may rotate.
-pub const ROTATING_KINDS: [KeyKind; 3] = [KeyKind::Cvk, KeyKind::ImkDcvv, KeyKind::ImkTdcvv2];
+pub const ROTATING_KINDS: [KeyKind; 5] = [
+    KeyKind::Cvk,
+    KeyKind::ImkDcvv,
+    KeyKind::ImkTdcvv2,
+    KeyKind::ImkAc,
+    KeyKind::ImkCvc3,
+];
 
 /// A previous version of one of a programme's keys, accepted by verifications
 /// until `accept_until_ms`.
@@ -152,9 +158,14 @@ pub fn first_match<T, C, E>(
 /// Why a programme's previous keys are refused at start-up.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RotationError {
-    /// The kind is not one of the three a programme uses.
-    #[error("{0:?} is not a kind of key a programme uses (cvk, imk-dcvv, imk-tdcvv2)")]
+    /// The kind is not one a programme uses.
+    #[error(
+        "{0:?} is not a kind of key a programme uses (cvk, imk-dcvv, imk-tdcvv2, imk-ac, imk-cvc3)"
+    )]
     KindNotUsed(String),
+    /// A previous key of a kind the programme has no current key of.
+    #[error("the programme has no current {0} key, so no previous one either")]
+    NoCurrentKey(&'static str),
     /// A previous label is the programme's current key of that kind.
     #[error("{0} is the programme's current {1} key; a previous key is an older version")]
     SameAsCurrent(String, &'static str),
@@ -185,6 +196,9 @@ pub fn validate(
     previous: &[PreviousKey],
 ) -> Result<(), (usize, RotationError)> {
     for (i, p) in previous.iter().enumerate() {
+        if !current.iter().any(|(k, _)| *k == p.kind) {
+            return Err((i, RotationError::NoCurrentKey(p.kind.as_str())));
+        }
         if current.iter().any(|(k, l)| *k == p.kind && **l == p.label) {
             return Err((
                 i,
@@ -366,6 +380,8 @@ mod tests {
             cvk: label(cvk),
             imk_dcvv: label(&format!("imk-dcvv-{name}-v1")),
             imk_tdcvv2: label(&format!("imk-tdcvv2-{name}-v1")),
+            imk_ac: None,
+            imk_cvc3: None,
             profile: Tdcvv2Profile::new(300, 1, 0).unwrap(),
             single_use: true,
             failure_limit: None,

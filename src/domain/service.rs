@@ -21,11 +21,14 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use zeroize::Zeroizing;
+
 use crate::hsm::{self, CardCrypto, HsmError, Kcv, KeyKind, KeyLabel};
 use crate::store::{CardId, Enrollment, Store, StoreError, StoreTx};
 
 use super::DomainError;
 use super::card::{Atc, CodeLength, Expiry, Pan, Psn, SecurityCode, ServiceCode};
+use super::emv::{self, ArqcInput};
 use super::engine::{Engine, StaticCodeKind, WindowCode};
 use super::programme::{Programme, Programmes};
 use super::rotation::{self, KeyRole};
@@ -188,6 +191,10 @@ pub enum Method {
     Static,
     /// Contactless dCVV.
     Dcvv,
+    /// Mastercard contactless CVC3.
+    Cvc3,
+    /// EMV application cryptogram (ARQC).
+    Arqc,
 }
 
 /// Why a code was declined, or `Match`.
@@ -226,6 +233,16 @@ pub struct Verification {
     pub key: KeyUse,
     /// Whether `key` is the programme's current key or a previous version.
     pub key_role: KeyRole,
+}
+
+/// The result of an ARQC verification: the verification, and the ARPC when it
+/// was asked and the ARQC matched.
+#[derive(Debug)]
+pub struct ArqcVerification {
+    /// Outcome, card, key.
+    pub verification: Verification,
+    /// ARPC (8 bytes by method 1, 4 by method 2).
+    pub arpc: Option<Zeroizing<Vec<u8>>>,
 }
 
 /// A static code for embossing.
@@ -338,9 +355,11 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
         let now_ms = self.now_ms();
         let mut wanted = vec![(self.settings.pan_index_key.clone(), KeyKind::PanIndex)];
         for p in self.programmes.iter() {
-            wanted.push((p.cvk.clone(), KeyKind::Cvk));
-            wanted.push((p.imk_dcvv.clone(), KeyKind::ImkDcvv));
-            wanted.push((p.imk_tdcvv2.clone(), KeyKind::ImkTdcvv2));
+            wanted.extend(
+                p.current_keys()
+                    .into_iter()
+                    .map(|(kind, label)| (label.clone(), kind)),
+            );
             wanted.extend(
                 p.previous
                     .iter()
@@ -394,17 +413,73 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
         card: &CardData,
         reject_expired: bool,
     ) -> Result<Programme, DomainError> {
+        let programme = self.programme_of(caller, &card.pan, card.key_association.as_deref())?;
+        if reject_expired && is_expired(card.expiry, self.now_ms()) {
+            return Err(DomainError::CardExpired);
+        }
+        Ok(programme)
+    }
+
+    /// The card's programme, if the caller may use it.
+    fn programme_of(
+        &self,
+        caller: &Caller<'_>,
+        pan: &Pan,
+        key_association: Option<&str>,
+    ) -> Result<Programme, DomainError> {
         let programme = self
             .programmes
-            .resolve(&card.pan, card.key_association.as_deref())
+            .resolve(pan, key_association)
             .ok_or(DomainError::UnknownProgramme)?;
         if !caller.access.allows(&programme.name) {
             return Err(DomainError::ProgrammeNotAllowed);
         }
-        if reject_expired && is_expired(card.expiry, self.now_ms()) {
-            return Err(DomainError::CardExpired);
-        }
         Ok(programme.clone())
+    }
+
+    /// The keys a verification of `kind` tries under `programme` ([`rotation`]),
+    /// or `NotConfigured` when the programme has no key of that kind.
+    fn verification_keys(
+        &self,
+        programme: &Programme,
+        kind: KeyKind,
+    ) -> Result<rotation::Candidates, DomainError> {
+        let current = programme
+            .current_key(kind)
+            .ok_or(DomainError::NotConfigured(kind))?;
+        Ok(rotation::candidates(
+            current,
+            kind,
+            &programme.previous,
+            self.now_ms(),
+        ))
+    }
+
+    /// The verification answer of a tried set of keys, counted for the metrics.
+    fn verdict<T>(
+        &self,
+        programme: &Programme,
+        context: CardContext,
+        method: Method,
+        tried: rotation::Tried<T, Kcv>,
+    ) -> (Verification, Option<T>) {
+        let reason = if tried.matched.is_some() {
+            Reason::Match
+        } else {
+            Reason::Mismatch
+        };
+        self.count_previous_match(programme, reason, tried.key.role);
+        let verification = Verification {
+            card: context,
+            reason,
+            method,
+            key: KeyUse {
+                label: tried.key.label,
+                kcv: tried.check_value,
+            },
+            key_role: tried.key.role,
+        };
+        (verification, tried.matched)
     }
 
     /// The request-id claim of a request, made in its one transaction.
@@ -760,22 +835,126 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
             })
             .await?;
         self.record_request(caller).await?;
-        let reason = if tried.matched.is_some() {
-            Reason::Match
-        } else {
-            Reason::Mismatch
+        let (verification, _) = self.verdict(
+            &programme,
+            Self::context(card, &programme),
+            Method::Dcvv,
+            tried,
+        );
+        Ok(verification)
+    }
+}
+
+impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
+    /// Mastercard contactless CVC3 check (DESIGN 2.6), under the current
+    /// IMK-CVC3, then previous versions in their grace period.
+    ///
+    /// # Errors
+    /// `NotConfigured` when the programme has no IMK-CVC3; otherwise as
+    /// [`CardService::dynamic_values`]. A decline is `Ok`.
+    pub async fn verify_cvc3(
+        &self,
+        caller: &Caller<'_>,
+        card: &CardData,
+        input: Cvc3Input,
+    ) -> Result<Verification, DomainError> {
+        let programme = self.admit(caller, card, true)?;
+        let imks = self.verification_keys(&programme, KeyKind::ImkCvc3)?;
+        let (pan, psn) = (card.pan.clone(), card.psn);
+        let tried = self
+            .on_token("cvc3_verify", move |engine| {
+                rotation::first_match(&imks, |imk| {
+                    let (computed, kcv) = engine.cvc3(
+                        imk,
+                        &pan,
+                        psn,
+                        &input.track_data,
+                        input.unpredictable_number,
+                        input.atc,
+                    )?;
+                    let matched = emv::cvc3_matches(&computed, &input.cvc3);
+                    Ok::<_, DomainError>((matched.then_some(()), kcv))
+                })
+            })
+            .await?;
+        self.record_request(caller).await?;
+        let (verification, _) = self.verdict(
+            &programme,
+            Self::context(card, &programme),
+            Method::Cvc3,
+            tried,
+        );
+        Ok(verification)
+    }
+
+    /// EMV ARQC check (DESIGN 2.7) under the current IMK-AC, then previous
+    /// versions in their grace period; with the ARPC when asked and matched.
+    /// The card has no expiry here: the PAN and PSN are key derivation data.
+    ///
+    /// # Errors
+    /// `Invalid` for a field combination the cryptogram version does not
+    /// allow; `NotConfigured` when the programme has no IMK-AC; otherwise as
+    /// [`CardService::dynamic_values`]. A decline is `Ok`.
+    pub async fn verify_arqc(
+        &self,
+        caller: &Caller<'_>,
+        card: &EmvCard,
+        input: ArqcInput,
+    ) -> Result<ArqcVerification, DomainError> {
+        input.check()?;
+        let programme = self.programme_of(caller, &card.pan, card.key_association.as_deref())?;
+        let imks = self.verification_keys(&programme, KeyKind::ImkAc)?;
+        let (pan, psn) = (card.pan.clone(), card.psn);
+        let tried = self
+            .on_token("arqc_verify", move |engine| {
+                rotation::first_match(&imks, |imk| {
+                    let outcome = engine.arqc(imk, &pan, psn, &input)?;
+                    Ok::<_, DomainError>((outcome.matched.then_some(outcome.arpc), outcome.kcv))
+                })
+            })
+            .await?;
+        self.record_request(caller).await?;
+        let context = CardContext {
+            masked_pan: card.pan.masked(),
+            programme: programme.name.clone(),
         };
-        self.count_previous_match(&programme, reason, tried.key.role);
-        Ok(Verification {
-            card: Self::context(card, &programme),
-            reason,
-            method: Method::Dcvv,
-            key: KeyUse {
-                label: tried.key.label,
-                kcv: tried.check_value,
-            },
-            key_role: tried.key.role,
+        let (verification, arpc) = self.verdict(&programme, context, Method::Arqc, tried);
+        Ok(ArqcVerification {
+            verification,
+            arpc: arpc.flatten(),
         })
+    }
+}
+
+/// The card of an EMV cryptogram check: no expiry (the PAN and PSN derive the
+/// card key; the cryptogram itself shows the card).
+#[derive(Debug, Clone)]
+pub struct EmvCard {
+    /// PAN (no Luhn check: derivation data, as in payShield `KQ`).
+    pub pan: Pan,
+    /// PAN sequence number (`00` when absent).
+    pub psn: Psn,
+    /// Optional programme selector.
+    pub key_association: Option<String>,
+}
+
+/// A CVC3 to check, parsed.
+pub struct Cvc3Input {
+    /// The track data the card MACs (track 2 equivalent data or track 1
+    /// discretionary data, as the card's profile says).
+    pub track_data: Zeroizing<Vec<u8>>,
+    /// Unpredictable number, 4 bytes.
+    pub unpredictable_number: [u8; 4],
+    /// ATC, 2 bytes.
+    pub atc: [u8; 2],
+    /// The CVC3 read, 3–5 digits.
+    pub cvc3: Zeroizing<String>,
+}
+
+/// Shows nothing: the track data and the CVC3 are card data.
+impl std::fmt::Debug for Cvc3Input {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cvc3Input").finish_non_exhaustive()
     }
 }
 

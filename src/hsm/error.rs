@@ -152,7 +152,7 @@ pub enum PinSourceError {
 pub enum KeyInputError {
     /// Not the name of a key kind.
     #[error(
-        "unknown key kind {0:?} (expected one of cvk, imk-dcvv, imk-tdcvv2, pan-index, audit-seal)"
+        "unknown key kind {0:?} (expected one of cvk, imk-dcvv, imk-tdcvv2, imk-ac, imk-cvc3, pan-index, audit-seal)"
     )]
     UnknownKind(String),
     /// Not a valid key label.

@@ -15,10 +15,10 @@ use super::AppState;
 use super::audit::AuditNote;
 use super::auth::Authenticated;
 use super::dto::{
-    CardRequest, Cvv2VerificationRequest, DcvvVerificationRequest, DynamicValue,
-    DynamicValuesRequest, DynamicValuesResponse, EnrollmentResponse, KeyEntry, KeyUsedBy,
-    KeysResponse, SecurityCodeRequest, SecurityCodeResponse, VerificationResponse, rfc3339,
-    rfc3339_ms,
+    ArqcVerificationRequest, ArqcVerificationResponse, CardRequest, Cvc3VerificationRequest,
+    Cvv2VerificationRequest, DcvvVerificationRequest, DynamicValue, DynamicValuesRequest,
+    DynamicValuesResponse, EnrollmentResponse, KeyEntry, KeyUsedBy, KeysResponse,
+    SecurityCodeRequest, SecurityCodeResponse, VerificationResponse, rfc3339, rfc3339_ms,
 };
 use super::error::{ApiError, ErrorBody};
 use super::routes::Route;
@@ -263,6 +263,51 @@ pub async fn verify_dcvv(call: Signed<DcvvVerificationRequest>) -> ApiResult<Ver
     call.note.key(&verification.key);
     call.note.verdict(verification.reason);
     Ok(Json(VerificationResponse::from_verification(&verification)))
+}
+
+/// Mastercard contactless CVC3 (dCVC3) check.
+#[utoipa::path(
+    post, path = Route::CVC3_VERIFICATION.path, tag = "verification",
+    request_body = Cvc3VerificationRequest,
+    responses((status = 200, body = VerificationResponse), (status = "4XX", body = ErrorBody), (status = 503, body = ErrorBody)),
+    security(("hmac" = []))
+)]
+pub async fn verify_cvc3(call: Signed<Cvc3VerificationRequest>) -> ApiResult<VerificationResponse> {
+    let (card, input) = call.request.parse()?;
+    call.note.pan(&card.pan);
+    let verification = call
+        .state
+        .service()
+        .verify_cvc3(&call.caller(), &card, input)
+        .await?;
+    call.note.card(&verification.card);
+    call.note.key(&verification.key);
+    call.note.verdict(verification.reason);
+    Ok(Json(VerificationResponse::from_verification(&verification)))
+}
+
+/// EMV ARQC check; with `arc` or `csu`, the ARPC of a matching ARQC.
+#[utoipa::path(
+    post, path = Route::ARQC_VERIFICATION.path, tag = "verification",
+    request_body = ArqcVerificationRequest,
+    responses((status = 200, body = ArqcVerificationResponse), (status = "4XX", body = ErrorBody), (status = 503, body = ErrorBody)),
+    security(("hmac" = []))
+)]
+pub async fn verify_arqc(
+    call: Signed<ArqcVerificationRequest>,
+) -> ApiResult<ArqcVerificationResponse> {
+    let (card, input) = call.request.parse()?;
+    call.note.pan(&card.pan);
+    let checked = call
+        .state
+        .service()
+        .verify_arqc(&call.caller(), &card, input)
+        .await?;
+    let verification = &checked.verification;
+    call.note.card(&verification.card);
+    call.note.key(&verification.key);
+    call.note.verdict(verification.reason);
+    Ok(Json(ArqcVerificationResponse::from_verification(&checked)))
 }
 
 /// Key inventory (admin scope): label, kind, version, KCV, attribute compliance,

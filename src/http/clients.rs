@@ -30,6 +30,10 @@ pub enum Scope {
     SecurityCodes,
     /// `POST /cards/dcvv/verification`.
     DcvvVerification,
+    /// `POST /cards/cvc3/verification`.
+    Cvc3Verification,
+    /// `POST /cards/arqc/verification`.
+    ArqcVerification,
     /// `GET /keys` (admin).
     Keys,
 }
@@ -43,6 +47,8 @@ impl Scope {
             Scope::Cvv2Verification => "cvv2_verification",
             Scope::SecurityCodes => "security_codes",
             Scope::DcvvVerification => "dcvv_verification",
+            Scope::Cvc3Verification => "cvc3_verification",
+            Scope::ArqcVerification => "arqc_verification",
             Scope::Keys => "keys",
         }
     }

@@ -8,28 +8,55 @@ use utoipa::ToSchema;
 use zeroize::Zeroizing;
 
 use crate::domain::service::{
-    CardData, EnrollmentStatus, Method, Reason, ValueCount, Verification,
+    ArqcVerification, CardData, Cvc3Input, EmvCard, EnrollmentStatus, Method, Reason, ValueCount,
+    Verification,
 };
 use crate::domain::{
-    Atc, CodeLength, DomainError, Expiry, Pan, Psn, SecurityCode, ServiceCode, StaticCodeKind,
+    ArpcRequest, ArqcInput, Atc, CodeLength, CryptogramVersion, DomainError, Padding, Pan, Psn,
+    SecurityCode, ServiceCode, StaticCodeKind,
 };
 
 fn invalid(field: &'static str, reason: &'static str) -> DomainError {
     DomainError::Invalid { field, reason }
 }
 
+/// Whether a PAN must pass the Luhn check. The EMV checks (CVC3, ARQC) take
+/// the PAN as card key derivation data, as payShield `KQ`/`PM` and AWS Payment
+/// Cryptography do: a wrong PAN derives another key and declines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Luhn {
+    Required,
+    NotRequired,
+}
+
 /// Parses the card fields common to every `/cards/...` request.
-fn parse_card(
+fn parse_card_with(
+    luhn: Luhn,
     card_number: &str,
     expiry_date: &str,
     key_association: Option<&String>,
     pan_sequence_number: Option<&String>,
 ) -> Result<CardData, DomainError> {
+    let card = parse_emv_card(luhn, card_number, key_association, pan_sequence_number)?;
+    Ok(CardData {
+        pan: card.pan,
+        expiry: expiry_date.parse()?,
+        psn: card.psn,
+        key_association: card.key_association,
+    })
+}
+
+/// The card fields without the expiry.
+fn parse_emv_card(
+    luhn: Luhn,
+    card_number: &str,
+    key_association: Option<&String>,
+    pan_sequence_number: Option<&String>,
+) -> Result<EmvCard, DomainError> {
     let pan: Pan = card_number.parse()?;
-    if !pan.is_luhn_valid() {
+    if luhn == Luhn::Required && !pan.is_luhn_valid() {
         return Err(invalid("cardNumber", "fails the Luhn check"));
     }
-    let expiry: Expiry = expiry_date.parse()?;
     let psn = match pan_sequence_number {
         Some(text) => text.parse::<Psn>()?,
         None => Psn::NONE,
@@ -39,12 +66,47 @@ fn parse_card(
     {
         return Err(invalid("keyAssociation", "must be 1 to 64 characters"));
     }
-    Ok(CardData {
+    Ok(EmvCard {
         pan,
-        expiry,
         psn,
         key_association: key_association.cloned(),
     })
+}
+
+/// Hex text (either case) of `field`, `bytes` bytes long.
+fn hex_bytes(
+    field: &'static str,
+    text: &str,
+    bytes: std::ops::RangeInclusive<usize>,
+    reason: &'static str,
+) -> Result<Zeroizing<Vec<u8>>, DomainError> {
+    let decoded = Zeroizing::new(hex::decode(text).map_err(|_| invalid(field, reason))?);
+    if !bytes.contains(&decoded.len()) {
+        return Err(invalid(field, reason));
+    }
+    Ok(decoded)
+}
+
+/// Hex text (either case) of exactly `N` bytes.
+fn hex_array<const N: usize>(
+    field: &'static str,
+    text: &str,
+    reason: &'static str,
+) -> Result<[u8; N], DomainError> {
+    let mut out = [0u8; N];
+    hex::decode_to_slice(text, &mut out).map_err(|_| invalid(field, reason))?;
+    Ok(out)
+}
+
+/// An unpredictable number: 8 hex characters, or 1–7 decimal digits (the
+/// numeric UN a contactless card's track carries) left-padded with zeros to
+/// 8 BCD digits. (8 decimal digits read as hex give the same bytes.)
+fn unpredictable_number(text: &str) -> Result<[u8; 4], DomainError> {
+    const REASON: &str = "must be 8 hex characters or 1 to 7 decimal digits";
+    if (1..8).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_digit()) {
+        return hex_array("unpredictableNumber", &format!("{text:0>8}"), REASON);
+    }
+    hex_array("unpredictableNumber", text, REASON)
 }
 
 /// Declares a `/cards/...` request: the common card fields plus its own.
@@ -77,7 +139,13 @@ macro_rules! card_request {
             /// # Errors
             /// `Invalid` naming the first bad field.
             pub fn card(&self) -> Result<CardData, DomainError> {
-                parse_card(
+                self.card_with(Luhn::Required)
+            }
+
+            #[allow(dead_code, reason = "only the EMV requests waive the Luhn check")]
+            fn card_with(&self, luhn: Luhn) -> Result<CardData, DomainError> {
+                parse_card_with(
+                    luhn,
                     &self.card_number,
                     &self.expiry_date,
                     self.key_association.as_ref(),
@@ -247,6 +315,235 @@ impl DcvvVerificationRequest {
     }
 }
 
+card_request!(
+    /// `POST /cards/cvc3/verification`: Mastercard contactless CVC3 (dCVC3).
+    Cvc3VerificationRequest {
+        /// The data the card MACs for IVCVC3, hex: the track 2 equivalent data
+        /// (e.g. `5123…D3512…0F`) or the track 1 discretionary data, 1–128 bytes.
+        #[schema(value_type = String, example = "5123456789012345D35121010000000000000F")]
+        track_data: Zeroizing<String>,
+        /// Unpredictable number: 8 hex characters, or the numeric UN of the
+        /// track (1–7 decimal digits, left-padded with zeros).
+        #[schema(value_type = String, example = "00000899")]
+        unpredictable_number: Zeroizing<String>,
+        /// Application transaction counter, 4 hex characters.
+        #[schema(example = "005E")]
+        atc: String,
+        /// The CVC3 read from the track, 3–5 digits (its rightmost digits).
+        #[schema(value_type = String, example = "29488")]
+        cvc3: Zeroizing<String>,
+    }
+);
+
+impl Cvc3VerificationRequest {
+    /// Parses the request. The PAN is not Luhn-checked ([`Luhn`]).
+    ///
+    /// # Errors
+    /// `Invalid` naming the first bad field.
+    pub fn parse(&self) -> Result<(CardData, Cvc3Input), DomainError> {
+        let card = self.card_with(Luhn::NotRequired)?;
+        let track_data = hex_bytes(
+            "trackData",
+            &self.track_data,
+            1..=128,
+            "must be 1 to 128 bytes of hex",
+        )?;
+        let unpredictable_number = unpredictable_number(&self.unpredictable_number)?;
+        let atc = self.atc.to_ascii_uppercase().parse::<Atc>()?.binary();
+        if !(3..=5).contains(&self.cvc3.len()) || !self.cvc3.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(invalid("cvc3", "must be 3 to 5 digits"));
+        }
+        Ok((
+            card,
+            Cvc3Input {
+                track_data,
+                unpredictable_number,
+                atc,
+                cvc3: self.cvc3.clone(),
+            },
+        ))
+    }
+}
+
+/// `POST /cards/arqc/verification`: an EMV authorization request cryptogram,
+/// and optionally the ARPC. The card fields without an expiry.
+/// `Debug` shows no field: they hold a PAN and card data.
+#[derive(Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ArqcVerificationRequest {
+    /// PAN, 12–19 digits (card key derivation data; no Luhn check).
+    #[schema(value_type = String, example = "1234567890123456")]
+    card_number: Zeroizing<String>,
+    /// 2 digits, default `00`.
+    #[serde(default)]
+    pan_sequence_number: Option<String>,
+    /// Selects the card programme; otherwise the longest matching BIN prefix does.
+    #[serde(default)]
+    key_association: Option<String>,
+    /// `visa-cvn10`, `visa-cvn18`, `visa-cvn22`, `mastercard-cvn16`,
+    /// `mastercard-cvn17`, `mastercard-cvn20`, `mastercard-cvn21` or
+    /// `emv-common-session-key`.
+    #[schema(example = "visa-cvn18")]
+    cryptogram_version: String,
+    /// The data the card MACed, hex, unpadded: the CDOL1 data in card order,
+    /// with the issuer application data where the version MACs it
+    /// (CVN 18 / 22: the whole IAD). 1–255 bytes.
+    #[schema(value_type = String)]
+    transaction_data: Zeroizing<String>,
+    /// `iso9797-1-method-1` or `iso9797-1-method-2`; default: the version's
+    /// (method 1 for Visa CVN 10, method 2 for the others).
+    #[serde(default)]
+    padding: Option<String>,
+    /// Application transaction counter, 4 hex characters.
+    #[schema(example = "001C")]
+    atc: String,
+    /// 8 hex characters; required by `mastercard-cvn16` / `mastercard-cvn17`
+    /// (the session key derivation), ignored by the others.
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    unpredictable_number: Option<Zeroizing<String>>,
+    /// The ARQC, 16 hex characters.
+    #[schema(value_type = String, example = "7A788EA6B8A3E733")]
+    arqc: Zeroizing<String>,
+    /// Authorization response code, 4 hex characters: asks for an ARPC by
+    /// method 1 (versions 10, 16, 17, 20, 21 and the common session key).
+    #[serde(default)]
+    arc: Option<String>,
+    /// Card status update, 8 hex characters: asks for an ARPC by method 2
+    /// (versions 18, 22 and the common session key).
+    #[serde(default)]
+    csu: Option<String>,
+    /// Proprietary authentication data for method 2, 0–8 bytes of hex.
+    #[serde(default)]
+    proprietary_authentication_data: Option<String>,
+}
+
+impl std::fmt::Debug for ArqcVerificationRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ArqcVerificationRequest")
+            .field("cryptogram_version", &self.cryptogram_version)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ArqcVerificationRequest {
+    /// Parses the request; the combination of fields the version needs is
+    /// checked by the service ([`ArqcInput::check`]).
+    ///
+    /// # Errors
+    /// `Invalid` naming the first bad field.
+    pub fn parse(&self) -> Result<(EmvCard, ArqcInput), DomainError> {
+        let card = parse_emv_card(
+            Luhn::NotRequired,
+            &self.card_number,
+            self.key_association.as_ref(),
+            self.pan_sequence_number.as_ref(),
+        )?;
+        let version = CryptogramVersion::parse(&self.cryptogram_version)?;
+        let transaction_data = hex_bytes(
+            "transactionData",
+            &self.transaction_data,
+            1..=255,
+            "must be 1 to 255 bytes of hex",
+        )?;
+        let padding = match self.padding.as_deref() {
+            None => version.default_padding(),
+            Some(text) => [Padding::Method1, Padding::Method2]
+                .into_iter()
+                .find(|p| p.as_str() == text)
+                .ok_or_else(|| {
+                    invalid(
+                        "padding",
+                        "must be iso9797-1-method-1 or iso9797-1-method-2",
+                    )
+                })?,
+        };
+        let atc = self.atc.to_ascii_uppercase().parse::<Atc>()?.binary();
+        let unpredictable_number = self
+            .unpredictable_number
+            .as_deref()
+            .map(|text| hex_array("unpredictableNumber", text, "must be 8 hex characters"))
+            .transpose()?;
+        let arqc = hex_array("arqc", &self.arqc, "must be 16 hex characters")?;
+        let arpc = match (&self.arc, &self.csu, &self.proprietary_authentication_data) {
+            (None, None, None) => None,
+            (Some(arc), None, None) => Some(ArpcRequest::Method1 {
+                arc: hex_array("arc", arc, "must be 4 hex characters")?,
+            }),
+            (None, Some(csu), proprietary) => Some(ArpcRequest::Method2 {
+                csu: hex_array("csu", csu, "must be 8 hex characters")?,
+                proprietary: match proprietary {
+                    Some(text) => hex_bytes(
+                        "proprietaryAuthenticationData",
+                        text,
+                        0..=8,
+                        "must be 0 to 8 bytes of hex",
+                    )?
+                    .to_vec(),
+                    None => Vec::new(),
+                },
+            }),
+            (Some(_), Some(_), _) => {
+                return Err(invalid(
+                    "csu",
+                    "asks for method 2; arc asks for method 1: send one",
+                ));
+            }
+            (Some(_) | None, None, Some(_)) => {
+                return Err(invalid(
+                    "proprietaryAuthenticationData",
+                    "belongs to method 2: send it with csu",
+                ));
+            }
+        };
+        Ok((
+            card,
+            ArqcInput {
+                version,
+                transaction_data,
+                padding,
+                atc,
+                unpredictable_number,
+                arqc,
+                arpc,
+            },
+        ))
+    }
+}
+
+/// Answer of `POST /cards/arqc/verification`.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ArqcVerificationResponse {
+    /// `approved` or `declined`.
+    pub result: &'static str,
+    /// `match` or `mismatch`.
+    pub reason: &'static str,
+    /// `arqc`.
+    pub method: &'static str,
+    /// The ARPC, hex (16 characters by method 1, 8 by method 2): only when
+    /// `arc` or `csu` was sent and the ARQC matched.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arpc: Option<String>,
+}
+
+impl ArqcVerificationResponse {
+    /// From the domain's verification.
+    pub fn from_verification(v: &ArqcVerification) -> Self {
+        let VerificationResponse {
+            result,
+            reason,
+            method,
+        } = VerificationResponse::from_verification(&v.verification);
+        ArqcVerificationResponse {
+            result,
+            reason,
+            method,
+            arpc: v.arpc.as_ref().map(hex::encode_upper),
+        }
+    }
+}
+
 /// One dynamic value.
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -323,7 +620,7 @@ pub struct VerificationResponse {
     pub result: &'static str,
     /// `match`, `mismatch`, `static_cvv2_disabled`, `code_already_used` or `too_many_failures`.
     pub reason: &'static str,
-    /// `dynamic`, `static` or `dcvv`.
+    /// `dynamic`, `static`, `dcvv` or `cvc3`.
     pub method: &'static str,
 }
 
@@ -347,6 +644,8 @@ impl VerificationResponse {
                 Method::Dynamic => "dynamic",
                 Method::Static => "static",
                 Method::Dcvv => "dcvv",
+                Method::Cvc3 => "cvc3",
+                Method::Arqc => "arqc",
             },
         }
     }

@@ -220,6 +220,16 @@ fn invalid_field_code(field: &str) -> &'static str {
         "cvv2" => "invalid_cvv2",
         "dcvv" => "invalid_dcvv",
         "keyAssociation" => "invalid_key_association",
+        "trackData" => "invalid_track_data",
+        "unpredictableNumber" => "invalid_unpredictable_number",
+        "cvc3" => "invalid_cvc3",
+        "cryptogramVersion" => "invalid_cryptogram_version",
+        "transactionData" => "invalid_transaction_data",
+        "padding" => "invalid_padding",
+        "arqc" => "invalid_arqc",
+        "arc" => "invalid_arc",
+        "csu" => "invalid_csu",
+        "proprietaryAuthenticationData" => "invalid_proprietary_authentication_data",
         _ => "invalid_field",
     }
 }
@@ -262,6 +272,11 @@ impl From<&DomainError> for ApiError {
                 "this client may not use the card's programme",
             ),
             DomainError::DuplicateRequest => duplicate(),
+            DomainError::NotConfigured(_) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "operation_not_configured",
+                e.to_string(),
+            ),
             DomainError::KeyUnusable(_) => ApiError::unavailable("key_unavailable"),
             DomainError::Unavailable(Dependency::Hsm, _) => {
                 ApiError::unavailable("hsm_unavailable")

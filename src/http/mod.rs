@@ -186,6 +186,14 @@ pub fn app(state: AppState) -> Router {
             Route::DCVV_VERIFICATION.path,
             Route::DCVV_VERIFICATION.to(cards::verify_dcvv),
         )
+        .route(
+            Route::CVC3_VERIFICATION.path,
+            Route::CVC3_VERIFICATION.to(cards::verify_cvc3),
+        )
+        .route(
+            Route::ARQC_VERIFICATION.path,
+            Route::ARQC_VERIFICATION.to(cards::verify_arqc),
+        )
         .route(Route::KEYS.path, Route::KEYS.to(cards::keys))
         // Innermost: an in-flight slot is taken only by a request the signature
         // layer has read whole and verified (issue 13).

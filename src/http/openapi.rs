@@ -33,7 +33,7 @@ impl Modify for SignatureScheme {
 #[openapi(
     info(
         title = "dcvv-gateway",
-        description = "Card security codes (TDCVV2-v1 dynamic CVV2, CVV, CVV2, iCVV, contactless dCVV) computed in a PKCS#11 HSM."
+        description = "Card security codes (TDCVV2-v1 dynamic CVV2, CVV, CVV2, iCVV, contactless dCVV, Mastercard CVC3) and EMV ARQC / ARPC, computed in a PKCS#11 HSM."
     ),
     paths(
         cards::dynamic_values,
@@ -43,6 +43,8 @@ impl Modify for SignatureScheme {
         cards::verify_cvv2,
         cards::security_code,
         cards::verify_dcvv,
+        cards::verify_cvc3,
+        cards::verify_arqc,
         cards::keys,
         health::healthz,
         health::readyz,
@@ -55,6 +57,9 @@ impl Modify for SignatureScheme {
         dto::Cvv2VerificationRequest,
         dto::SecurityCodeRequest,
         dto::DcvvVerificationRequest,
+        dto::Cvc3VerificationRequest,
+        dto::ArqcVerificationRequest,
+        dto::ArqcVerificationResponse,
         dto::DynamicValuesResponse,
         dto::DynamicValue,
         dto::EnrollmentResponse,

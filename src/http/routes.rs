@@ -101,6 +101,18 @@ impl Route {
         "/cards/dcvv/verification",
         Scope::DcvvVerification,
     );
+    /// `POST /cards/cvc3/verification`: Mastercard contactless CVC3.
+    pub const CVC3_VERIFICATION: Route = Route::signed(
+        Method::Post,
+        "/cards/cvc3/verification",
+        Scope::Cvc3Verification,
+    );
+    /// `POST /cards/arqc/verification`: EMV ARQC, and the ARPC when asked.
+    pub const ARQC_VERIFICATION: Route = Route::signed(
+        Method::Post,
+        "/cards/arqc/verification",
+        Scope::ArqcVerification,
+    );
     /// `GET /keys`: the key inventory (admin).
     pub const KEYS: Route = Route::signed(Method::Get, "/keys", Scope::Keys);
     /// `GET /healthz`: liveness.
@@ -171,6 +183,8 @@ pub const ROUTES: &[Route] = &[
     Route::CVV2_VERIFICATION,
     Route::SECURITY_CODES,
     Route::DCVV_VERIFICATION,
+    Route::CVC3_VERIFICATION,
+    Route::ARQC_VERIFICATION,
     Route::KEYS,
     Route::HEALTHZ,
     Route::READYZ,

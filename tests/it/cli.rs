@@ -153,7 +153,7 @@ fn refused_imports_create_nothing() {
         ("cvk", "ref-new-f", vec![C1, &c2, K, "22222222222222222222222222222222"], "a key is imported from 2 or 3 components, not 4".into()),
         ("cvk", "ref-taken", vec![C1, &c2], "a key with label ref-taken already exists".into()),
         ("pan-index", "ref-new-g", vec![C1, &c2], "component 1 is not 64 hex digits".into()),
-        ("des", "ref-new-h", vec![C1, &c2], "unknown key kind \"des\" (expected one of cvk, imk-dcvv, imk-tdcvv2, pan-index, audit-seal)".into()),
+        ("des", "ref-new-h", vec![C1, &c2], "unknown key kind \"des\" (expected one of cvk, imk-dcvv, imk-tdcvv2, imk-ac, imk-cvc3, pan-index, audit-seal)".into()),
         ("cvk", "bad label", vec![C1, &c2], "a key label is 1 to 64 characters of A-Z a-z 0-9 . _ -".into()),
     ];
     for (kind, label, components, expected) in cases {

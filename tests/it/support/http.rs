@@ -51,6 +51,28 @@ pub struct TestKeys {
     pub audit_seal: KeyLabel,
 }
 
+/// The EMV test IMKs (issue 11), imported only by gateways started with `Options::emv`.
+pub struct EmvKeys {
+    /// pyemv's IMK of the ARQC tests (K).
+    pub pyemv_ac: KeyLabel,
+    /// pyemv's IMK of the CVC3 tests.
+    pub pyemv_cvc3: KeyLabel,
+    /// jPOS's IMK (K4), as IMK-AC and as IMK-CVC3.
+    pub jpos_ac: KeyLabel,
+    pub jpos_cvc3: KeyLabel,
+}
+
+pub static EMV_KEYS: LazyLock<EmvKeys> = LazyLock::new(|| EmvKeys {
+    pyemv_ac: import(K, KeyKind::ImkAc, "imk-ac"),
+    pyemv_cvc3: import(
+        "01234567899876543210012345678998",
+        KeyKind::ImkCvc3,
+        "imk-cvc3",
+    ),
+    jpos_ac: import(K4, KeyKind::ImkAc, "imk-ac"),
+    jpos_cvc3: import(K4, KeyKind::ImkCvc3, "imk-cvc3"),
+});
+
 pub static KEYS: LazyLock<TestKeys> = LazyLock::new(|| TestKeys {
     cvk: import(K, KeyKind::Cvk, "cvk"),
     imk_dcvv: import(K4, KeyKind::ImkDcvv, "imk-dcvv"),
@@ -110,6 +132,11 @@ pub struct Options {
     /// `[server]` connection caps.
     pub max_connections: usize,
     pub max_connections_per_peer: usize,
+    /// Adds the EMV programmes of the published vectors (PANs fail the Luhn
+    /// check there): `pyemv` (BIN 1, IMK-AC of pyemv), `jpos` (BIN 12, the
+    /// jPOS IMK as IMK-AC and IMK-CVC3), both allowed to the main client; and
+    /// pyemv's IMK-CVC3 in programme `other` (BIN 5).
+    pub emv: bool,
 }
 
 impl Default for Options {
@@ -133,6 +160,7 @@ impl Default for Options {
             body_read_timeout: Duration::from_secs(5),
             max_connections: 1024,
             max_connections_per_peer: 1024,
+            emv: false,
         }
     }
 }
@@ -248,6 +276,8 @@ fn all_scopes() -> HashSet<Scope> {
         Scope::Cvv2Verification,
         Scope::SecurityCodes,
         Scope::DcvvVerification,
+        Scope::Cvc3Verification,
+        Scope::ArqcVerification,
         Scope::Keys,
     ]
     .into()
@@ -272,12 +302,37 @@ pub fn programme(name: &str, prefixes: &[&str], o: &Options) -> Programme {
         cvk: KEYS.cvk.clone(),
         imk_dcvv: KEYS.imk_dcvv.clone(),
         imk_tdcvv2: KEYS.imk_tdcvv2.clone(),
+        imk_ac: None,
+        imk_cvc3: None,
         profile: Tdcvv2Profile::new(o.window_seconds, o.past_windows, o.future_windows).unwrap(),
         single_use: o.single_use,
         failure_limit: NonZeroU32::new(o.failure_limit),
         failure_period_seconds: 86_400,
         previous: Vec::new(),
     }
+}
+
+/// The harness's programmes: `test` (BIN 412345) and `other` (BIN 5), and
+/// with `Options::emv` those of the EMV vectors.
+fn programmes(o: &Options) -> Vec<Programme> {
+    let mut list = vec![
+        programme("test", &["412345"], o),
+        programme("other", &["5"], o),
+    ];
+    if o.emv {
+        let keys = &*EMV_KEYS;
+        list[1].imk_cvc3 = Some(keys.pyemv_cvc3.clone());
+        list.push(Programme {
+            imk_ac: Some(keys.pyemv_ac.clone()),
+            ..programme("pyemv", &["1"], o)
+        });
+        list.push(Programme {
+            imk_ac: Some(keys.jpos_ac.clone()),
+            imk_cvc3: Some(keys.jpos_cvc3.clone()),
+            ..programme("jpos", &["12"], o)
+        });
+    }
+    list
 }
 
 impl TestGateway {
@@ -317,7 +372,11 @@ impl TestGateway {
                     secret_file("main-2", &clients.main_second),
                 ],
                 scopes: all_scopes.clone(),
-                access: ProgrammeAccess::Only(["test".to_owned()].into()),
+                access: ProgrammeAccess::Only(if options.emv {
+                    ["test", "pyemv", "jpos"].map(str::to_owned).into()
+                } else {
+                    ["test".to_owned()].into()
+                }),
             },
             ClientSettings {
                 apikey: clients.verifier.apikey.clone(),
@@ -370,11 +429,7 @@ impl TestGateway {
                 pan_index_key: KEYS.pan_index.clone(),
                 replay_window_seconds: 900,
             },
-            programmes: Programmes::new(vec![
-                programme("test", &["412345"], &options),
-                programme("other", &["5"], &options),
-            ])
-            .unwrap(),
+            programmes: Programmes::new(programmes(&options)).unwrap(),
             clients: client_settings,
             audit: AuditSettings {
                 directory: audit_dir.clone(),
