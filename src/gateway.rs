@@ -1,6 +1,7 @@
 //! Start-up and shutdown, at the top of the house: open the token, refuse a
-//! key wider than its policy, load the clients' secrets, open and migrate the
-//! store, build the card service, check every configured key, open the audit
+//! token that lacks a mechanism the configured keys need ([`mechanism_needs`],
+//! which `hsm check` reports too), refuse a key wider than its policy, load the
+//! clients' secrets, open and migrate the store, build the card service, check every configured key, open the audit
 //! trail; then serve ([`crate::http::server`]) with the token watchdog and
 //! the store cleanup beside it until the shutdown signal; then drain, close
 //! the trail and the store, and finalize the token. The library's [`run`] and
@@ -15,7 +16,7 @@ use crate::audit::{AuditError, AuditObserver, Sealer, TokenSealer, Trail};
 use crate::config::Settings;
 use crate::domain::DomainError;
 use crate::domain::service::{CardService, Clock, SystemClock};
-use crate::hsm::{self, HsmError, KeyListing, Token};
+use crate::hsm::{self, HsmError, KeyListing, KeyUse, Lack, Needs, Token};
 use crate::http::clients::{ClientError, Clients};
 use crate::http::metrics::Metrics;
 use crate::http::server::ServeError;
@@ -28,6 +29,10 @@ pub enum StartError {
     /// The token could not be opened.
     #[error(transparent)]
     Hsm(#[from] HsmError),
+    /// The token lacks a mechanism, or a mechanism's flag, that the configured
+    /// keys need to serve (issue 11, item 4): one `token lacks ...` per lack.
+    #[error("refusing to start: {}", lacks(.0))]
+    TokenLacks(Vec<Lack>),
     /// A key in the token is wider than its kind allows (DESIGN 3).
     #[error("refusing to start: key(s) wider than their policy: {}", wide_keys(.0))]
     WideKeys(Vec<KeyListing>),
@@ -141,6 +146,8 @@ pub async fn run(
 ) -> Result<(), StartError> {
     let hsm_settings = settings.hsm.clone();
     let token = Arc::new(hsm::blocking(move || Token::open(&hsm_settings)).await?);
+    let (checked, needs) = (Arc::clone(&token), mechanism_needs(&settings));
+    hsm::blocking(move || Ok(refuse_lacking_token(&checked, &needs))).await??;
     refuse_wide_keys(&token)?;
     let gateway = Gateway::build(&settings, Arc::clone(&token), Arc::new(SystemClock)).await?;
     let served = gateway.serve(listener, shutdown).await;
@@ -158,6 +165,7 @@ pub async fn run(
 /// Any [`StartError`].
 pub fn run_blocking(settings: Settings) -> Result<(), StartError> {
     let token = Arc::new(Token::open(&settings.hsm)?);
+    refuse_lacking_token(&token, &mechanism_needs(&settings))?;
     refuse_wide_keys(&token)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(settings.server.worker_threads)
@@ -250,6 +258,73 @@ async fn watch_token(token: Arc<Token>) {
     }
 }
 
+/// What the configured keys need of the token: each programme's keys (current
+/// and previous), the PAN-index key and the audit seal key, for serving, for
+/// `keys generate` of their kinds, and for wrapped key import. The start-up and
+/// `hsm check` both check the token against this ([`check_mechanisms`]).
+pub fn mechanism_needs(settings: &Settings) -> Needs {
+    let mut uses = Vec::new();
+    for p in settings.programmes.iter() {
+        let used_by = format!("programme {}", p.name);
+        for (kind, _) in p.current_keys() {
+            uses.push(KeyUse {
+                kind,
+                used_by: used_by.clone(),
+            });
+        }
+        for prev in &p.previous {
+            uses.push(KeyUse {
+                kind: prev.kind,
+                used_by: used_by.clone(),
+            });
+        }
+    }
+    uses.push(KeyUse {
+        kind: hsm::KeyKind::PanIndex,
+        used_by: "keys.pan_index".into(),
+    });
+    uses.push(KeyUse {
+        kind: hsm::KeyKind::AuditSeal,
+        used_by: "audit.seal_key".into(),
+    });
+    Needs::of(uses)
+}
+
+/// Every way the token falls short of `needs` ([`mechanism_needs`]), read from
+/// the token (`C_GetMechanismInfo`); empty when it can do everything. The
+/// start-up refuses the lacks that [stop serving](Lack::stops_serving); `hsm
+/// check` prints them all.
+///
+/// # Errors
+/// The token's error.
+pub fn check_mechanisms(token: &Token, needs: &Needs) -> Result<Vec<Lack>, HsmError> {
+    Ok(needs.lacks(&token.mechanism_table(&needs.mechanisms())?))
+}
+
+/// Issue 11, item 4: the gateway does not start on a token that cannot do what
+/// the configured keys need to serve. What only key generation or wrapped key
+/// import needs is `hsm check`'s to report.
+fn refuse_lacking_token(token: &Token, needs: &Needs) -> Result<(), StartError> {
+    let serving: Vec<Lack> = check_mechanisms(token, needs)?
+        .into_iter()
+        .filter(Lack::stops_serving)
+        .collect();
+    if serving.is_empty() {
+        Ok(())
+    } else {
+        Err(StartError::TokenLacks(serving))
+    }
+}
+
+/// `token lacks ...; token lacks ...`
+fn lacks(lacks: &[Lack]) -> String {
+    lacks
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// DESIGN 3: the gateway does not start while a gateway key in the token is
 /// wider than its kind allows.
 fn refuse_wide_keys(token: &Token) -> Result<(), StartError> {
@@ -294,5 +369,82 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = interrupt.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hsm::{Mechanism, MechanismFlag, MechanismTable};
+
+    /// Two programmes, one with a previous key version.
+    fn settings() -> Settings {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gateway.toml");
+        let programme = |name: &str, prefix: &str, previous: &str| {
+            format!(
+                "[[programmes]]\nname = {name:?}\nbin_prefixes = [{prefix:?}]\n\
+                 cvk = \"cvk-{name}-v1\"\nimk_dcvv = \"imk-dcvv-{name}-v1\"\n\
+                 imk_tdcvv2 = \"imk-tdcvv2-{name}-v2\"\nwindow_seconds = 300\n{previous}"
+            )
+        };
+        let text = format!(
+            "[hsm]\nmodule = \"/nonexistent/libsofthsm2.so\"\ntoken_label = \"t\"\n\
+             pin_file = \"pin\"\n{}{}",
+            programme("visa-credit", "4", ""),
+            programme(
+                "mc-debit",
+                "5",
+                "[[programmes.previous]]\nkind = \"imk-tdcvv2\"\n\
+                 label = \"imk-tdcvv2-mc-debit-v1\"\naccept_until = 2027-03-01T00:00:00Z\n"
+            ),
+        );
+        std::fs::write(&path, text).unwrap();
+        Settings::load(&path).unwrap()
+    }
+
+    #[test]
+    fn every_configured_key_counts_and_each_user_is_named_once() {
+        let needs = mechanism_needs(&settings());
+        let derive = needs
+            .iter()
+            .find(|n| n.mechanism == Mechanism::Des3EcbEncryptData)
+            .unwrap();
+        assert_eq!(
+            derive.to_string(),
+            "CKM_DES3_ECB_ENCRYPT_DATA (derive), needed by \
+             imk-dcvv (programme visa-credit, programme mc-debit), \
+             imk-tdcvv2 (programme visa-credit, programme mc-debit)"
+        );
+        let verify = needs
+            .iter()
+            .find(|n| n.flag == MechanismFlag::Verify)
+            .unwrap();
+        assert_eq!(
+            verify.to_string(),
+            "CKM_SHA256_HMAC (verify), needed by audit-seal (audit.seal_key)"
+        );
+    }
+
+    #[test]
+    fn start_up_refuses_only_what_serving_needs_in_one_message() {
+        // A token with DES3 ECB and HMAC but no derivation, no key generation, no RSA.
+        let table = MechanismTable::new([
+            (Mechanism::Des3Ecb, Some(vec![MechanismFlag::Encrypt])),
+            (Mechanism::Des3EcbEncryptData, None),
+            (
+                Mechanism::Sha256Hmac,
+                Some(vec![MechanismFlag::Sign, MechanismFlag::Verify]),
+            ),
+        ]);
+        let all = mechanism_needs(&settings()).lacks(&table);
+        assert_eq!(all.len(), 6, "{all:?}");
+        let serving: Vec<Lack> = all.into_iter().filter(Lack::stops_serving).collect();
+        assert_eq!(
+            StartError::TokenLacks(serving).to_string(),
+            "refusing to start: token lacks CKM_DES3_ECB_ENCRYPT_DATA (derive), needed by \
+             imk-dcvv (programme visa-credit, programme mc-debit), \
+             imk-tdcvv2 (programme visa-credit, programme mc-debit)"
+        );
     }
 }

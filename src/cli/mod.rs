@@ -1,9 +1,10 @@
-//! The command line: the key ceremony (`keys ...`), the policy check
-//! (`hsm check`), `serve`, the engine's benchmark (`bench engine`), the audit
-//! trail's verifier (`audit verify`), and the configuration's built-in defaults
-//! (`config defaults`). The signed client (`call`) and the benchmark of a running
-//! gateway (`bench http`) are the `dcvv-tools` crate's (`tools/`); the pieces of
-//! this module it reuses are public: [`mod@bench`]'s engine-only figures,
+//! The command line: the key ceremony (`keys ...`), the token check (`hsm
+//! check`: the mechanisms the configuration needs, and the key policy), `serve`,
+//! the engine's benchmark (`bench engine`), the audit trail's verifier (`audit
+//! verify`), and the configuration's built-in defaults (`config defaults`). The
+//! signed client (`call`) and the benchmark of a running gateway (`bench http`)
+//! are the `dcvv-tools` crate's (`tools/`); the pieces of this module it reuses
+//! are public: [`mod@bench`]'s engine-only figures,
 //! [`with_token`] and [`CliError`].
 //!
 //! Output on stdout is the commands' contract (tooling parses `keys list --json`);
@@ -100,7 +101,9 @@ enum KeysCommand {
 
 #[derive(Debug, Subcommand)]
 enum HsmCommand {
-    /// Check every gateway key against its kind's policy; non-zero exit if any is too wide.
+    /// Check that the token has every mechanism the configured keys need, and every
+    /// gateway key against its kind's policy; non-zero exit if a mechanism is
+    /// lacking or a key is too wide.
     Check,
 }
 
@@ -132,9 +135,30 @@ pub enum CliError {
     /// Keys too wide for their policy.
     #[error("{0} key(s) refused by policy")]
     PolicyViolations(usize),
+    /// The token lacks mechanisms or flags the configured keys need (and keys
+    /// may be refused by policy too: `refused`, possibly 0).
+    #[error(
+        "the token lacks {lacking} mechanism(s) or flag(s) the configuration needs{}",
+        also_refused(*.refused)
+    )]
+    TokenLacks {
+        /// `token lacks ...` lines printed.
+        lacking: usize,
+        /// Keys refused by policy.
+        refused: usize,
+    },
     /// I/O on the terminal, a component file or the listener.
     #[error("{0}")]
     Io(String),
+}
+
+/// `; N key(s) refused by policy`, or nothing when none is.
+fn also_refused(refused: usize) -> String {
+    if refused == 0 {
+        String::new()
+    } else {
+        format!("; {refused} key(s) refused by policy")
+    }
 }
 
 /// Parses arguments, runs the command, and turns the outcome into an exit code.
@@ -184,7 +208,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             crate::gateway::run_blocking(settings).map_err(|e| CliError::Io(e.to_string()))
         }
         Command::Keys(cmd) => with_token(&settings, |token| keys(token, cmd, &settings.programmes)),
-        Command::Hsm(HsmCommand::Check) => with_token(&settings, check),
+        Command::Hsm(HsmCommand::Check) => with_token(&settings, |token| check(token, &settings)),
         Command::Bench(BenchCommand::Engine { seconds, json }) => {
             with_token(&settings, |token| bench::engine(token, seconds, json))
         }
@@ -441,7 +465,16 @@ fn print_table(keys: &[Listed<'_>]) {
     }
 }
 
-fn check(token: &Token) -> Result<(), CliError> {
+fn check(token: &Token, settings: &Settings) -> Result<(), CliError> {
+    // What the configured keys need of the token, the same check `serve` makes.
+    let needs = crate::gateway::mechanism_needs(settings);
+    let lacks = crate::gateway::check_mechanisms(token, &needs)?;
+    for need in needs.iter() {
+        match lacks.iter().find(|l| l.need == *need) {
+            Some(lack) => println!("{lack}"),
+            None => println!("token has {need}"),
+        }
+    }
     let keys = token.list_keys()?;
     let mut refused = 0;
     for key in &keys {
@@ -471,6 +504,12 @@ fn check(token: &Token) -> Result<(), CliError> {
     }
     if keys.is_empty() {
         println!("no gateway keys in the token");
+    }
+    if !lacks.is_empty() {
+        return Err(CliError::TokenLacks {
+            lacking: lacks.len(),
+            refused,
+        });
     }
     if refused > 0 {
         return Err(CliError::PolicyViolations(refused));

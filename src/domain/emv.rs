@@ -8,7 +8,7 @@
 //! - card master key MK from the IMK by EMV Option A/B (DESIGN 2.2), as for dCVV;
 //! - session key SK from MK with `CKM_DES3_ECB_ENCRYPT_DATA`: EMV common session
 //!   key (EMV 4.x Book 2 A1.3, R = ATC‖00…00) or Mastercard SKD (R = ATC‖00 00‖UN),
-//!   SK = TDES(MK, R with R[2] = F0) ‖ TDES(MK, R with R[2] = 0F);
+//!   SK = TDES(MK, R with `R[2] = F0`) ‖ TDES(MK, R with `R[2] = 0F`);
 //! - the MAC is ISO/IEC 9797-1 algorithm 3 (single-DES CBC under SKL, the last
 //!   block under SKL‖SKR), the ARPC method 1 block TDES under the key.
 //!

@@ -352,6 +352,8 @@ pub(super) enum Benign {
     /// `C_GetAttributeValue`: cryptoki cannot parse the value (a
     /// `CKA_ALLOWED_MECHANISMS` list holding a mechanism it has no type for).
     Unparseable,
+    /// `C_GetMechanismInfo`: the token does not have the mechanism.
+    MechanismInvalid,
 }
 
 impl Benign {
@@ -372,6 +374,9 @@ impl Benign {
                 CkError::Pkcs11(RvError::SignatureInvalid | RvError::SignatureLenRange, _)
             ),
             Benign::Unparseable => matches!(err, CkError::NotSupported | CkError::InvalidValue),
+            Benign::MechanismInvalid => {
+                matches!(err, CkError::Pkcs11(RvError::MechanismInvalid, _))
+            }
         }
     }
 }
@@ -499,6 +504,20 @@ mod tests {
         assert!(matches!(
             tolerate(again, Benign::AlreadyInitialized),
             Ok(None)
+        ));
+        let missing = || {
+            Err::<(), _>(CkError::Pkcs11(
+                RvError::MechanismInvalid,
+                Function::GetMechanismInfo,
+            ))
+        };
+        assert!(matches!(
+            tolerate(missing(), Benign::MechanismInvalid),
+            Ok(None)
+        ));
+        assert!(matches!(
+            tolerate(missing(), Benign::Unparseable),
+            Err(HsmError::Pkcs11(_))
         ));
     }
 

@@ -10,6 +10,7 @@
 
 mod admin;
 mod availability;
+mod capability;
 mod error;
 mod mechanism;
 mod policy;
@@ -20,6 +21,7 @@ mod types;
 
 pub use admin::{Component, CreatedKey, KeyListing};
 pub use availability::{FIRST_BACKOFF, MAX_BACKOFF, RecoveryCounts, TokenState};
+pub use capability::{KeyUse, Lack, MechanismFlag, MechanismTable, Need, Needs, Purpose};
 pub use error::{
     CryptokiFault, HsmError, HsmResult, KeyInputError, Malfunction, PinSourceError, Pkcs11Failure,
     SessionLoss, WorkerFailure,

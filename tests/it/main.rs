@@ -37,5 +37,6 @@ mod recovery;
 mod rotation;
 mod store;
 mod token_faults;
+mod token_mechanisms;
 mod vectors;
 mod wrong_pin;

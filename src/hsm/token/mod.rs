@@ -11,6 +11,7 @@
 //! - `keys`: the key cache (resolve by label, policy check, working copies);
 //! - `ops`: the keyed primitives the domain uses (encrypt, derive, HMAC);
 //! - `inspect`: finding key objects and reading their attributes;
+//! - `mechanisms`: the token's mechanism table;
 //! - `counters`: counts of token operations.
 //!
 //! Nothing here knows about cards: callers pass labels, blocks and derivation data.
@@ -18,6 +19,7 @@
 mod counters;
 mod inspect;
 mod keys;
+mod mechanisms;
 mod ops;
 mod recovery;
 mod settings;

@@ -50,7 +50,7 @@ impl Deref for AdminSession<'_> {
 impl Token {
     /// The library lock, shared; fails at once while the token is down or a
     /// re-initialization runs (invariant 6: fail fast, never queue on a dead token).
-    fn shared(&self) -> HsmResult<RwLockReadGuard<'_, ()>> {
+    pub(super) fn shared(&self) -> HsmResult<RwLockReadGuard<'_, ()>> {
         if !self.availability.is_up() {
             return Err(self.down());
         }
