@@ -380,6 +380,8 @@ const NO_DEFAULT: &[&str] = &[
     "programmes.cvk",
     "programmes.imk_dcvv",
     "programmes.imk_tdcvv2",
+    "programmes.imk_ac",
+    "programmes.imk_cvc3",
     "programmes.window_seconds",
     "clients.apikey",
     "clients.secrets",

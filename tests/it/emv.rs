@@ -150,7 +150,7 @@ fn method2(csu: &str) -> ArpcRequest {
 }
 
 /// pyemv test_cvn_hsm.py: CDOL1 data of the Visa tests (amount 40.00, CAD).
-fn pyemv_visa_data(last: &str) -> String {
+pub(crate) fn pyemv_visa_data(last: &str) -> String {
     [
         "000000004000",
         "000000000000",
@@ -165,7 +165,7 @@ fn pyemv_visa_data(last: &str) -> String {
     .collect()
 }
 
-fn pyemv_mastercard_data(last: &str) -> String {
+pub(crate) fn pyemv_mastercard_data(last: &str) -> String {
     [
         "000000009999",
         "000000000000",
@@ -264,7 +264,7 @@ fn mastercard_arqcs_match_the_pyemv_vectors() {
 
 /// jPOS EMVTxnData: amount, other amount, country, TVR, currency, date, type,
 /// UN, AIP, ATC, CVR.
-fn jpos_data() -> String {
+pub(crate) fn jpos_data() -> String {
     [
         "000000010000",
         "000000001000",

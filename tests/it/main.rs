@@ -21,6 +21,7 @@ mod cli;
 mod cli_call;
 mod docs_links;
 mod emv;
+mod emv_http;
 mod engine_on_token;
 mod hsm_policy;
 mod http_api;

@@ -20,6 +20,10 @@ pub const VERIFY: &str = Route::CVV2_VERIFICATION.path;
 pub const CODES: &str = Route::SECURITY_CODES.path;
 /// `POST`: verifies a contactless dCVV.
 pub const DCVV: &str = Route::DCVV_VERIFICATION.path;
+/// `POST`: verifies a Mastercard contactless CVC3.
+pub const CVC3: &str = Route::CVC3_VERIFICATION.path;
+/// `POST`: verifies an EMV ARQC, and makes the ARPC when asked.
+pub const ARQC: &str = Route::ARQC_VERIFICATION.path;
 /// `GET`: the key inventory.
 pub const KEY_INVENTORY: &str = Route::KEYS.path;
 /// `GET`: liveness.
