@@ -1,6 +1,7 @@
 //! `bench engine`: throughput of the token and of the engine on one token, for 1
 //! and 2 worker threads, each figure also as a ratio of the raw single-block
-//! encryption rate, plus the token operations each engine operation costs (a
+//! encryption rate, plus the token operations each engine operation costs (CVC3
+//! and ARQC of every cryptogram version included; a
 //! production HSM is licensed by calls per second).
 //!
 //! The benchmark generates its own temporary keys in the token under labels
@@ -15,8 +16,13 @@ use super::CliError;
 
 /// One benchmarked operation; the argument varies the card per call.
 type BenchOp<'a> = &'a (dyn Fn(u64) -> Result<(), DomainError> + Sync);
+/// An owned [`BenchOp`], for operations built in a loop.
+type OwnedBenchOp<'a> = Box<dyn Fn(u64) -> Result<(), DomainError> + Sync + 'a>;
+use zeroize::Zeroizing;
+
 use crate::domain::{
-    CodeLength, DomainError, Engine, Expiry, Pan, SecurityCode, StaticCodeKind, Tdcvv2Profile,
+    ArqcInput, CodeLength, CryptogramVersion, DomainError, Engine, Expiry, Pan, Psn, SecurityCode,
+    StaticCodeKind, Tdcvv2Profile,
 };
 use crate::hsm::{
     BlockCipher, CardCrypto, CvvKeySource, HsmError, KeyKind, KeyLabel, OpCounts, Token,
@@ -27,29 +33,42 @@ use crate::http::process::Stat;
 /// Temporary keys, destroyed on drop.
 struct BenchKeys<'t> {
     token: &'t Token,
+    /// Every key generated so far, destroyed on drop.
+    created: Vec<KeyLabel>,
     cvk: KeyLabel,
     imk: KeyLabel,
+    imk_ac: KeyLabel,
+    imk_cvc3: KeyLabel,
 }
 
 impl<'t> BenchKeys<'t> {
     fn create(token: &'t Token) -> Result<Self, CliError> {
         let pid = std::process::id();
-        let cvk: KeyLabel = format!("bench-{pid}-cvk").parse()?;
-        let imk: KeyLabel = format!("bench-{pid}-imk-tdcvv2").parse()?;
-        token.generate_key(KeyKind::Cvk, &cvk)?;
-        let keys = BenchKeys {
+        let label = |kind: KeyKind| format!("bench-{pid}-{}", kind.as_str()).parse::<KeyLabel>();
+        let mut keys = BenchKeys {
             token,
-            cvk,
-            imk: imk.clone(),
+            created: Vec::new(),
+            cvk: label(KeyKind::Cvk)?,
+            imk: label(KeyKind::ImkTdcvv2)?,
+            imk_ac: label(KeyKind::ImkAc)?,
+            imk_cvc3: label(KeyKind::ImkCvc3)?,
         };
-        token.generate_key(KeyKind::ImkTdcvv2, &imk)?;
+        for (kind, label) in [
+            (KeyKind::Cvk, keys.cvk.clone()),
+            (KeyKind::ImkTdcvv2, keys.imk.clone()),
+            (KeyKind::ImkAc, keys.imk_ac.clone()),
+            (KeyKind::ImkCvc3, keys.imk_cvc3.clone()),
+        ] {
+            token.generate_key(kind, &label)?;
+            keys.created.push(label);
+        }
         Ok(keys)
     }
 }
 
 impl Drop for BenchKeys<'_> {
     fn drop(&mut self) {
-        for label in [&self.cvk, &self.imk] {
+        for label in &self.created {
             if let Err(e) = self.token.destroy_key(label) {
                 tracing::warn!(key = %label, error = %e, "could not remove a benchmark key");
             }
@@ -59,7 +78,7 @@ impl Drop for BenchKeys<'_> {
 
 #[derive(Debug, Serialize)]
 struct Figure {
-    operation: &'static str,
+    operation: String,
     threads: usize,
     per_second: f64,
     ratio_to_raw: f64,
@@ -145,6 +164,8 @@ impl<'t> Fixture<'t> {
         };
         fixture.raw(0)?;
         fixture.verify(0)?;
+        fixture.cvc3(0)?;
+        fixture.arqc(0, CryptogramVersion::VisaCvn10)?;
         Ok(fixture)
     }
 
@@ -181,6 +202,38 @@ impl<'t> Fixture<'t> {
                 self.now,
                 &self.wrong,
             )
+            .map(drop)
+    }
+
+    /// A CVC3 over 19 bytes of track 2 equivalent data.
+    fn cvc3(&self, i: u64) -> Result<(), DomainError> {
+        let atc = (i as u16).to_be_bytes();
+        self.engine
+            .cvc3(
+                &self.keys.imk_cvc3,
+                &pan_for(i)?,
+                Psn::NONE,
+                &[0x51; 19],
+                [0, 0, 0x08, 0x99],
+                atc,
+            )
+            .map(drop)
+    }
+
+    /// An ARQC of `version` over 43 bytes of CDOL1 data (the pyemv Visa
+    /// layout with a 7-byte IAD), declined: no ARPC is made.
+    fn arqc(&self, i: u64, version: CryptogramVersion) -> Result<(), DomainError> {
+        let input = ArqcInput {
+            version,
+            transaction_data: Zeroizing::new(vec![0x5A; 43]),
+            padding: version.default_padding(),
+            atc: (i as u16).to_be_bytes(),
+            unpredictable_number: Some([0x11; 4]),
+            arqc: [0; 8],
+            arpc: None,
+        };
+        self.engine
+            .arqc(&self.keys.imk_ac, &pan_for(i)?, Psn::NONE, &input)
             .map(drop)
     }
 
@@ -268,24 +321,39 @@ pub(super) fn engine(token: &Token, seconds: f64, json: bool) -> Result<(), CliE
     let cvv2 = |i: u64| fixture.static_cvv2(i);
     let verify = |i: u64| fixture.verify(i);
     let generate = |i: u64| fixture.generate(i, 24);
+    let cvc3 = |i: u64| fixture.cvc3(i);
+    let f = &fixture;
+    let arqcs: Vec<(String, OwnedBenchOp<'_>)> = CryptogramVersion::ALL
+        .into_iter()
+        .map(|version| {
+            let op: OwnedBenchOp<'_> = Box::new(move |i: u64| f.arqc(i, version));
+            (format!("ARQC {}", version.as_str()), op)
+        })
+        .collect();
 
-    let ops: [(&'static str, BenchOp<'_>); 4] = [
+    let mut ops: Vec<(&str, BenchOp<'_>)> = vec![
         ("raw single-block C_Encrypt", &raw),
         ("static CVV2", &cvv2),
         ("TDCVV2-v1 verify (2 windows)", &verify),
         ("TDCVV2-v1 generate 24 values", &generate),
+        ("CVC3 (19-byte track 2 data)", &cvc3),
     ];
+    ops.extend(
+        arqcs
+            .iter()
+            .map(|(name, op)| (name.as_str(), &**op as BenchOp<'_>)),
+    );
     let mut figures = Vec::new();
     for threads in [1, 2] {
         let mut raw_rate = 0.0;
-        for (name, op) in ops {
+        for &(name, op) in &ops {
             let (rate, n, counts) = measure(token, threads, seconds, op)?;
             if raw_rate == 0.0 {
                 raw_rate = rate;
             }
             let per = |x: u64| if n == 0 { 0.0 } else { x as f64 / n as f64 };
             figures.push(Figure {
-                operation: name,
+                operation: name.to_owned(),
                 threads,
                 per_second: rate,
                 ratio_to_raw: rate / raw_rate,
@@ -294,6 +362,9 @@ pub(super) fn engine(token: &Token, seconds: f64, json: bool) -> Result<(), CliE
             });
         }
     }
+    // The keys are destroyed before the figures print.
+    drop(ops);
+    drop(arqcs);
     drop(fixture);
     print_figures(&figures, seconds, json)
 }
