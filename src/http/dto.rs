@@ -336,7 +336,7 @@ card_request!(
 );
 
 impl Cvc3VerificationRequest {
-    /// Parses the request. The PAN is not Luhn-checked ([`Luhn`]).
+    /// Parses the request. The PAN is not Luhn-checked: it is card key derivation data.
     ///
     /// # Errors
     /// `Invalid` naming the first bad field.
