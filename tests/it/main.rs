@@ -38,4 +38,5 @@ mod rotation;
 mod store;
 mod token_faults;
 mod vectors;
+mod wrapped_import;
 mod wrong_pin;
