@@ -1,10 +1,11 @@
-//! The command line: the key ceremony (`keys ...`), the token check (`hsm
-//! check`: the mechanisms the configuration needs, and the key policy), `serve`,
-//! the engine's benchmark (`bench engine`), the audit trail's verifier (`audit
-//! verify`), and the configuration's built-in defaults (`config defaults`). The
-//! signed client (`call`) and the benchmark of a running gateway (`bench http`)
-//! are the `dcvv-tools` crate's (`tools/`); the pieces of this module it reuses
-//! are public: [`mod@bench`]'s engine-only figures,
+//! The command line: the key ceremony (`keys ...`, including the RSA wrapping
+//! key and wrapped key import), the token check (`hsm check`: the mechanisms
+//! the configuration needs, and the key policy), `serve`, the engine's benchmark
+//! (`bench engine`), the audit trail's verifier (`audit verify`), and the
+//! configuration's built-in defaults (`config defaults`). The signed client
+//! (`call`) and the benchmark of a running gateway (`bench http`) are the
+//! `dcvv-tools` crate's (`tools/`); the pieces of this module it reuses are
+//! public: [`mod@bench`]'s engine-only figures,
 //! [`with_token`] and [`CliError`].
 //!
 //! Output on stdout is the commands' contract (tooling parses `keys list --json`);
@@ -27,7 +28,9 @@ use clap::{Parser, Subcommand};
 use crate::config::Settings;
 use crate::domain::programme::Programmes;
 use crate::domain::rotation;
-use crate::hsm::{Component, CreatedKey, HsmError, KeyKind, KeyLabel, KeyListing, Token};
+use crate::hsm::{
+    Component, CreatedKey, HsmError, Kcv, KeyKind, KeyLabel, KeyListing, OaepHash, Token,
+};
 
 /// dcvv-gateway: card security codes computed inside a PKCS#11 HSM.
 #[derive(Debug, Parser)]
@@ -90,6 +93,40 @@ enum KeysCommand {
         /// components are typed without echo.
         #[arg(long = "component-file", value_name = "PATH")]
         component_files: Vec<PathBuf>,
+    },
+    /// Generate an RSA-3072 wrapping key pair in the token (unwrap only) and print its
+    /// public key as PEM for the party that sends keys wrapped under it.
+    WrappingKey {
+        /// Label of the key pair (e.g. wrap-acme-v1).
+        #[arg(long)]
+        label: String,
+        /// Write the PEM public key to this new file instead of stdout.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Export the public key of the existing key pair instead of generating one.
+        #[arg(long)]
+        export: bool,
+    },
+    /// Import a double-length DES key sent wrapped under a wrapping key (RSA-OAEP).
+    ImportWrapped {
+        /// imk-dcvv, imk-tdcvv2, imk-ac or imk-cvc3.
+        #[arg(long)]
+        kind: String,
+        /// Label of the new key.
+        #[arg(long)]
+        label: String,
+        /// Label of the wrapping key pair the key was wrapped under.
+        #[arg(long, value_name = "LABEL")]
+        wrapping_key: String,
+        /// File holding the wrapped key: hex (whitespace allowed) or raw bytes.
+        #[arg(long, value_name = "FILE")]
+        wrapped_file: PathBuf,
+        /// The key's KCV as the sender states it (6 hex digits).
+        #[arg(long)]
+        kcv: String,
+        /// OAEP hash, also used for MGF1: sha256, or sha1 (the only one SoftHSM 2.6 accepts).
+        #[arg(long, value_name = "HASH", default_value = "sha256")]
+        oaep_hash: String,
     },
     /// List every gateway key with its KCV and security attributes.
     List {
@@ -253,6 +290,69 @@ fn keys(token: &Token, cmd: KeysCommand, programmes: &Programmes) -> Result<(), 
             print_created(&token.import_key(kind, &label, &components)?);
             Ok(())
         }
+        KeysCommand::WrappingKey { label, out, export } => {
+            let label: KeyLabel = label.parse()?;
+            // The file is created first, so a key is never generated without its export.
+            let file = out
+                .as_ref()
+                .map(|path| {
+                    std::fs::File::create_new(path).map_err(|e| {
+                        CliError::Io(format!("public key file {}: {}", path.display(), e.kind()))
+                    })
+                })
+                .transpose()?;
+            let key = if export {
+                token.wrapping_key(&label)?
+            } else {
+                token.generate_wrapping_key(&label)?
+            };
+            let done = if export { "exported" } else { "created" };
+            match (file, &out) {
+                (Some(mut file), Some(path)) => {
+                    file.write_all(key.public_key_pem.as_bytes()).map_err(|e| {
+                        CliError::Io(format!("public key file {}: {}", path.display(), e.kind()))
+                    })?;
+                    println!(
+                        "wrapping key {} (RSA-{}) {done}; public key written to {}",
+                        key.label,
+                        key.modulus_bits,
+                        path.display()
+                    );
+                }
+                _ => {
+                    // stdout carries the PEM alone, so it can be redirected to a file.
+                    let _ = write!(std::io::stdout().lock(), "{}", key.public_key_pem);
+                    eprintln!(
+                        "wrapping key {} (RSA-{}) {done}; public key above",
+                        key.label, key.modulus_bits
+                    );
+                }
+            }
+            Ok(())
+        }
+        KeysCommand::ImportWrapped {
+            kind,
+            label,
+            wrapping_key,
+            wrapped_file,
+            kcv,
+            oaep_hash,
+        } => {
+            let (kind, label) = parse_kind_label(&kind, &label)?;
+            let wrapping: KeyLabel = wrapping_key.parse()?;
+            let kcv: Kcv = kcv.parse()?;
+            let hash: OaepHash = oaep_hash.parse()?;
+            let cryptogram = read_wrapped(&wrapped_file)?;
+            print_created(&token.import_wrapped_key(
+                kind,
+                &label,
+                &wrapping,
+                &cryptogram,
+                kcv,
+                hash,
+            )?);
+            Ok(())
+        }
         KeysCommand::List { json } => {
             let keys = token.list_keys()?;
             let usages = programmes.key_usages();
@@ -302,6 +402,30 @@ fn read_components(kind: KeyKind, files: &[PathBuf]) -> Result<Vec<Component>, C
             Ok(Component::parse(&text, kind, i + 1)?)
         })
         .collect()
+}
+
+/// A wrapped key from a file: hex digits (whitespace allowed, as AWS Payment
+/// Cryptography's `WrappedKeyCryptogram`), or the raw cryptogram.
+fn read_wrapped(path: &std::path::Path) -> Result<Vec<u8>, CliError> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| CliError::Io(format!("wrapped key file {}: {}", path.display(), e.kind())))?;
+    if bytes
+        .iter()
+        .all(|b| b.is_ascii_hexdigit() || b.is_ascii_whitespace())
+    {
+        let digits: Vec<u8> = bytes
+            .into_iter()
+            .filter(|b| !b.is_ascii_whitespace())
+            .collect();
+        hex::decode(digits).map_err(|_| {
+            CliError::Io(format!(
+                "wrapped key file {}: an odd number of hex digits",
+                path.display()
+            ))
+        })
+    } else {
+        Ok(bytes)
+    }
 }
 
 fn prompt_components(kind: KeyKind) -> Result<Vec<Component>, CliError> {

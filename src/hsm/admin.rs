@@ -85,7 +85,7 @@ pub struct KeyListing {
     pub violations: Vec<String>,
 }
 
-fn secret_key_template(kind: KeyKind, token: bool) -> Vec<Attribute> {
+pub(super) fn secret_key_template(kind: KeyKind, token: bool) -> Vec<Attribute> {
     let usage = kind.usage();
     vec![
         Attribute::Class(ObjectClass::SECRET_KEY),
@@ -106,7 +106,7 @@ fn secret_key_template(kind: KeyKind, token: bool) -> Vec<Attribute> {
     ]
 }
 
-fn labelled(mut template: Vec<Attribute>, label: &str, id: Vec<u8>) -> Vec<Attribute> {
+pub(super) fn labelled(mut template: Vec<Attribute>, label: &str, id: Vec<u8>) -> Vec<Attribute> {
     template.push(Attribute::Label(label.as_bytes().to_vec()));
     template.push(Attribute::Id(id));
     template
@@ -122,13 +122,13 @@ fn set_odd_parity(key: &mut [u8]) {
 }
 
 /// Objects created so far by one command, destroyed on drop unless kept.
-struct Created<'s> {
-    session: &'s Session,
-    handles: Vec<ObjectHandle>,
+pub(super) struct Created<'s> {
+    pub(super) session: &'s Session,
+    pub(super) handles: Vec<ObjectHandle>,
 }
 
 impl Created<'_> {
-    fn keep(mut self) {
+    pub(super) fn keep(mut self) {
         self.handles.clear();
     }
 }
@@ -178,7 +178,7 @@ impl Token {
         }
     }
 
-    fn refuse_taken_label(&self, session: &Session, label: &KeyLabel) -> HsmResult<()> {
+    pub(super) fn refuse_taken_label(&self, session: &Session, label: &KeyLabel) -> HsmResult<()> {
         for l in [label.to_string(), label.single_des_twin()] {
             if find_key(session, &l)?.is_some() {
                 return Err(HsmError::LabelExists { label: l });
@@ -290,7 +290,7 @@ impl Token {
     }
 
     /// KCV of a just-created key, computed in the token the way `keys list` does.
-    fn created_kcv(
+    pub(super) fn created_kcv(
         &self,
         session: &Session,
         kind: KeyKind,

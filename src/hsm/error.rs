@@ -15,7 +15,7 @@ use cryptoki::error::{Error as CkError, RvError};
 
 use super::availability::TokenState;
 use super::policy::{Kcv, KeyKind};
-use super::types::Mechanism;
+use super::types::{Mechanism, OaepHash};
 
 /// What went wrong in the token, classified so callers can decide without matching
 /// PKCS#11 return codes themselves.
@@ -191,6 +191,54 @@ pub enum KeyInputError {
     /// MAC input that is empty or not a whole number of 8-byte blocks.
     #[error("MAC input of {0} bytes is not a whole number of 8-byte blocks")]
     BlockLength(usize),
+    /// Not 6 hex digits where a KCV is expected.
+    #[error("a KCV is 6 hex digits")]
+    KcvFormat,
+    /// Not the name of an OAEP hash.
+    #[error("unknown OAEP hash {0:?} (expected sha256 or sha1)")]
+    UnknownOaepHash(String),
+    /// A kind that cannot be imported wrapped under the token's RSA key.
+    #[error("a {kind} key cannot be imported wrapped: {}", match kind {
+        KeyKind::Cvk => "its KA||KA object cannot be made in the token without the clear key; \
+                         import it from components or generate it",
+        _ => "only double-length DES keys (imk-dcvv, imk-tdcvv2, imk-ac, imk-cvc3) are; \
+              generate it in the token",
+    })]
+    NotWrappable {
+        /// The kind asked for.
+        kind: KeyKind,
+    },
+    /// No RSA wrapping key pair of the gateway with this label.
+    #[error("no wrapping key with label {0}")]
+    NoWrappingKey(String),
+    /// The wrapped key is not one RSA block of the wrapping key's size.
+    #[error("the wrapped key is {len} bytes; under this wrapping key it must be {expected}")]
+    WrappedLength {
+        /// Bytes given.
+        len: usize,
+        /// The wrapping key's modulus size in bytes.
+        expected: usize,
+    },
+    /// The token refused the OAEP parameters (nothing was created).
+    #[error(
+        "the token does not accept RSA-OAEP with {0} (SoftHSM 2.6 accepts only sha1, \
+         --oaep-hash sha1); nothing created"
+    )]
+    OaepRefused(OaepHash),
+    /// The token could not unwrap the cryptogram (nothing was created).
+    #[error(
+        "the token could not unwrap the key (another wrapping key or OAEP hash, \
+         or a damaged file); nothing created"
+    )]
+    UnwrapFailed,
+    /// The unwrapped key's KCV is not the one the sender stated.
+    #[error(
+        "the KCV of the unwrapped key, computed in the token, is not the stated {stated}; nothing kept"
+    )]
+    WrappedKcvMismatch {
+        /// The KCV the sender stated.
+        stated: Kcv,
+    },
 }
 
 /// Why a session is no longer usable, found by the port rather than returned
@@ -214,6 +262,9 @@ pub enum Malfunction {
     /// The cryptoki wrapper failed (conversion, unsupported value, ...).
     #[error("{0}")]
     Cryptoki(CryptokiFault),
+    /// The token's RSA public key cannot be DER-encoded (a zero-length modulus or exponent).
+    #[error("the RSA public key cannot be encoded: {0}")]
+    PublicKeyEncoding(spki::der::Error),
     /// The token returned output of a length its mechanism does not give.
     #[error("unexpected {len}-byte {mechanism} output")]
     OutputLength {
@@ -354,6 +405,14 @@ pub(super) enum Benign {
     Unparseable,
     /// `C_GetMechanismInfo`: the token does not have the mechanism.
     MechanismInvalid,
+    /// `C_UnwrapKey`: the token does not accept the mechanism's parameters
+    /// (SoftHSM 2.6 answers `CKR_ARGUMENTS_BAD` to RSA-OAEP with SHA-256).
+    ParametersRefused,
+    /// `C_UnwrapKey`: the cryptogram does not decrypt under the key with these
+    /// parameters. SoftHSM 2.6 answers `CKR_GENERAL_ERROR` to a failed OAEP decoding,
+    /// which a lost token could also give; the call comes after a successful lookup
+    /// of the unwrapping key in the same session, so it is taken as the cryptogram's.
+    CryptogramRefused,
 }
 
 impl Benign {
@@ -377,6 +436,26 @@ impl Benign {
             Benign::MechanismInvalid => {
                 matches!(err, CkError::Pkcs11(RvError::MechanismInvalid, _))
             }
+            Benign::ParametersRefused => matches!(
+                err,
+                CkError::Pkcs11(
+                    RvError::ArgumentsBad
+                        | RvError::MechanismParamInvalid
+                        | RvError::MechanismInvalid,
+                    _
+                )
+            ),
+            Benign::CryptogramRefused => matches!(
+                err,
+                CkError::Pkcs11(
+                    RvError::WrappedKeyInvalid
+                        | RvError::WrappedKeyLenRange
+                        | RvError::EncryptedDataInvalid
+                        | RvError::EncryptedDataLenRange
+                        | RvError::GeneralError,
+                    _
+                )
+            ),
         }
     }
 }
@@ -391,6 +470,22 @@ pub(super) fn tolerate<T>(
         Ok(value) => Ok(Some(value)),
         Err(e) if benign.matches(&e) => Ok(None),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// A cryptoki result with any of the `benign` answers told apart: `Ok(Ok(value))`
+/// on success, `Ok(Err(answer))` for the first of them the call gave, the
+/// classified error otherwise.
+pub(super) fn tolerate_any<T>(
+    result: cryptoki::error::Result<T>,
+    benign: &[Benign],
+) -> HsmResult<Result<T, Benign>> {
+    match result {
+        Ok(value) => Ok(Ok(value)),
+        Err(e) => match benign.iter().find(|b| b.matches(&e)) {
+            Some(b) => Ok(Err(*b)),
+            None => Err(e.into()),
+        },
     }
 }
 

@@ -18,6 +18,7 @@ mod pool;
 mod sync;
 mod token;
 mod types;
+mod wrapped;
 
 pub use admin::{Component, CreatedKey, KeyListing};
 pub use availability::{FIRST_BACKOFF, MAX_BACKOFF, RecoveryCounts, TokenState};
@@ -30,7 +31,8 @@ pub use policy::{Kcv, KeyAttributes, KeyKind, KeyLabel, Usage};
 pub use token::{
     CvvCipher, CvvKeySource, EmvKeySource, HsmSettings, KeyDerivation, OpCounts, PinSource, Token,
 };
-pub use types::{ForeignKeyType, ForeignMechanism, KeyType, Mechanism};
+pub use types::{ForeignKeyType, ForeignMechanism, KeyType, Mechanism, OaepHash};
+pub use wrapped::WrappingKey;
 
 use zeroize::Zeroizing;
 

@@ -1,8 +1,9 @@
 //! Key kinds, labels, check values, and the attribute policy of DESIGN 3.
 //!
 //! This module owns what a gateway key may be: its PKCS#11 key type, the single
-//! usage it is allowed, and the mechanisms it may be used with. It is pure: it
-//! reads attribute values handed to it and never calls the token.
+//! usage it is allowed, and the mechanisms it may be used with; and what the
+//! private half of an RSA wrapping key may be (unwrap only, issue 11). It is
+//! pure: it reads attribute values handed to it and never calls the token.
 
 use std::fmt;
 use std::str::FromStr;
@@ -16,6 +17,13 @@ use super::types::{KeyType, Mechanism};
 pub const ID_PREFIX: &str = "dcvvgw:";
 /// Label suffix of the KA‖KA twin object of a CVK (DESIGN 2.1, step 2).
 pub const SINGLE_DES_SUFFIX: &str = ":ka";
+/// `CKA_ID` of both halves of an RSA wrapping key pair (wrapped key import).
+/// No key kind has this name, so `keys list` and the key cache never take it
+/// for a gateway secret key.
+pub const WRAPPING_KEY_ID: &str = "dcvvgw:wrapping-key";
+/// Modulus size of the RSA wrapping keys the gateway generates, and the
+/// smallest it uses.
+pub const WRAPPING_KEY_BITS: usize = 3072;
 
 /// The kinds of key of DESIGN 3.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -218,6 +226,21 @@ impl Kcv {
     }
 }
 
+/// Parses a KCV as a sender states it: 6 hex digits, either case.
+impl FromStr for Kcv {
+    type Err = HsmError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || HsmError::InvalidInput(KeyInputError::KcvFormat);
+        let s = s.trim();
+        if s.len() != 6 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(bad());
+        }
+        let bytes = hex::decode(s).map_err(|_| bad())?;
+        Kcv::from_prefix(&bytes).ok_or_else(bad)
+    }
+}
+
 impl fmt::Display for Kcv {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&hex::encode_upper(self.0))
@@ -325,6 +348,71 @@ impl KeyAttributes {
         }
         for m in &self.allowed_mechanisms {
             if !kind.mechanisms().contains(m) {
+                v.push(format!("CKA_ALLOWED_MECHANISMS allows {m}"));
+            }
+        }
+        v
+    }
+}
+
+/// The security attributes of the private half of an RSA wrapping key, as
+/// read from the token. What it may be: a token object, private, sensitive,
+/// not extractable, not modifiable, at least [`WRAPPING_KEY_BITS`] bits, with
+/// `CKA_UNWRAP` its only usage and `CKM_RSA_PKCS_OAEP` its only mechanism; so
+/// even the PIN holder cannot decrypt with it, only unwrap into the token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct WrappingKeyAttributes {
+    pub(super) key_type: KeyType,
+    pub(super) modulus_bits: usize,
+    pub(super) token: bool,
+    pub(super) private: bool,
+    pub(super) sensitive: bool,
+    pub(super) extractable: bool,
+    pub(super) modifiable: bool,
+    pub(super) decrypt: bool,
+    pub(super) sign: bool,
+    pub(super) sign_recover: bool,
+    pub(super) derive: bool,
+    pub(super) unwrap: bool,
+    /// `CKA_ALLOWED_MECHANISMS`; empty when unset (any mechanism).
+    pub(super) allowed_mechanisms: Vec<Mechanism>,
+}
+
+impl WrappingKeyAttributes {
+    /// Every way these attributes are wider (or weaker) than a wrapping key's
+    /// policy allows; empty when the key conforms.
+    pub(super) fn violations(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        if self.key_type != KeyType::Rsa {
+            v.push(format!("key type is {} not CKK_RSA", self.key_type));
+        }
+        if self.modulus_bits < WRAPPING_KEY_BITS {
+            v.push(format!(
+                "the modulus has {} bits, fewer than {WRAPPING_KEY_BITS}",
+                self.modulus_bits
+            ));
+        }
+        for (ok, what) in [
+            (self.token, "CKA_TOKEN is false"),
+            (self.private, "CKA_PRIVATE is false"),
+            (self.sensitive, "CKA_SENSITIVE is false"),
+            (!self.extractable, "CKA_EXTRACTABLE is true"),
+            (!self.modifiable, "CKA_MODIFIABLE is true"),
+            (!self.decrypt, "CKA_DECRYPT is true"),
+            (!self.sign, "CKA_SIGN is true"),
+            (!self.sign_recover, "CKA_SIGN_RECOVER is true"),
+            (!self.derive, "CKA_DERIVE is true"),
+            (self.unwrap, "CKA_UNWRAP is false"),
+        ] {
+            if !ok {
+                v.push(what.to_owned());
+            }
+        }
+        if self.allowed_mechanisms.is_empty() {
+            v.push("CKA_ALLOWED_MECHANISMS is unset (any mechanism)".into());
+        }
+        for m in &self.allowed_mechanisms {
+            if *m != Mechanism::RsaPkcsOaep {
                 v.push(format!("CKA_ALLOWED_MECHANISMS allows {m}"));
             }
         }
@@ -448,5 +536,72 @@ mod tests {
     fn kcv_is_upper_case_hex() {
         assert_eq!(Kcv([0x08, 0xd7, 0xb4]).to_string(), "08D7B4");
         assert_eq!(Kcv::from_prefix(&[1, 2]), None);
+    }
+
+    #[test]
+    fn a_stated_kcv_is_six_hex_digits() {
+        assert_eq!("08d7B4".parse::<Kcv>().unwrap(), Kcv([0x08, 0xd7, 0xb4]));
+        assert_eq!(" 08D7B4\n".parse::<Kcv>().unwrap(), Kcv([0x08, 0xd7, 0xb4]));
+        for bad in ["", "08D7B", "08D7B4A1", "08D7BG", "+8D7B4", "08 7B4"] {
+            let err = bad.parse::<Kcv>().unwrap_err().to_string();
+            assert_eq!(err, "a KCV is 6 hex digits", "{bad:?}");
+        }
+    }
+
+    fn conforming_wrapping_key() -> WrappingKeyAttributes {
+        WrappingKeyAttributes {
+            key_type: KeyType::Rsa,
+            modulus_bits: 3072,
+            token: true,
+            private: true,
+            sensitive: true,
+            extractable: false,
+            modifiable: false,
+            decrypt: false,
+            sign: false,
+            sign_recover: false,
+            derive: false,
+            unwrap: true,
+            allowed_mechanisms: vec![Mechanism::RsaPkcsOaep],
+        }
+    }
+
+    #[test]
+    fn a_wrapping_key_may_only_unwrap_with_oaep() {
+        assert_eq!(conforming_wrapping_key().violations(), Vec::<String>::new());
+        type Widen = fn(&mut WrappingKeyAttributes);
+        let cases: Vec<(Widen, &str)> = vec![
+            (|a| a.decrypt = true, "CKA_DECRYPT is true"),
+            (|a| a.sign = true, "CKA_SIGN is true"),
+            (|a| a.sign_recover = true, "CKA_SIGN_RECOVER is true"),
+            (|a| a.derive = true, "CKA_DERIVE is true"),
+            (|a| a.unwrap = false, "CKA_UNWRAP is false"),
+            (|a| a.extractable = true, "CKA_EXTRACTABLE is true"),
+            (|a| a.sensitive = false, "CKA_SENSITIVE is false"),
+            (|a| a.modifiable = true, "CKA_MODIFIABLE is true"),
+            (|a| a.token = false, "CKA_TOKEN is false"),
+            (|a| a.private = false, "CKA_PRIVATE is false"),
+            (
+                |a| a.modulus_bits = 2048,
+                "the modulus has 2048 bits, fewer than 3072",
+            ),
+            (
+                |a| a.allowed_mechanisms.clear(),
+                "CKA_ALLOWED_MECHANISMS is unset (any mechanism)",
+            ),
+            (
+                |a| a.allowed_mechanisms.push(Mechanism::Des3Ecb),
+                "CKA_ALLOWED_MECHANISMS allows CKM_DES3_ECB",
+            ),
+            (
+                |a| a.key_type = KeyType::Des2,
+                "key type is CKK_DES2 not CKK_RSA",
+            ),
+        ];
+        for (widen, expected) in cases {
+            let mut attrs = conforming_wrapping_key();
+            widen(&mut attrs);
+            assert_eq!(attrs.violations(), vec![expected.to_owned()]);
+        }
     }
 }

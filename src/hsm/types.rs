@@ -26,6 +26,8 @@ pub enum KeyType {
     Des2,
     /// `CKK_GENERIC_SECRET`: HMAC keys (PAN index, audit seal).
     GenericSecret,
+    /// `CKK_RSA`: the wrapping key pair of wrapped key import.
+    Rsa,
     /// Any other type, as the token reported it.
     Other(ForeignKeyType),
 }
@@ -39,6 +41,7 @@ impl KeyType {
         match t {
             CkKeyType::DES2 => KeyType::Des2,
             CkKeyType::GENERIC_SECRET => KeyType::GenericSecret,
+            CkKeyType::RSA => KeyType::Rsa,
             other => KeyType::Other(ForeignKeyType(other)),
         }
     }
@@ -47,6 +50,7 @@ impl KeyType {
         match self {
             KeyType::Des2 => CkKeyType::DES2,
             KeyType::GenericSecret => CkKeyType::GENERIC_SECRET,
+            KeyType::Rsa => CkKeyType::RSA,
             KeyType::Other(ForeignKeyType(t)) => t,
         }
     }
@@ -123,6 +127,68 @@ impl Mechanism {
     }
 }
 
+/// The hash of RSA-OAEP (PKCS#1 v2.2, 7.1) in wrapped key import: the OAEP hash and
+/// the MGF1 hash are the same, and the label (`CKZ_DATA_SPECIFIED` source data) is empty.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OaepHash {
+    /// SHA-256 with MGF1-SHA-256: what senders such as AWS Payment Cryptography use.
+    #[default]
+    Sha256,
+    /// SHA-1 with MGF1-SHA-1: the only OAEP SoftHSM 2.6 accepts.
+    Sha1,
+}
+
+impl OaepHash {
+    /// The name on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OaepHash::Sha256 => "sha256",
+            OaepHash::Sha1 => "sha1",
+        }
+    }
+
+    /// `CKM_RSA_PKCS_OAEP` with this hash, MGF1 of the same hash and no label.
+    pub(in crate::hsm) fn mechanism(self) -> cryptoki::mechanism::Mechanism<'static> {
+        use cryptoki::mechanism::rsa::{PkcsOaepParams, PkcsOaepSource};
+        let (hash, mgf) = self.digests();
+        cryptoki::mechanism::Mechanism::RsaPkcsOaep(PkcsOaepParams::new(
+            hash,
+            mgf,
+            PkcsOaepSource::empty(),
+        ))
+    }
+
+    /// The OAEP hash and the MGF1 function of the same hash.
+    fn digests(self) -> (MechanismType, cryptoki::mechanism::rsa::PkcsMgfType) {
+        use cryptoki::mechanism::rsa::PkcsMgfType;
+        match self {
+            OaepHash::Sha256 => (MechanismType::SHA256, PkcsMgfType::MGF1_SHA256),
+            OaepHash::Sha1 => (MechanismType::SHA1, PkcsMgfType::MGF1_SHA1),
+        }
+    }
+}
+
+impl fmt::Display for OaepHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for OaepHash {
+    type Err = super::error::HsmError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [OaepHash::Sha256, OaepHash::Sha1]
+            .into_iter()
+            .find(|h| h.as_str() == s)
+            .ok_or_else(|| {
+                super::error::HsmError::InvalidInput(super::error::KeyInputError::UnknownOaepHash(
+                    s.to_owned(),
+                ))
+            })
+    }
+}
+
 /// The names of the mechanisms the gateway uses; the number of any other.
 impl fmt::Display for Mechanism {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -161,6 +227,7 @@ mod tests {
                 KeyType::GenericSecret,
                 "CKK_GENERIC_SECRET",
             ),
+            (CkKeyType::RSA, KeyType::Rsa, "CKK_RSA"),
         ] {
             assert_eq!(KeyType::from_cryptoki(ck), ours);
             assert_eq!(ours.to_cryptoki(), ck);
@@ -170,6 +237,37 @@ mod tests {
         assert!(matches!(des3, KeyType::Other(_)));
         assert_eq!(des3.to_cryptoki(), CkKeyType::DES3);
         assert_eq!(des3.to_string(), "CKK_DES3");
+    }
+
+    #[test]
+    fn oaep_names_its_hash_for_both_the_digest_and_mgf1() {
+        use cryptoki::mechanism::rsa::PkcsMgfType;
+        for (hash, name, digest, mgf) in [
+            (
+                OaepHash::Sha256,
+                "sha256",
+                MechanismType::SHA256,
+                PkcsMgfType::MGF1_SHA256,
+            ),
+            (
+                OaepHash::Sha1,
+                "sha1",
+                MechanismType::SHA1,
+                PkcsMgfType::MGF1_SHA1,
+            ),
+        ] {
+            assert_eq!(hash.to_string(), name);
+            assert_eq!(name.parse::<OaepHash>().unwrap(), hash);
+            assert_eq!(hash.digests(), (digest, mgf));
+            let cryptoki::mechanism::Mechanism::RsaPkcsOaep(params) = hash.mechanism() else {
+                panic!("CKM_RSA_PKCS_OAEP expected");
+            };
+            assert_eq!(params.hash_alg(), digest);
+        }
+        assert_eq!(
+            "SHA256".parse::<OaepHash>().unwrap_err().to_string(),
+            "unknown OAEP hash \"SHA256\" (expected sha256 or sha1)"
+        );
     }
 
     #[test]

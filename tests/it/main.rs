@@ -40,4 +40,5 @@ mod store;
 mod token_faults;
 mod token_mechanisms;
 mod vectors;
+mod wrapped_import;
 mod wrong_pin;
