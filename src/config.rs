@@ -629,9 +629,7 @@ fn client(
     base: &Path,
 ) -> Result<ClientSettings, ConfigError> {
     let at = |field: &str| format!("clients.{}.{field}", c.apikey);
-    let valid_id = !c.apikey.is_empty()
-        && c.apikey.len() <= crate::http::signature::MAX_APIKEY_CHARS
-        && c.apikey.bytes().all(|b| b.is_ascii_graphic());
+    let valid_id = crate::http::signature::is_valid_apikey(&c.apikey);
     if !valid_id {
         return Err(err("clients.apikey: 1 to 64 printable characters"));
     }

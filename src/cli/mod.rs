@@ -17,6 +17,7 @@
 
 mod audit;
 pub mod bench;
+mod clients;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -62,6 +63,9 @@ enum Command {
     /// The configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// API clients.
+    #[command(subcommand)]
+    Clients(clients::ClientsCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -236,11 +240,13 @@ fn run(cli: Cli) -> Result<(), CliError> {
             print_defaults();
             return Ok(());
         }
+        // A new secret needs neither the configuration nor the token.
+        Command::Clients(cmd) => return clients::run(cmd),
         command => command,
     };
     let settings = Settings::load(&cli.config)?;
     match command {
-        Command::Config(_) => Ok(()), // handled above
+        Command::Config(_) | Command::Clients(_) => Ok(()), // handled above
         Command::Serve => {
             crate::gateway::run_blocking(settings).map_err(|e| CliError::Io(e.to_string()))
         }

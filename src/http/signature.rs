@@ -233,6 +233,14 @@ impl RequestId {
 /// Longest client id the gateway reads from the `apikey` header.
 pub const MAX_APIKEY_CHARS: usize = 64;
 
+/// Whether `apikey` is a client id: 1 to [`MAX_APIKEY_CHARS`] printable ASCII
+/// characters (the header, the config and the CLI all hold it to this).
+pub fn is_valid_apikey(apikey: &str) -> bool {
+    !apikey.is_empty()
+        && apikey.len() <= MAX_APIKEY_CHARS
+        && apikey.bytes().all(|b| b.is_ascii_graphic())
+}
+
 /// The signature headers of a request, parsed but not yet verified.
 #[derive(Debug, Clone)]
 pub struct SignatureHeaders {
@@ -270,10 +278,7 @@ impl SignatureHeaders {
     /// X-Client-Request-Id, Signature.
     pub fn from_headers(headers: &HeaderMap) -> Result<SignatureHeaders, HeaderError> {
         let apikey = header(headers, APIKEY)?;
-        if apikey.is_empty()
-            || apikey.len() > MAX_APIKEY_CHARS
-            || !apikey.bytes().all(|b| b.is_ascii_graphic())
-        {
+        if !is_valid_apikey(apikey) {
             return Err(HeaderError::Malformed(APIKEY));
         }
         let timestamp = header(headers, TIMESTAMP)?;

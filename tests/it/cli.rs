@@ -478,3 +478,58 @@ fn config_defaults_print_the_code_defaults_as_toml() {
         }
     }
 }
+
+#[test]
+fn clients_new_secret_writes_a_file_of_mode_600_and_never_prints_the_secret() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let new_secret = |apikey: &str, out: &Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_dcvv-gateway"))
+            .args(["--config", "/nonexistent.toml", "clients", "new-secret"])
+            .args(["--apikey", apikey, "--out"])
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let path = dir.path().join("cms.secret");
+    let out = new_secret("cms", &path);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(out.status.success(), "{stderr}");
+    let secret = std::fs::read_to_string(&path).unwrap();
+    let secret = secret.strip_suffix('\n').expect("one line");
+    assert_eq!(secret.len(), 43, "32 random bytes, URL-safe Base64");
+    assert!(
+        secret
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    );
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(
+        stdout.contains("cms") && stdout.contains("cms.secret"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains(secret) && !stderr.contains(secret));
+    // The gateway loads it as a client secret.
+    dcvv_gateway::http::signature::ClientSecret::new(zeroize::Zeroizing::new(secret.to_owned()))
+        .unwrap();
+
+    // Another secret is another value; an existing file is never overwritten.
+    let other = dir.path().join("other.secret");
+    assert!(new_secret("cms", &other).status.success());
+    assert_ne!(std::fs::read_to_string(&other).unwrap().trim_end(), secret);
+    let again = new_secret("cms", &path);
+    assert!(!again.status.success());
+    assert_eq!(std::fs::read_to_string(&path).unwrap().trim_end(), secret);
+    // A bad apikey creates nothing.
+    let refused = dir.path().join("refused.secret");
+    let bad = new_secret("has space", &refused);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--apikey"));
+    assert!(!refused.exists());
+}
