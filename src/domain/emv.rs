@@ -283,8 +283,8 @@ impl ArqcInput {
     }
 }
 
-/// The outcome of an ARQC verification.
-#[derive(Debug)]
+/// The outcome of an ARQC verification. `Debug` shows whether there is an
+/// ARPC, never its value.
 pub struct ArqcOutcome {
     /// Whether the ARQC is the one the card key gives.
     pub matched: bool,
@@ -292,6 +292,16 @@ pub struct ArqcOutcome {
     pub arpc: Option<Zeroizing<Vec<u8>>>,
     /// KCV of the IMK-AC.
     pub kcv: Kcv,
+}
+
+impl std::fmt::Debug for ArqcOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ArqcOutcome")
+            .field("matched", &self.matched)
+            .field("arpc", &self.arpc.is_some())
+            .field("kcv", &self.kcv)
+            .finish()
+    }
 }
 
 /// Derivation data of an EMV session key from R: SK = TDES(MK, R_F0) ‖

@@ -237,12 +237,21 @@ pub struct Verification {
 
 /// The result of an ARQC verification: the verification, and the ARPC when it
 /// was asked and the ARQC matched.
-#[derive(Debug)]
 pub struct ArqcVerification {
     /// Outcome, card, key.
     pub verification: Verification,
     /// ARPC (8 bytes by method 1, 4 by method 2).
     pub arpc: Option<Zeroizing<Vec<u8>>>,
+}
+
+/// Shows whether there is an ARPC, never its value.
+impl std::fmt::Debug for ArqcVerification {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ArqcVerification")
+            .field("verification", &self.verification)
+            .field("arpc", &self.arpc.is_some())
+            .finish()
+    }
 }
 
 /// A static code for embossing.
@@ -819,12 +828,7 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
         dcvv: SecurityCode,
     ) -> Result<Verification, DomainError> {
         let programme = self.admit(caller, card, true)?;
-        let imks = rotation::candidates(
-            &programme.imk_dcvv,
-            KeyKind::ImkDcvv,
-            &programme.previous,
-            self.now_ms(),
-        );
+        let imks = self.verification_keys(&programme, KeyKind::ImkDcvv)?;
         let (pan, expiry) = (card.pan.clone(), card.expiry);
         let tried = self
             .on_token("dcvv_verify", move |engine| {
@@ -843,9 +847,7 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
         );
         Ok(verification)
     }
-}
 
-impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
     /// Mastercard contactless CVC3 check (DESIGN 2.6), under the current
     /// IMK-CVC3, then previous versions in their grace period.
     ///

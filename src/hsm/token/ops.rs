@@ -271,8 +271,21 @@ impl Drop for EphemeralKey<'_> {
     }
 }
 
-/// Template of a session key that can only encrypt with `CKM_DES3_ECB`.
-pub(in crate::hsm) fn session_des_encrypt_template() -> Vec<Attribute> {
+/// What a derived DES2 session key may do: its one usage flag and its mechanisms.
+#[derive(Clone, Copy)]
+enum SessionUse {
+    /// `CKA_ENCRYPT` with these mechanisms.
+    Encrypt(&'static [Mechanism]),
+    /// `CKA_DERIVE` with `CKM_DES3_ECB_ENCRYPT_DATA`.
+    Derive,
+}
+
+/// Template of a sensitive, non-extractable DES2 session key with one usage.
+fn session_des_template(usage: SessionUse) -> Vec<Attribute> {
+    let (encrypt, derive, mechanisms) = match usage {
+        SessionUse::Encrypt(mechanisms) => (true, false, mechanisms),
+        SessionUse::Derive => (false, true, &[Mechanism::Des3EcbEncryptData][..]),
+    };
     vec![
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::KeyType(KeyType::DES2),
@@ -280,45 +293,32 @@ pub(in crate::hsm) fn session_des_encrypt_template() -> Vec<Attribute> {
         Attribute::Private(true),
         Attribute::Sensitive(true),
         Attribute::Extractable(false),
-        Attribute::Encrypt(true),
+        Attribute::Encrypt(encrypt),
         Attribute::Decrypt(false),
         Attribute::Sign(false),
         Attribute::Verify(false),
         Attribute::Wrap(false),
         Attribute::Unwrap(false),
-        Attribute::Derive(false),
-        allowed_mechanisms(KeyKind::Cvk.mechanisms()),
+        Attribute::Derive(derive),
+        allowed_mechanisms(mechanisms),
     ]
+}
+
+/// Template of a session key that can only encrypt with `CKM_DES3_ECB`.
+pub(in crate::hsm) fn session_des_encrypt_template() -> Vec<Attribute> {
+    session_des_template(SessionUse::Encrypt(KeyKind::Cvk.mechanisms()))
 }
 
 /// Template of a session key that can only derive with `CKM_DES3_ECB_ENCRYPT_DATA`:
 /// a card master key from which the session key of a cryptogram is derived.
 fn session_des_derive_template() -> Vec<Attribute> {
-    vec![
-        Attribute::Class(ObjectClass::SECRET_KEY),
-        Attribute::KeyType(KeyType::DES2),
-        Attribute::Token(false),
-        Attribute::Private(true),
-        Attribute::Sensitive(true),
-        Attribute::Extractable(false),
-        Attribute::Encrypt(false),
-        Attribute::Decrypt(false),
-        Attribute::Sign(false),
-        Attribute::Verify(false),
-        Attribute::Wrap(false),
-        Attribute::Unwrap(false),
-        Attribute::Derive(true),
-        allowed_mechanisms(&[Mechanism::Des3EcbEncryptData]),
-    ]
+    session_des_template(SessionUse::Derive)
 }
 
 /// Template of the single-DES twin KL‖KL of an EMV key: CBC encryption only
 /// (the chain of ISO/IEC 9797-1 MAC algorithm 3).
 fn session_des_chain_template() -> Vec<Attribute> {
-    let mut template = session_des_encrypt_template();
-    template.pop();
-    template.push(allowed_mechanisms(&[Mechanism::Des3Cbc]));
-    template
+    session_des_template(SessionUse::Encrypt(&[Mechanism::Des3Cbc]))
 }
 
 impl Token {
