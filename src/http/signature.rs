@@ -265,8 +265,14 @@ pub enum HeaderError {
     Malformed(&'static str),
 }
 
+/// The one value of header `name`. A second value, even an equal one, is
+/// malformed: a proxy in front may read the other, so neither is trusted.
 fn header<'h>(headers: &'h HeaderMap, name: &'static str) -> Result<&'h str, HeaderError> {
-    let value = headers.get(name).ok_or(HeaderError::Missing(name))?;
+    let mut values = headers.get_all(name).iter();
+    let value = values.next().ok_or(HeaderError::Missing(name))?;
+    if values.next().is_some() {
+        return Err(HeaderError::Malformed(name));
+    }
     value.to_str().map_err(|_| HeaderError::Malformed(name))
 }
 
@@ -449,6 +455,37 @@ mod tests {
                 HeaderError::Malformed(name),
                 "{name}: {bad}"
             );
+        }
+    }
+
+    #[test]
+    fn a_repeated_signature_header_is_malformed_in_either_order() {
+        let sig = secret().sign(b"x");
+        let other = secret().sign(b"y");
+        let good = [
+            (APIKEY, "cms-demo"),
+            (TIMESTAMP, "1767225600000"),
+            (REQUEST_ID, "req-1"),
+            (SIGNATURE, sig.as_str()),
+        ];
+        for (name, value) in good {
+            let second = match name {
+                APIKEY => "cms-other",
+                TIMESTAMP => "1767225600001",
+                REQUEST_ID => "req-2",
+                _ => other.as_str(),
+            };
+            for (first, then) in [(value, second), (second, value), (value, value)] {
+                let mut map = headers(&good);
+                map.remove(name);
+                map.append(name, first.parse().unwrap());
+                map.append(name, then.parse().unwrap());
+                assert_eq!(
+                    SignatureHeaders::from_headers(&map).unwrap_err(),
+                    HeaderError::Malformed(name),
+                    "{name}: {first} then {then}"
+                );
+            }
         }
     }
 

@@ -177,6 +177,61 @@ async fn every_signature_failure_is_refused_and_changes_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signature_header_sent_twice_is_refused_in_either_order_and_changes_nothing() {
+    let gw = TestGateway::start(Options::default()).await;
+    let main = gw.clients.main.clone();
+    let before = gw.snapshot().await;
+    let id = fresh_id();
+    let headers = gw.signed_headers(&main, &id, now_ms(), "POST", ENROL, &body());
+    let other_signature = gw
+        .signed_headers(&main, &id, now_ms(), "POST", UNENROL, &body())
+        .into_iter()
+        .find(|(k, _)| k == "Signature")
+        .unwrap()
+        .1;
+    for (name, other) in [
+        ("apikey", gw.clients.other_programme.apikey.clone()),
+        ("Timestamp", (now_ms() + 1).to_string()),
+        ("X-Client-Request-Id", fresh_id()),
+        ("Signature", other_signature),
+    ] {
+        let signed = headers.iter().find(|(k, _)| k == name).unwrap().1.clone();
+        for (first, second) in [
+            (signed.clone(), other.clone()),
+            (other.clone(), signed.clone()),
+            (signed.clone(), signed.clone()),
+        ] {
+            let mut twice: Vec<(String, String)> =
+                headers.iter().filter(|(k, _)| k != name).cloned().collect();
+            twice.push((name.to_owned(), first.clone()));
+            twice.push((name.to_owned(), second.clone()));
+            let answer = send(&gw, twice, body()).await;
+            assert_eq!(
+                (answer.status, answer.code()),
+                (401, "malformed_header".into()),
+                "{name}: {first} then {second}"
+            );
+            assert!(
+                answer.json()["message"]
+                    .as_str()
+                    .unwrap()
+                    .to_lowercase()
+                    .contains(&name.to_lowercase()),
+                "the message names the header"
+            );
+        }
+    }
+    assert_eq!(
+        gw.snapshot().await,
+        before,
+        "no refused request changed the store"
+    );
+    // The request id was not consumed: the request sent once is served.
+    assert_eq!(send(&gw, headers, body()).await.status, 200);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replayed_request_id_is_refused_with_409() {
     let gw = TestGateway::start(Options::default()).await;
     let main = gw.clients.main.clone();
