@@ -20,7 +20,7 @@ use crate::domain::programme::{Programme, Programmes};
 use crate::domain::rotation::{self, PreviousKey};
 use crate::domain::service::{ProgrammeAccess, ServiceSettings};
 use crate::hsm::{HsmSettings, KeyLabel, PinSource};
-use crate::http::clients::{ClientSettings, Scope, SecretSource};
+use crate::http::clients::{ClientSettings, Organization, OrganizationAccess, Scope, SecretSource};
 use crate::http::settings::{ServerSettings, Transport};
 use crate::store::{DatabaseUrl, PostgresLocation, StoreSettings};
 
@@ -254,6 +254,9 @@ struct RawClient {
     scopes: Vec<Scope>,
     /// Programme names, or `["*"]` for all.
     programmes: Vec<String>,
+    /// Organisation numbers it may name (absent: any).
+    #[serde(default)]
+    organizations: Option<Vec<String>>,
 }
 
 /// Everything the gateway needs to start, each layer's part in its own type.
@@ -657,6 +660,27 @@ fn client(
         }
         ProgrammeAccess::Only(c.programmes.iter().cloned().collect())
     };
+    let organizations = match &c.organizations {
+        None => OrganizationAccess::Any,
+        Some(list) if list.is_empty() => {
+            return Err(err(format!(
+                "{}: at least one organisation number (leave the key out for any)",
+                at("organizations")
+            )));
+        }
+        Some(list) => OrganizationAccess::Only(
+            list.iter()
+                .map(|o| {
+                    Organization::parse(o).ok_or_else(|| {
+                        err(format!(
+                            "{}: {o:?} is not 1 to 3 decimal digits",
+                            at("organizations")
+                        ))
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+    };
     Ok(ClientSettings {
         secrets: c
             .secrets
@@ -668,6 +692,7 @@ fn client(
             .collect(),
         scopes: c.scopes.into_iter().collect(),
         access,
+        organizations,
         apikey: c.apikey,
     })
 }
@@ -903,6 +928,30 @@ mod tests {
         assert!(s.audit.directory.is_absolute() && s.audit.directory.ends_with("audit"));
         assert_eq!(s.audit.seal_key.as_str(), "audit-seal-v1");
         assert_eq!(s.audit.seal_every_records, 1000);
+    }
+
+    #[test]
+    fn client_organisations_are_any_by_default_and_checked_by_name() {
+        assert_eq!(
+            load(FULL).unwrap().clients[0].organizations,
+            OrganizationAccess::Any
+        );
+        // FULL ends inside its [[clients]] table.
+        let listed = format!("{FULL}\norganizations = [\"1\", \"001\", \"42\"]\n");
+        let OrganizationAccess::Only(own) = &load(&listed).unwrap().clients[0].organizations else {
+            panic!("a list expected")
+        };
+        let names: Vec<String> = own.iter().map(ToString::to_string).collect();
+        assert_eq!(names, ["001", "042"], "1 and 001 are one organisation");
+        for (list, says) in [
+            ("[]", "at least one"),
+            ("[\"1000\"]", "\"1000\" is not 1 to 3 decimal digits"),
+            ("[\"-1\"]", "is not 1 to 3"),
+        ] {
+            let bad = format!("{FULL}\norganizations = {list}\n");
+            let err = load(&bad).unwrap_err().to_string();
+            assert!(err.contains("organizations") && err.contains(says), "{err}");
+        }
     }
 
     #[test]

@@ -32,6 +32,7 @@ mod http_signatures;
 mod http_slow_clients;
 mod multi_instance;
 mod no_secrets_in_logs;
+mod portal_fields;
 mod postgres_faults;
 mod property;
 mod recovery;

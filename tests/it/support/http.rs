@@ -19,7 +19,7 @@ use dcvv_gateway::domain::Tdcvv2Profile;
 use dcvv_gateway::domain::programme::{Programme, Programmes};
 use dcvv_gateway::domain::service::{Clock, ProgrammeAccess, ServiceSettings};
 use dcvv_gateway::hsm::{KeyKind, KeyLabel};
-use dcvv_gateway::http::clients::{ClientSettings, Scope, SecretSource};
+use dcvv_gateway::http::clients::{ClientSettings, OrganizationAccess, Scope, SecretSource};
 use dcvv_gateway::http::settings::{ServerSettings, Transport};
 use dcvv_gateway::http::signature::{ClientSecret, RequestToSign, ResponseToSign};
 use dcvv_gateway::store::StoreSettings;
@@ -137,6 +137,8 @@ pub struct Options {
     /// jPOS IMK as IMK-AC and IMK-CVC3), both allowed to the main client; and
     /// pyemv's IMK-CVC3 in programme `other` (BIN 5).
     pub emv: bool,
+    /// The organisations the main client may name (default: any).
+    pub main_organizations: OrganizationAccess,
 }
 
 impl Default for Options {
@@ -161,6 +163,7 @@ impl Default for Options {
             max_connections: 1024,
             max_connections_per_peer: 1024,
             emv: false,
+            main_organizations: OrganizationAccess::Any,
         }
     }
 }
@@ -377,18 +380,21 @@ impl TestGateway {
                 } else {
                     ["test".to_owned()].into()
                 }),
+                organizations: options.main_organizations.clone(),
             },
             ClientSettings {
                 apikey: clients.verifier.apikey.clone(),
                 secrets: vec![secret_file("verifier", &clients.verifier.secret)],
                 scopes: [Scope::Cvv2Verification].into(),
                 access: ProgrammeAccess::All,
+                organizations: OrganizationAccess::Any,
             },
             ClientSettings {
                 apikey: clients.other_programme.apikey.clone(),
                 secrets: vec![secret_file("other", &clients.other_programme.secret)],
                 scopes: all_scopes,
                 access: ProgrammeAccess::Only(["other".to_owned()].into()),
+                organizations: OrganizationAccess::Any,
             },
         ];
         let db = options
@@ -647,18 +653,21 @@ impl TestGateway {
                 secrets: vec![file("main"), file("main-2")],
                 scopes: all_scopes.clone(),
                 access: ProgrammeAccess::Only(["test".to_owned()].into()),
+                organizations: OrganizationAccess::Any,
             },
             ClientSettings {
                 apikey: self.clients.verifier.apikey.clone(),
                 secrets: vec![file("verifier")],
                 scopes: [Scope::Cvv2Verification].into(),
                 access: ProgrammeAccess::All,
+                organizations: OrganizationAccess::Any,
             },
             ClientSettings {
                 apikey: self.clients.other_programme.apikey.clone(),
                 secrets: vec![file("other")],
                 scopes: all_scopes,
                 access: ProgrammeAccess::Only(["other".to_owned()].into()),
+                organizations: OrganizationAccess::Any,
             },
         ];
         let defaults = Options::default();
