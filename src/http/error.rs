@@ -298,6 +298,9 @@ impl From<&DomainError> for ApiError {
             DomainError::Unavailable(Dependency::Store, _) => {
                 ApiError::unavailable("store_unavailable")
             }
+            DomainError::Unavailable(Dependency::Audit, _) => {
+                ApiError::unavailable("audit_unavailable")
+            }
             DomainError::Internal(_) => ApiError::internal(),
         }
     }
