@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use crate::support;
 use crate::support::http::{Options, PAN, TestGateway, card};
-use crate::support::logs::{Capture, json_lines, json_words};
+use crate::support::logs::{Capture, NUMERIC_FIELDS, json_lines, json_words};
 use crate::support::routes::{CODES, DCVV, ENQUIRY, METRICS, UNENROL, VALUES, VERIFY};
 
 /// Whole words of the log, after removing fields whose numbers are legitimate
@@ -57,20 +57,6 @@ fn regex_lite(log: &str) -> String {
         .collect::<Vec<_>>()
         .join(" ")
 }
-
-/// Numeric telemetry of the JSON log (the keys of `NUMERIC_KEYS`).
-const NUMERIC_FIELDS: &[&str] = &[
-    "latency_ms",
-    "status",
-    "elapsed",
-    "elapsed_secs",
-    "rows_affected",
-    "rows_returned",
-    "slow_threshold",
-    "address",
-    "rows",
-    "latency",
-];
 
 /// What the traffic of [`run_every_endpoint`] must never leave in a log.
 struct Secrets {

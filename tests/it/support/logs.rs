@@ -58,6 +58,21 @@ impl Capture {
     }
 }
 
+/// Fields of numeric telemetry in a JSON log, whose values [`json_words`] may
+/// leave out: latencies, statuses, addresses, sqlx timings and row counts.
+pub const NUMERIC_FIELDS: &[&str] = &[
+    "latency_ms",
+    "status",
+    "elapsed",
+    "elapsed_secs",
+    "rows_affected",
+    "rows_returned",
+    "slow_threshold",
+    "address",
+    "rows",
+    "latency",
+];
+
 /// Every line of a JSON log as its object; fails the test, naming the line, if
 /// a line is not one JSON object with an RFC 3339 UTC `timestamp`, a `level`
 /// and a `target`, or if the log holds a terminal colour code.
