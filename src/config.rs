@@ -23,6 +23,7 @@ use crate::hsm::{HsmSettings, KeyLabel, PinSource};
 use crate::http::clients::{ClientSettings, Organization, OrganizationAccess, Scope, SecretSource};
 use crate::http::settings::{ServerSettings, Transport};
 use crate::store::{DatabaseUrl, PostgresLocation, StoreSettings};
+use crate::telemetry::LogSettings;
 
 const DEFAULTS: &str = r#"
 [hsm]
@@ -60,6 +61,9 @@ seal_key = "audit-seal-v1"
 seal_every_records = 1000
 seal_interval_seconds = 60
 max_file_bytes = 67108864
+
+[log]
+format = "text"
 "#;
 
 /// The built-in defaults of every section as TOML, for `dcvv-gateway config
@@ -120,6 +124,7 @@ struct RawConfig {
     store: RawStore,
     keys: RawKeys,
     audit: RawAudit,
+    log: RawLog,
     #[serde(default)]
     programmes: Vec<RawProgramme>,
     #[serde(default)]
@@ -183,6 +188,13 @@ struct RawAudit {
     seal_every_records: u64,
     seal_interval_seconds: u64,
     max_file_bytes: u64,
+}
+
+/// `[log]`: the format is checked by name, so a typo names the field.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -276,6 +288,8 @@ pub struct Settings {
     pub clients: Vec<ClientSettings>,
     /// The audit trail.
     pub audit: AuditSettings,
+    /// The log's format.
+    pub log: LogSettings,
 }
 
 fn relative_to(base: &Path, path: PathBuf) -> PathBuf {
@@ -335,6 +349,13 @@ impl Settings {
             replay_window_seconds: raw.signatures.replay_window_seconds,
         };
         let audit = audit_settings(raw.audit, base)?;
+        let log = LogSettings {
+            format: raw
+                .log
+                .format
+                .parse()
+                .map_err(|e| err(format!("log.format: {e}")))?,
+        };
         let programmes = raw
             .programmes
             .into_iter()
@@ -356,6 +377,7 @@ impl Settings {
             programmes,
             clients,
             audit,
+            log,
         })
     }
 }
@@ -869,6 +891,21 @@ mod tests {
         let typo = MINIMAL.replace("[server]", "[server]\nheader_timeout_ms = 5000");
         let e = load(&typo).unwrap_err().to_string();
         assert!(e.contains("header_timeout_ms"), "{e}");
+    }
+
+    #[test]
+    fn the_log_is_text_by_default_json_by_choice_and_refused_by_name() {
+        use crate::telemetry::LogFormat;
+        assert_eq!(load(MINIMAL).unwrap().log.format, LogFormat::Text);
+        let json = format!("{MINIMAL}\n[log]\nformat = \"json\"\n");
+        assert_eq!(load(&json).unwrap().log.format, LogFormat::Json);
+        let bad = format!("{MINIMAL}\n[log]\nformat = \"xml\"\n");
+        let e = load(&bad).unwrap_err().to_string();
+        assert!(e.contains("log.format") && e.contains("\"xml\""), "{e}");
+        assert!(e.contains("\"text\" or \"json\""), "{e}");
+        let typo = format!("{MINIMAL}\n[log]\nfromat = \"json\"\n");
+        let e = load(&typo).unwrap_err().to_string();
+        assert!(e.contains("fromat"), "{e}");
     }
 
     #[test]

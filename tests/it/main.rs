@@ -30,6 +30,7 @@ mod http_logs;
 mod http_ops;
 mod http_signatures;
 mod http_slow_clients;
+mod json_logs;
 mod multi_instance;
 mod no_secrets_in_logs;
 mod portal_fields;

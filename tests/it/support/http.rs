@@ -23,6 +23,7 @@ use dcvv_gateway::http::clients::{ClientSettings, OrganizationAccess, Scope, Sec
 use dcvv_gateway::http::settings::{ServerSettings, Transport};
 use dcvv_gateway::http::signature::{ClientSecret, RequestToSign, ResponseToSign};
 use dcvv_gateway::store::StoreSettings;
+use dcvv_gateway::telemetry::LogSettings;
 use serde_json::Value;
 use zeroize::Zeroizing;
 
@@ -444,6 +445,7 @@ impl TestGateway {
                 seal_interval: options.seal_interval,
                 max_file_bytes: options.max_file_bytes,
             },
+            log: LogSettings::default(),
         };
         let clock = Arc::new(TestClock(AtomicU64::new(T0 * 1000)));
         let gateway = Gateway::build(
@@ -704,6 +706,7 @@ impl TestGateway {
                 seal_interval: defaults.seal_interval,
                 max_file_bytes: defaults.max_file_bytes,
             },
+            log: LogSettings::default(),
         };
         let gateway = Gateway::build(
             &settings,
