@@ -880,3 +880,164 @@ async fn seals_come_by_time_too_and_a_partial_last_line_is_dropped_at_start() {
     assert!(ok, "{stdout}{stderr}");
     assert_eq!(requests(&dir).len(), 2);
 }
+
+/// One request of the mid-load test: its id, card, status and code.
+struct Sent {
+    id: String,
+    masked_pan: String,
+    status: u16,
+    code: String,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_trail_failing_mid_load_misses_no_change() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    let mount = tempfile::tempdir().unwrap();
+    let _tmpfs = Tmpfs::mount(mount.path(), "512k");
+    let gw = Arc::new(
+        TestGateway::start(Options {
+            max_in_flight: 64,
+            audit_dir: Some(mount.path().join("audit")),
+            ..Options::default()
+        })
+        .await,
+    );
+    // Eight clients enrol a new card each, back to back, until told to stop.
+    let (next, stop) = (
+        Arc::new(AtomicU32::new(1)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (gw, next, stop) = (Arc::clone(&gw), Arc::clone(&next), Arc::clone(&stop));
+        tasks.spawn(async move {
+            let mut sent = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                let n = next.fetch_add(1, Ordering::SeqCst);
+                let pan = support::instances::pan(n);
+                let body =
+                    serde_json::to_vec(&json!({"cardNumber": pan, "expiryDate": EXPIRY})).unwrap();
+                let id = fresh_id();
+                let headers = gw.signed_headers(
+                    &gw.clients.main,
+                    &id,
+                    gw.clock.now_ms(),
+                    "POST",
+                    ENROL,
+                    &body,
+                );
+                let answer = gw.send_raw("POST", ENROL, &headers, body).await;
+                let code = if answer.status == 200 {
+                    String::new()
+                } else {
+                    answer.code()
+                };
+                sent.push(Sent {
+                    id,
+                    masked_pan: format!("{}******{}", &pan[..6], &pan[12..]),
+                    status: answer.status,
+                    code,
+                });
+                if answer.status != 200 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            sent
+        });
+    }
+    // Fill the trail's disk while the requests run, keep them running a while
+    // against the full disk, then stop them.
+    while next.load(Ordering::SeqCst) < 60 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let filler = fill(mount.path());
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut sent = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        sent.extend(done.unwrap());
+    }
+    let store = gw.snapshot().await;
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while readiness(&gw).await.0 != 200 {
+        assert!(Instant::now() < deadline, "the trail did not recover");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let dir = gw.audit_dir.clone();
+    Arc::into_inner(gw).unwrap().stop().await;
+
+    let unavailable = sent
+        .iter()
+        .filter(|s| (s.status, s.code.as_str()) == (503, "audit_unavailable"))
+        .count();
+    assert!(unavailable > 0, "the trail never failed under the load");
+    assert!(sent.iter().any(|s| s.status == 200), "nothing was served");
+    assert!(
+        sent.iter().all(|s| s.status == 200 || s.status == 503),
+        "only served or refused for the trail"
+    );
+    let records = all_records(&dir);
+    let before_commit = |request_id: &str| {
+        records.iter().any(|r| {
+            r["kind"] == "change" && r["phase"] == "before_commit" && r["request_id"] == request_id
+        })
+    };
+    let claimed: Vec<&str> = store["seen_requests"]
+        .iter()
+        .map(|row| row.split('|').nth(1).unwrap())
+        .collect();
+    let mut committed_without_response = 0;
+    for s in &sent {
+        let in_store = claimed.contains(&s.id.as_str());
+        if s.status == 200 {
+            assert!(in_store, "a 200 whose change is not in the store: {}", s.id);
+            let request = records
+                .iter()
+                .find(|r| r["kind"] == "request" && r["request_id"] == s.id.as_str());
+            assert_eq!(request.map(|r| r["status"].clone()), Some(json!(200)));
+        } else if in_store {
+            committed_without_response += 1;
+        }
+    }
+    // The point: every change the store holds has a durable record from
+    // before its commit, including those whose own request record failed.
+    for id in &claimed {
+        assert!(
+            records
+                .iter()
+                .any(|r| r.get("request_id") == Some(&json!(id))),
+            "a change the trail misses: {id}"
+        );
+    }
+    for id in &claimed {
+        assert!(before_commit(id), "a change with no record before it: {id}");
+    }
+    let enrolled: Vec<&str> = store["enrollments"]
+        .iter()
+        .map(|row| row.split('|').nth(2).unwrap())
+        .collect();
+    assert_eq!(
+        enrolled.len(),
+        claimed.len(),
+        "one enrolment per spent request id"
+    );
+    for masked in &enrolled {
+        assert!(
+            records.iter().any(|r| r["kind"] == "change"
+                && r["phase"] == "before_commit"
+                && r["operation"] == "enrollment"
+                && r["masked_pan"] == *masked),
+            "an enrolment with no change record: {masked}"
+        );
+    }
+    let (ok, stdout, stderr) = verify(&[&dir], &[]);
+    assert!(ok, "{stdout}{stderr}");
+    eprintln!(
+        "{} requests: {} served, {unavailable} refused for the trail, \
+         {committed_without_response} of them committed before their request record failed",
+        sent.len(),
+        sent.iter().filter(|s| s.status == 200).count()
+    );
+}
