@@ -20,8 +20,9 @@ use crate::domain::programme::{Programme, Programmes};
 use crate::domain::rotation::{self, PreviousKey};
 use crate::domain::service::{ProgrammeAccess, ServiceSettings};
 use crate::hsm::{HsmSettings, KeyLabel, PinSource};
+use crate::http::client_cert::{CertificatePins, SpkiSha256, Subject};
 use crate::http::clients::{ClientSettings, Scope, SecretSource};
-use crate::http::settings::{ServerSettings, Transport};
+use crate::http::settings::{ServerSettings, TlsFiles, Transport};
 use crate::store::{DatabaseUrl, PostgresLocation, StoreSettings};
 
 const DEFAULTS: &str = r#"
@@ -143,6 +144,8 @@ struct RawServer {
     listen: SocketAddr,
     tls_cert_file: Option<PathBuf>,
     tls_key_file: Option<PathBuf>,
+    /// PEM CAs a client certificate must chain to (mutual TLS); off when absent.
+    client_ca_file: Option<PathBuf>,
     allow_insecure_http: bool,
     request_timeout_ms: u64,
     body_limit_bytes: usize,
@@ -254,6 +257,10 @@ struct RawClient {
     scopes: Vec<Scope>,
     /// Programme names, or `["*"]` for all.
     programmes: Vec<String>,
+    /// The subject its TLS client certificate must have (RFC 4514).
+    tls_client_subject: Option<String>,
+    /// SHA-256 of its certificate's SubjectPublicKeyInfo, one or two.
+    tls_client_spki_sha256: Option<Vec<String>>,
 }
 
 /// Everything the gateway needs to start, each layer's part in its own type.
@@ -340,10 +347,11 @@ impl Settings {
         let programmes =
             Programmes::new(programmes).map_err(|e| err(format!("programmes: {e}")))?;
         let names: HashSet<&str> = programmes.iter().map(|p| p.name.as_str()).collect();
+        let mutual_tls = matches!(&server.transport, Transport::Tls(f) if f.client_ca.is_some());
         let clients = raw
             .clients
             .into_iter()
-            .map(|c| client(c, &names, base))
+            .map(|c| client(c, &names, mutual_tls, base))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Settings {
             hsm,
@@ -469,10 +477,17 @@ fn server_settings(
     base: &Path,
 ) -> Result<ServerSettings, ConfigError> {
     let transport = match (s.tls_cert_file, s.tls_key_file, s.allow_insecure_http) {
-        (Some(cert), Some(key), false) => Transport::Tls {
+        (Some(cert), Some(key), false) => Transport::Tls(TlsFiles {
             cert: relative_to(base, cert),
             key: relative_to(base, key),
-        },
+            client_ca: s.client_ca_file.map(|f| relative_to(base, f)),
+        }),
+        (None, None, _) if s.client_ca_file.is_some() => {
+            return Err(err(
+                "server.client_ca_file: mutual TLS needs TLS; set tls_cert_file and \
+                 tls_key_file (and allow_insecure_http = false), or remove client_ca_file",
+            ));
+        }
         (None, None, true) => Transport::InsecureHttp,
         (None, None, false) => Transport::Unconfigured,
         (_, _, true) => {
@@ -626,6 +641,7 @@ fn previous_key(at: &str, raw: &RawPrevious) -> Result<PreviousKey, ConfigError>
 fn client(
     c: RawClient,
     programmes: &HashSet<&str>,
+    mutual_tls: bool,
     base: &Path,
 ) -> Result<ClientSettings, ConfigError> {
     let at = |field: &str| format!("clients.{}.{field}", c.apikey);
@@ -657,6 +673,7 @@ fn client(
         }
         ProgrammeAccess::Only(c.programmes.iter().cloned().collect())
     };
+    let certificate = certificate_pins(&c, mutual_tls)?;
     Ok(ClientSettings {
         secrets: c
             .secrets
@@ -668,8 +685,54 @@ fn client(
             .collect(),
         scopes: c.scopes.into_iter().collect(),
         access,
+        certificate,
         apikey: c.apikey,
     })
+}
+
+/// A client's TLS certificate pins; only with `server.client_ca_file`, since
+/// without it no client certificate is asked for.
+fn certificate_pins(c: &RawClient, mutual_tls: bool) -> Result<CertificatePins, ConfigError> {
+    let at = |field: &str| format!("clients.{}.{field}", c.apikey);
+    let subject = c
+        .tls_client_subject
+        .as_deref()
+        .map(|s| Subject::parse(s).map_err(|e| err(format!("{}: {e}", at("tls_client_subject")))))
+        .transpose()?;
+    let spki_sha256 = match &c.tls_client_spki_sha256 {
+        None => Vec::new(),
+        Some(pins) if !(1..=2).contains(&pins.len()) => {
+            return Err(err(format!(
+                "{}: one or two pins (two while the client's key is replaced)",
+                at("tls_client_spki_sha256")
+            )));
+        }
+        Some(pins) => pins
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                SpkiSha256::parse(p)
+                    .map_err(|e| err(format!("{}[{i}]: {e}", at("tls_client_spki_sha256"))))
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    let pins = CertificatePins {
+        subject,
+        spki_sha256,
+    };
+    if !pins.is_empty() && !mutual_tls {
+        let field = if pins.subject.is_some() {
+            "tls_client_subject"
+        } else {
+            "tls_client_spki_sha256"
+        };
+        return Err(err(format!(
+            "{}: a certificate pin needs server.client_ca_file (mutual TLS), \
+             or no client certificate is asked for",
+            at(field)
+        )));
+    }
+    Ok(pins)
 }
 
 #[cfg(test)]
@@ -885,10 +948,12 @@ mod tests {
     #[test]
     fn programmes_clients_and_tls_parse_into_real_types() {
         let s = load(FULL).unwrap();
-        let Transport::Tls { cert, .. } = &s.server.transport else {
+        let Transport::Tls(files) = &s.server.transport else {
             panic!("TLS expected")
         };
-        assert!(cert.is_absolute() && cert.ends_with("tls/server.pem"));
+        assert!(files.cert.is_absolute() && files.cert.ends_with("tls/server.pem"));
+        assert_eq!(files.client_ca, None, "no mutual TLS unless asked for");
+        assert!(s.clients[0].certificate.is_empty());
         let demo = s.programmes.iter().next().unwrap();
         assert_eq!(demo.profile.window_seconds(), 300);
         assert_eq!(demo.profile.past_windows(), 1, "G defaults to 1");

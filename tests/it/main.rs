@@ -30,6 +30,7 @@ mod http_logs;
 mod http_ops;
 mod http_signatures;
 mod http_slow_clients;
+mod mtls;
 mod multi_instance;
 mod no_secrets_in_logs;
 mod postgres_faults;
