@@ -1049,6 +1049,109 @@ mod tests {
         assert!(load(&twice).unwrap_err().to_string().contains("412345"));
     }
 
+    /// FULL with mutual TLS and `pins` in its client.
+    fn mutual(pins: &str) -> String {
+        FULL.replace(
+            "tls_key_file = \"tls/server.key\"",
+            "tls_key_file = \"tls/server.key\"\nclient_ca_file = \"tls/clients-ca.pem\"",
+        )
+        .replace(
+            "programmes = [\"demo\"]",
+            &format!("programmes = [\"demo\"]\n{pins}"),
+        )
+    }
+
+    const SPKI_HEX: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+    const SPKI_BASE64: &str = "47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=";
+
+    #[test]
+    fn mutual_tls_and_certificate_pins_parse_into_real_types() {
+        let s = load(&mutual(&format!(
+            "tls_client_subject = \"cn=cms-demo,o=Example Issuer\"\n\
+             tls_client_spki_sha256 = [\"{SPKI_HEX}\", \"{SPKI_BASE64}\"]"
+        )))
+        .unwrap();
+        let Transport::Tls(files) = &s.server.transport else {
+            panic!("TLS expected")
+        };
+        let ca = files.client_ca.as_ref().unwrap();
+        assert!(ca.is_absolute() && ca.ends_with("tls/clients-ca.pem"));
+        let pins = &s.clients[0].certificate;
+        assert_eq!(
+            pins.subject.as_ref().unwrap().as_str(),
+            "CN=cms-demo,O=Example Issuer",
+            "canonical: attribute names in upper case"
+        );
+        assert_eq!(pins.spki_sha256.len(), 2);
+        assert_eq!(
+            pins.spki_sha256[0], pins.spki_sha256[1],
+            "hex and Base64 alike"
+        );
+        // A client CA without pins: any certificate of the CA will do.
+        let s = load(&mutual("")).unwrap();
+        assert!(s.clients[0].certificate.is_empty());
+    }
+
+    #[test]
+    fn mutual_tls_settings_are_refused_by_name() {
+        let refused = |text: &str| {
+            let e = load(text).unwrap_err().to_string();
+            assert!(!e.contains('\n'), "one line: {e}");
+            e
+        };
+        // A client CA needs TLS.
+        let insecure = MINIMAL.replace("[server]", "[server]\nclient_ca_file = \"ca.pem\"");
+        let e = refused(&insecure);
+        assert!(
+            e.contains("server.client_ca_file") && e.contains("needs TLS"),
+            "{e}"
+        );
+        let neither = insecure.replace("allow_insecure_http = true", "");
+        let e = refused(&neither);
+        assert!(e.contains("server.client_ca_file"), "{e}");
+        // A pin needs a client CA.
+        for pin in [
+            "tls_client_subject = \"CN=cms\"".to_owned(),
+            format!("tls_client_spki_sha256 = [\"{SPKI_HEX}\"]"),
+        ] {
+            let text = FULL.replace(
+                "programmes = [\"demo\"]",
+                &format!("programmes = [\"demo\"]\n{pin}"),
+            );
+            let e = refused(&text);
+            let field = pin.split(' ').next().unwrap();
+            assert!(e.contains(&format!("clients.cms.{field}")), "{e}");
+            assert!(e.contains("server.client_ca_file"), "{e}");
+        }
+        // Pins that are not what they say.
+        let e = refused(&mutual("tls_client_subject = \"CN=cms, O=Example Issuer\""));
+        assert!(
+            e.contains("clients.cms.tls_client_subject") && e.contains("RFC 4514"),
+            "{e}"
+        );
+        let e = refused(&mutual("tls_client_subject = \"\""));
+        assert!(e.contains("clients.cms.tls_client_subject"), "{e}");
+        let e = refused(&mutual(&format!(
+            "tls_client_spki_sha256 = [\"{SPKI_HEX}\", \"sha256/abc\"]"
+        )));
+        assert!(e.contains("clients.cms.tls_client_spki_sha256[1]"), "{e}");
+        assert!(e.contains("SubjectPublicKeyInfo"), "{e}");
+        for count in [
+            "[]",
+            &format!("[\"{SPKI_HEX}\", \"{SPKI_HEX}\", \"{SPKI_HEX}\"]"),
+        ] {
+            let e = refused(&mutual(&format!("tls_client_spki_sha256 = {count}")));
+            assert!(
+                e.contains("clients.cms.tls_client_spki_sha256") && e.contains("one or two"),
+                "{e}"
+            );
+        }
+        let e = refused(&mutual(&format!("tls_client_spki_sha256 = \"{SPKI_HEX}\"")));
+        assert!(e.contains("tls_client_spki_sha256"), "a list: {e}");
+        let e = refused(&mutual("tls_client_cert_subject = \"CN=cms\""));
+        assert!(e.contains("tls_client_cert_subject"), "{e}");
+    }
+
     const ROTATED: &str = r#"
         [[programmes.previous]]
         kind = "imk-tdcvv2"
