@@ -309,6 +309,49 @@ mod tests {
         assert!(!both.accept(Some(&renewed)) && !both.accept(Some(&other)));
     }
 
+    /// Made and read with OpenSSL 3.0: `openssl req -x509 -newkey ec -pkeyopt
+    /// ec_paramgen_curve:P-256 -subj "/C=ES/O=Example Issuer/OU=Cards/CN=cms-demo"`.
+    const OPENSSL_CERT: &str = "\
+-----BEGIN CERTIFICATE-----
+MIIB5zCCAY2gAwIBAgIUE2KAu7/Z5/MECYsZ5Kvi6CE5r34wCgYIKoZIzj0EAwIw
+STELMAkGA1UEBhMCRVMxFzAVBgNVBAoMDkV4YW1wbGUgSXNzdWVyMQ4wDAYDVQQL
+DAVDYXJkczERMA8GA1UEAwwIY21zLWRlbW8wHhcNMjYxMjA0MDE1NzMwWhcNMjYx
+MjA2MDE1NzMwWjBJMQswCQYDVQQGEwJFUzEXMBUGA1UECgwORXhhbXBsZSBJc3N1
+ZXIxDjAMBgNVBAsMBUNhcmRzMREwDwYDVQQDDAhjbXMtZGVtbzBZMBMGByqGSM49
+AgEGCCqGSM49AwEHA0IABPERIOLXFMwoPr86Qp6d030U1jJrVb2owyTjOkfec/Uv
+lSbm38MAmWYuGyxCoK5C2SZay4RLKFHD0RlY2NA+0p2jUzBRMB0GA1UdDgQWBBTj
+6Q1g885jhTSICcr95PkYrQoO1DAfBgNVHSMEGDAWgBTj6Q1g885jhTSICcr95PkY
+rQoO1DAPBgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMCA0gAMEUCIHyGydAGPw5A
+gxzlRokLG4SHZ2XNIyb5I7s+doBuluLBAiEAwxZyX143XMcv0waCaoUyu3tuAUSx
+LwAjYBJVqzX94Cc=
+-----END CERTIFICATE-----
+";
+    /// `openssl x509 -noout -subject -nameopt RFC2253`, without `subject=`.
+    const OPENSSL_SUBJECT: &str = "CN=cms-demo,OU=Cards,O=Example Issuer,C=ES";
+    /// `openssl x509 -noout -pubkey | openssl pkey -pubin -outform der |
+    /// openssl dgst -sha256 -binary | base64`, and `openssl dgst -sha256` (hex).
+    const OPENSSL_SPKI_BASE64: &str = "9d08GGiQlSTJxqG80xSeJy1Yg8cBsF1mf5MtpatzTY0=";
+    const OPENSSL_SPKI_HEX: &str =
+        "f5dd3c1868909524c9c6a1bcd3149e272d5883c701b05d667f932da5ab734d8d";
+
+    #[test]
+    fn what_the_documented_openssl_commands_print_is_what_is_compared() {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let der = CertificateDer::from_pem_slice(OPENSSL_CERT.as_bytes()).unwrap();
+        let cert = ClientCertificate::from_der(&der).unwrap();
+        assert_eq!(cert.subject(), &Subject::parse(OPENSSL_SUBJECT).unwrap());
+        assert_eq!(cert.subject().as_str(), OPENSSL_SUBJECT);
+        assert_eq!(
+            cert.spki_sha256(),
+            SpkiSha256::parse(OPENSSL_SPKI_BASE64).unwrap()
+        );
+        assert_eq!(
+            cert.spki_sha256(),
+            SpkiSha256::parse(OPENSSL_SPKI_HEX).unwrap()
+        );
+    }
+
     #[test]
     fn garbage_is_no_certificate() {
         assert!(ClientCertificate::from_der(b"not a certificate").is_none());
