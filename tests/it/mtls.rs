@@ -8,82 +8,21 @@
 //! naming it. Every CA and certificate is made here with rcgen.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use dcvv_gateway::domain::service::Clock;
-use dcvv_gateway::http::client_cert::{CertificatePins, SpkiSha256, Subject};
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
-};
+use dcvv_gateway::http::client_cert::{CertificatePins, Subject};
+use rcgen::DnType;
 use rustls::AlertDescription;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use serde_json::json;
-use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::http::{
     Answer, Options, TestClient, TestGateway, card, fresh_id, self_signed_tls,
 };
+use crate::support::pki::{Ca, Identity};
 use crate::support::routes::{ENQUIRY, ENROL, HEALTHZ, METRICS, VERIFY};
-
-/// A CA that can sign client certificates.
-struct Ca {
-    cert: rcgen::Certificate,
-    key: KeyPair,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::new()).unwrap();
-        params.distinguished_name = subject(&[(DnType::CommonName, name)]);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.self_signed(&key).unwrap();
-        Ca { cert, key }
-    }
-
-    /// A client certificate (clientAuth) with this subject, for a new key.
-    fn client(&self, name: &[(DnType, &str)]) -> Identity {
-        let mut params = CertificateParams::new(Vec::new()).unwrap();
-        params.distinguished_name = subject(name);
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
-        Identity { cert, key }
-    }
-
-    fn write(&self, path: &Path) -> PathBuf {
-        std::fs::write(path, self.cert.pem()).unwrap();
-        path.to_owned()
-    }
-}
-
-fn subject(attributes: &[(DnType, &str)]) -> DistinguishedName {
-    let mut name = DistinguishedName::new();
-    for (kind, value) in attributes {
-        name.push(kind.clone(), *value);
-    }
-    name
-}
-
-/// A client certificate and its key.
-struct Identity {
-    cert: rcgen::Certificate,
-    key: KeyPair,
-}
-
-impl Identity {
-    /// Its SPKI pin, computed here from the key as the openssl pipeline of
-    /// docs/operations/configuration.md does.
-    fn spki_pin(&self) -> SpkiSha256 {
-        let hash = Sha256::digest(self.key.public_key_der());
-        SpkiSha256::parse(&hex::encode(hash)).unwrap()
-    }
-}
 
 const CMS: &[(DnType, &str)] = &[
     (DnType::OrganizationName, "Test Issuer"),
