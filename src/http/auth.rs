@@ -9,8 +9,8 @@
 //! client costs the same HMAC as a known one. Under mutual TLS, a client with
 //! certificate pins whose request came over a connection whose certificate
 //! does not meet them gets that same 401 too, once its signature has verified
-//! (so the certificate check tells a caller nothing a bad signature would not). The body is parsed only after all
-//! this, by the handler. Replay refusal (409) needs the store and lives in the
+//! (so the certificate check tells a caller nothing a bad signature would
+//! not). The body is parsed only after all this, by the handler. Replay refusal (409) needs the store and lives in the
 //! card service, where the request id is claimed in the same transaction as the
 //! request's state changes.
 
