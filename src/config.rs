@@ -20,8 +20,9 @@ use crate::domain::programme::{Programme, Programmes};
 use crate::domain::rotation::{self, PreviousKey};
 use crate::domain::service::{ProgrammeAccess, ServiceSettings};
 use crate::hsm::{HsmSettings, KeyLabel, PinSource};
+use crate::http::client_cert::{CertificatePins, SpkiSha256, Subject};
 use crate::http::clients::{ClientSettings, Organization, OrganizationAccess, Scope, SecretSource};
-use crate::http::settings::{ServerSettings, Transport};
+use crate::http::settings::{ServerSettings, TlsFiles, Transport};
 use crate::store::{DatabaseUrl, PostgresLocation, StoreSettings};
 use crate::telemetry::LogSettings;
 
@@ -148,6 +149,8 @@ struct RawServer {
     listen: SocketAddr,
     tls_cert_file: Option<PathBuf>,
     tls_key_file: Option<PathBuf>,
+    /// PEM CAs a client certificate must chain to (mutual TLS); off when absent.
+    client_ca_file: Option<PathBuf>,
     allow_insecure_http: bool,
     request_timeout_ms: u64,
     body_limit_bytes: usize,
@@ -269,6 +272,10 @@ struct RawClient {
     /// Organisation numbers it may name (absent: any).
     #[serde(default)]
     organizations: Option<Vec<String>>,
+    /// The subject its TLS client certificate must have (RFC 4514).
+    tls_client_subject: Option<String>,
+    /// SHA-256 of its certificate's SubjectPublicKeyInfo, one or two.
+    tls_client_spki_sha256: Option<Vec<String>>,
 }
 
 /// Everything the gateway needs to start, each layer's part in its own type.
@@ -364,10 +371,11 @@ impl Settings {
         let programmes =
             Programmes::new(programmes).map_err(|e| err(format!("programmes: {e}")))?;
         let names: HashSet<&str> = programmes.iter().map(|p| p.name.as_str()).collect();
+        let mutual_tls = matches!(&server.transport, Transport::Tls(f) if f.client_ca.is_some());
         let clients = raw
             .clients
             .into_iter()
-            .map(|c| client(c, &names, base))
+            .map(|c| client(c, &names, mutual_tls, base))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Settings {
             hsm,
@@ -494,10 +502,17 @@ fn server_settings(
     base: &Path,
 ) -> Result<ServerSettings, ConfigError> {
     let transport = match (s.tls_cert_file, s.tls_key_file, s.allow_insecure_http) {
-        (Some(cert), Some(key), false) => Transport::Tls {
+        (Some(cert), Some(key), false) => Transport::Tls(TlsFiles {
             cert: relative_to(base, cert),
             key: relative_to(base, key),
-        },
+            client_ca: s.client_ca_file.map(|f| relative_to(base, f)),
+        }),
+        (None, None, _) if s.client_ca_file.is_some() => {
+            return Err(err(
+                "server.client_ca_file: mutual TLS needs TLS; set tls_cert_file and \
+                 tls_key_file (and allow_insecure_http = false), or remove client_ca_file",
+            ));
+        }
         (None, None, true) => Transport::InsecureHttp,
         (None, None, false) => Transport::Unconfigured,
         (_, _, true) => {
@@ -651,6 +666,7 @@ fn previous_key(at: &str, raw: &RawPrevious) -> Result<PreviousKey, ConfigError>
 fn client(
     c: RawClient,
     programmes: &HashSet<&str>,
+    mutual_tls: bool,
     base: &Path,
 ) -> Result<ClientSettings, ConfigError> {
     let at = |field: &str| format!("clients.{}.{field}", c.apikey);
@@ -703,6 +719,7 @@ fn client(
                 .collect::<Result<_, _>>()?,
         ),
     };
+    let certificate = certificate_pins(&c, mutual_tls)?;
     Ok(ClientSettings {
         secrets: c
             .secrets
@@ -715,8 +732,54 @@ fn client(
         scopes: c.scopes.into_iter().collect(),
         access,
         organizations,
+        certificate,
         apikey: c.apikey,
     })
+}
+
+/// A client's TLS certificate pins; only with `server.client_ca_file`, since
+/// without it no client certificate is asked for.
+fn certificate_pins(c: &RawClient, mutual_tls: bool) -> Result<CertificatePins, ConfigError> {
+    let at = |field: &str| format!("clients.{}.{field}", c.apikey);
+    let subject = c
+        .tls_client_subject
+        .as_deref()
+        .map(|s| Subject::parse(s).map_err(|e| err(format!("{}: {e}", at("tls_client_subject")))))
+        .transpose()?;
+    let spki_sha256 = match &c.tls_client_spki_sha256 {
+        None => Vec::new(),
+        Some(pins) if !(1..=2).contains(&pins.len()) => {
+            return Err(err(format!(
+                "{}: one or two pins (two while the client's key is replaced)",
+                at("tls_client_spki_sha256")
+            )));
+        }
+        Some(pins) => pins
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                SpkiSha256::parse(p)
+                    .map_err(|e| err(format!("{}[{i}]: {e}", at("tls_client_spki_sha256"))))
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    let pins = CertificatePins {
+        subject,
+        spki_sha256,
+    };
+    if !pins.is_empty() && !mutual_tls {
+        let field = if pins.subject.is_some() {
+            "tls_client_subject"
+        } else {
+            "tls_client_spki_sha256"
+        };
+        return Err(err(format!(
+            "{}: a certificate pin needs server.client_ca_file (mutual TLS), \
+             or no client certificate is asked for",
+            at(field)
+        )));
+    }
+    Ok(pins)
 }
 
 #[cfg(test)]
@@ -947,10 +1010,12 @@ mod tests {
     #[test]
     fn programmes_clients_and_tls_parse_into_real_types() {
         let s = load(FULL).unwrap();
-        let Transport::Tls { cert, .. } = &s.server.transport else {
+        let Transport::Tls(files) = &s.server.transport else {
             panic!("TLS expected")
         };
-        assert!(cert.is_absolute() && cert.ends_with("tls/server.pem"));
+        assert!(files.cert.is_absolute() && files.cert.ends_with("tls/server.pem"));
+        assert_eq!(files.client_ca, None, "no mutual TLS unless asked for");
+        assert!(s.clients[0].certificate.is_empty());
         let demo = s.programmes.iter().next().unwrap();
         assert_eq!(demo.profile.window_seconds(), 300);
         assert_eq!(demo.profile.past_windows(), 1, "G defaults to 1");
@@ -1068,6 +1133,109 @@ mod tests {
             "bin_prefixes = [\"412345\", \"412345\"]",
         );
         assert!(load(&twice).unwrap_err().to_string().contains("412345"));
+    }
+
+    /// FULL with mutual TLS and `pins` in its client.
+    fn mutual(pins: &str) -> String {
+        FULL.replace(
+            "tls_key_file = \"tls/server.key\"",
+            "tls_key_file = \"tls/server.key\"\nclient_ca_file = \"tls/clients-ca.pem\"",
+        )
+        .replace(
+            "programmes = [\"demo\"]",
+            &format!("programmes = [\"demo\"]\n{pins}"),
+        )
+    }
+
+    const SPKI_HEX: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+    const SPKI_BASE64: &str = "47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=";
+
+    #[test]
+    fn mutual_tls_and_certificate_pins_parse_into_real_types() {
+        let s = load(&mutual(&format!(
+            "tls_client_subject = \"cn=cms-demo,o=Example Issuer\"\n\
+             tls_client_spki_sha256 = [\"{SPKI_HEX}\", \"{SPKI_BASE64}\"]"
+        )))
+        .unwrap();
+        let Transport::Tls(files) = &s.server.transport else {
+            panic!("TLS expected")
+        };
+        let ca = files.client_ca.as_ref().unwrap();
+        assert!(ca.is_absolute() && ca.ends_with("tls/clients-ca.pem"));
+        let pins = &s.clients[0].certificate;
+        assert_eq!(
+            pins.subject.as_ref().unwrap().as_str(),
+            "CN=cms-demo,O=Example Issuer",
+            "canonical: attribute names in upper case"
+        );
+        assert_eq!(pins.spki_sha256.len(), 2);
+        assert_eq!(
+            pins.spki_sha256[0], pins.spki_sha256[1],
+            "hex and Base64 alike"
+        );
+        // A client CA without pins: any certificate of the CA will do.
+        let s = load(&mutual("")).unwrap();
+        assert!(s.clients[0].certificate.is_empty());
+    }
+
+    #[test]
+    fn mutual_tls_settings_are_refused_by_name() {
+        let refused = |text: &str| {
+            let e = load(text).unwrap_err().to_string();
+            assert!(!e.contains('\n'), "one line: {e}");
+            e
+        };
+        // A client CA needs TLS.
+        let insecure = MINIMAL.replace("[server]", "[server]\nclient_ca_file = \"ca.pem\"");
+        let e = refused(&insecure);
+        assert!(
+            e.contains("server.client_ca_file") && e.contains("needs TLS"),
+            "{e}"
+        );
+        let neither = insecure.replace("allow_insecure_http = true", "");
+        let e = refused(&neither);
+        assert!(e.contains("server.client_ca_file"), "{e}");
+        // A pin needs a client CA.
+        for pin in [
+            "tls_client_subject = \"CN=cms\"".to_owned(),
+            format!("tls_client_spki_sha256 = [\"{SPKI_HEX}\"]"),
+        ] {
+            let text = FULL.replace(
+                "programmes = [\"demo\"]",
+                &format!("programmes = [\"demo\"]\n{pin}"),
+            );
+            let e = refused(&text);
+            let field = pin.split(' ').next().unwrap();
+            assert!(e.contains(&format!("clients.cms.{field}")), "{e}");
+            assert!(e.contains("server.client_ca_file"), "{e}");
+        }
+        // Pins that are not what they say.
+        let e = refused(&mutual("tls_client_subject = \"CN=cms, O=Example Issuer\""));
+        assert!(
+            e.contains("clients.cms.tls_client_subject") && e.contains("RFC 4514"),
+            "{e}"
+        );
+        let e = refused(&mutual("tls_client_subject = \"\""));
+        assert!(e.contains("clients.cms.tls_client_subject"), "{e}");
+        let e = refused(&mutual(&format!(
+            "tls_client_spki_sha256 = [\"{SPKI_HEX}\", \"sha256/abc\"]"
+        )));
+        assert!(e.contains("clients.cms.tls_client_spki_sha256[1]"), "{e}");
+        assert!(e.contains("SubjectPublicKeyInfo"), "{e}");
+        for count in [
+            "[]",
+            &format!("[\"{SPKI_HEX}\", \"{SPKI_HEX}\", \"{SPKI_HEX}\"]"),
+        ] {
+            let e = refused(&mutual(&format!("tls_client_spki_sha256 = {count}")));
+            assert!(
+                e.contains("clients.cms.tls_client_spki_sha256") && e.contains("one or two"),
+                "{e}"
+            );
+        }
+        let e = refused(&mutual(&format!("tls_client_spki_sha256 = \"{SPKI_HEX}\"")));
+        assert!(e.contains("tls_client_spki_sha256"), "a list: {e}");
+        let e = refused(&mutual("tls_client_cert_subject = \"CN=cms\""));
+        assert!(e.contains("tls_client_cert_subject"), "{e}");
     }
 
     const ROTATED: &str = r#"

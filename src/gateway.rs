@@ -19,7 +19,7 @@ use crate::domain::service::{CardService, Clock, ServiceParts, SystemClock};
 use crate::hsm::{self, HsmError, KeyListing, KeyUse, Lack, Needs, Token};
 use crate::http::clients::{ClientError, Clients};
 use crate::http::metrics::Metrics;
-use crate::http::server::ServeError;
+use crate::http::server::{Front, ServeError};
 use crate::http::{self, AppState};
 use crate::store::{Store, StoreError};
 
@@ -63,16 +63,19 @@ pub enum StartError {
 #[derive(Debug)]
 pub struct Gateway {
     state: AppState,
+    front: Front,
     cleanup_interval: Duration,
     token: Arc<Token>,
 }
 
 impl Gateway {
-    /// Loads clients' secrets, opens and migrates the store, builds the service
-    /// and checks that every configured key is present and within policy.
+    /// Reads the TLS files, loads clients' secrets, opens and migrates the
+    /// store, builds the service and checks that every configured key is
+    /// present and within policy.
     ///
     /// # Errors
-    /// `Clients`, `Store`, `Keys`, `Incomplete`.
+    /// `Serve` (no transport, or a TLS file unusable), `Clients`, `Store`,
+    /// `Keys`, `Incomplete`.
     pub async fn build(
         settings: &Settings,
         token: Arc<Token>,
@@ -84,6 +87,7 @@ impl Gateway {
         if settings.programmes.iter().next().is_none() {
             return Err(StartError::Incomplete("the config names no [[programmes]]"));
         }
+        let front = Front::load(&settings.server.transport)?;
         log_ended_grace_periods(settings, clock.now_ms());
         let clients = Clients::load(&settings.clients)?;
         let store = Store::open(&settings.store).await?;
@@ -103,6 +107,7 @@ impl Gateway {
         service.check_keys().await.map_err(StartError::Keys)?;
         Ok(Gateway {
             state: AppState::new(service, clients, metrics, settings.server.clone(), trail),
+            front,
             cleanup_interval: settings.server.cleanup_interval,
             token,
         })
@@ -118,7 +123,7 @@ impl Gateway {
     /// store.
     ///
     /// # Errors
-    /// `Serve`: no transport configured, the certificate or key, the socket.
+    /// `Serve`: the socket.
     pub async fn serve(
         self,
         listener: std::net::TcpListener,
@@ -126,7 +131,7 @@ impl Gateway {
     ) -> Result<(), StartError> {
         let cleaner = tokio::spawn(cleanup(self.state.clone(), self.cleanup_interval));
         let watchdog = tokio::spawn(watch_token(Arc::clone(&self.token)));
-        let served = http::server::serve(self.state.clone(), listener, shutdown).await;
+        let served = http::server::serve(self.state.clone(), self.front, listener, shutdown).await;
         cleaner.abort();
         watchdog.abort();
         self.state.trail().close().await;

@@ -6,8 +6,11 @@
 //! of it happens before the request competes for an in-flight slot.
 //!
 //! Unknown client and wrong signature give one and the same 401, and an unknown
-//! client costs the same HMAC as a known one. The body is parsed only after all
-//! this, by the handler. Replay refusal (409) needs the store and lives in the
+//! client costs the same HMAC as a known one. Under mutual TLS, a client with
+//! certificate pins whose request came over a connection whose certificate
+//! does not meet them gets that same 401 too, once its signature has verified
+//! (so the certificate check tells a caller nothing a bad signature would
+//! not). The body is parsed only after all this, by the handler. Replay refusal (409) needs the store and lives in the
 //! card service, where the request id is claimed in the same transaction as the
 //! request's state changes.
 
@@ -23,6 +26,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use zeroize::Zeroizing;
 
 use super::AppState;
+use super::client_cert::ClientCertificate;
 use super::clients::{Client, Scope};
 use super::error::ApiError;
 use super::routes::Route;
@@ -115,6 +119,13 @@ pub async fn authenticate(State(state): State<AppState>, request: Request, next:
     let (Some(client), Some(secret)) = (client, secret) else {
         return ApiError::bad_signature().into_response();
     };
+    if !client
+        .certificate
+        .accept(parts.extensions.get::<ClientCertificate>())
+    {
+        tracing::warn!(client = %client.apikey, "client certificate does not match the client's pins");
+        return ApiError::bad_signature().into_response();
+    }
 
     let route = parts
         .extensions

@@ -1,5 +1,6 @@
 //! API clients (DESIGN 5): who may call, with which secrets (one, or two
-//! during a rotation), which endpoints (scopes) and which card programmes.
+//! during a rotation), which endpoints (scopes) and which card programmes,
+//! and, under mutual TLS, which client certificate they must present.
 //!
 //! Secrets are read once at start-up from the environment variable or file the
 //! config names — never from the TOML itself — and live only as
@@ -14,6 +15,7 @@ use zeroize::Zeroizing;
 
 use crate::domain::service::ProgrammeAccess;
 
+use super::client_cert::CertificatePins;
 use super::signature::ClientSecret;
 
 /// What a client may do: one scope per group of endpoints.
@@ -119,6 +121,8 @@ pub struct ClientSettings {
     pub access: ProgrammeAccess,
     /// Organisations it may name on dynamic-values requests.
     pub organizations: OrganizationAccess,
+    /// What its TLS client certificate must be (empty: any the CA vouches for).
+    pub certificate: CertificatePins,
 }
 
 /// A client, with its secrets loaded.
@@ -134,6 +138,8 @@ pub struct Client {
     pub access: ProgrammeAccess,
     /// Its organisations.
     pub organizations: OrganizationAccess,
+    /// Its TLS client certificate pins.
+    pub certificate: CertificatePins,
 }
 
 /// A client secret that could not be loaded; names the source, never the value.
@@ -193,6 +199,7 @@ impl Clients {
                 scopes: c.scopes.clone(),
                 access: c.access.clone(),
                 organizations: c.organizations.clone(),
+                certificate: c.certificate.clone(),
             };
             if clients.insert(c.apikey.clone(), Arc::new(client)).is_some() {
                 return Err(ClientError::Duplicate(c.apikey.clone()));
@@ -254,6 +261,7 @@ mod tests {
             scopes: HashSet::from([Scope::Keys]),
             access: ProgrammeAccess::All,
             organizations: OrganizationAccess::Any,
+            certificate: CertificatePins::default(),
         };
         let clients = Clients::load(&[settings(good.clone())]).unwrap();
         assert_eq!(clients.get("cms").unwrap().secrets.len(), 1);

@@ -18,6 +18,7 @@
 pub mod audit;
 pub mod auth;
 pub mod cards;
+pub mod client_cert;
 pub mod clients;
 pub mod connections;
 pub mod dto;
@@ -30,6 +31,7 @@ pub mod routes;
 pub mod server;
 pub mod settings;
 pub mod signature;
+pub mod tls;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

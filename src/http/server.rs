@@ -1,15 +1,18 @@
-//! Serving: HTTPS (rustls) or, only when the config says
-//! `allow_insecure_http = true`, plain HTTP with a loud warning, until the
-//! shutdown future completes; then in-flight requests drain within the
-//! configured grace. Every connection passes [`connections`] first: the caps
-//! at accept, the header-read deadline, hyper's HTTP/1.1 and HTTP/2 bounds.
-//! What runs beside the server and what it opens is [`crate::gateway`]'s.
+//! Serving: HTTPS (rustls, [`tls`]; with mutual TLS when the config names
+//! client CAs) or, only when the config says `allow_insecure_http = true`,
+//! plain HTTP with a loud warning, until the shutdown future completes; then
+//! in-flight requests drain within the configured grace. Every connection
+//! passes [`connections`] first: the caps at accept, the header-read deadline,
+//! hyper's HTTP/1.1 and HTTP/2 bounds. What runs beside the server and what
+//! it opens is [`crate::gateway`]'s.
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use super::connections::{self, Admission};
 use super::settings::Transport;
+use super::tls::{self, PeerCertificate, TlsError};
 use super::{AppState, app};
 
 /// Why serving failed.
@@ -21,29 +24,51 @@ pub enum ServeError {
          allow_insecure_http = true for plain HTTP in development"
     )]
     Unconfigured,
-    /// The certificate or key could not be loaded.
-    #[error("TLS: {0}")]
-    Tls(#[source] std::io::Error),
+    /// The certificate, the key or the client CAs could not be loaded.
+    #[error("refusing to start: TLS: {0}")]
+    Tls(#[from] TlsError),
     /// The socket failed.
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 
-/// Serves `state`'s router on `listener` until `shutdown` completes, then drains.
+/// How the server speaks, with its files read: what [`serve`] needs, made
+/// at start-up before the store is opened, so that a bad file stops the start.
+#[derive(Clone, Debug)]
+pub enum Front {
+    /// HTTPS with this configuration.
+    Tls(Arc<rustls::ServerConfig>),
+    /// Plain HTTP (`allow_insecure_http = true`).
+    InsecureHttp,
+}
+
+impl Front {
+    /// Reads the TLS files of `transport`.
+    ///
+    /// # Errors
+    /// `Unconfigured` when neither TLS nor plain HTTP is configured; `Tls`
+    /// naming the file that cannot be used.
+    pub fn load(transport: &Transport) -> Result<Front, ServeError> {
+        match transport {
+            Transport::Tls(files) => Ok(Front::Tls(tls::server_config(files)?)),
+            Transport::InsecureHttp => Ok(Front::InsecureHttp),
+            Transport::Unconfigured => Err(ServeError::Unconfigured),
+        }
+    }
+}
+
+/// Serves `state`'s router on `listener` as `front` says until `shutdown`
+/// completes, then drains.
 ///
 /// # Errors
-/// `Unconfigured` before anything is served; `Tls` when the certificate or
-/// key cannot be loaded; `Io` from the socket.
+/// `Io` from the socket.
 pub async fn serve(
     state: AppState,
+    front: Front,
     listener: std::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let settings = state.settings();
-    let transport = settings.transport.clone();
-    if transport == Transport::Unconfigured {
-        return Err(ServeError::Unconfigured);
-    }
     let grace = settings.shutdown_grace;
     let admission = Admission::new(settings, state.shared_metrics());
     listener.set_nonblocking(true)?;
@@ -58,21 +83,22 @@ pub async fn serve(
         }
     });
     let service = app(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
-    let served = match &transport {
-        Transport::Tls { cert, key } => {
-            // The process-wide rustls provider is ring; a second install is a no-op.
-            let _ = rustls::crypto::ring::default_provider().install_default();
-            let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
-                .await
-                .map_err(ServeError::Tls)?;
-            tracing::info!(%address, "dcvv-gateway listening (HTTPS)");
+    let served = match front {
+        Front::Tls(config) => {
+            let mutual = matches!(&settings.transport, Transport::Tls(f) if f.client_ca.is_some());
+            let config = axum_server::tls_rustls::RustlsConfig::from_config(config);
+            tracing::info!(
+                %address,
+                client_certificates = if mutual { "required" } else { "not asked" },
+                "dcvv-gateway listening (HTTPS)"
+            );
             let mut server = axum_server::from_tcp_rustls(listener, config)
-                .map(|tls| tls.acceptor(admission.clone()))
+                .map(|tls| PeerCertificate::new(tls.acceptor(admission.clone())))
                 .handle(handle);
             connections::configure(server.http_builder(), state.settings());
             server.serve(service).await
         }
-        Transport::InsecureHttp | Transport::Unconfigured => {
+        Front::InsecureHttp => {
             tracing::warn!(
                 %address,
                 "INSECURE: serving plain HTTP because allow_insecure_http = true; \

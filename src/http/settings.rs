@@ -12,16 +12,23 @@ use std::time::Duration;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Transport {
     /// HTTPS with these PEM files.
-    Tls {
-        /// Certificate chain, PEM.
-        cert: PathBuf,
-        /// Private key, PEM.
-        key: PathBuf,
-    },
+    Tls(TlsFiles),
     /// Plain HTTP: development only.
     InsecureHttp,
     /// Neither: key commands work, `serve` refuses to start and says what to set.
     Unconfigured,
+}
+
+/// The PEM files of HTTPS.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// Certificate chain, server certificate first.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+    /// The CAs a client certificate must chain to (mutual TLS); without it,
+    /// no client certificate is asked for.
+    pub client_ca: Option<PathBuf>,
 }
 
 /// The HTTP server's settings.

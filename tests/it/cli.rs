@@ -262,6 +262,50 @@ fn startup_errors_are_one_clear_line() {
 }
 
 #[test]
+fn mutual_tls_errors_stop_the_gateway_in_one_line() {
+    let c = Ceremony::new();
+    let (_, cert, key) = support::http::self_signed_tls(c.dir.path());
+    let bad_ca = c.file("clients-ca.pem", "not a certificate\n");
+    let with = |server: &str, client: &str| {
+        config_variant(c.dir.path(), &c.config, |t| {
+            format!(
+                "{t}[server]\ntls_cert_file = {:?}\ntls_key_file = {:?}\n{server}\n\
+                 [[programmes]]\nname = \"demo\"\nbin_prefixes = [\"412345\"]\n\
+                 cvk = \"cvk-demo-v1\"\nimk_dcvv = \"imk-dcvv-demo-v1\"\n\
+                 imk_tdcvv2 = \"imk-tdcvv2-demo-v1\"\nwindow_seconds = 300\n\
+                 [[clients]]\napikey = \"cms\"\nsecrets = [{{ file = \"cms.secret\" }}]\n\
+                 scopes = [\"keys\"]\nprogrammes = [\"*\"]\n{client}\n",
+                cert.display().to_string(),
+                key.display().to_string(),
+            )
+        })
+    };
+    // A pin without a client CA: refused at load, by every command.
+    let config = with("", "tls_client_subject = \"CN=cms\"");
+    let (ok, _, stderr) = support::gateway(&config, &["keys", "list"]);
+    assert!(!ok);
+    assert_one_line_error(
+        &stderr,
+        "configuration: clients.cms.tls_client_subject: a certificate pin needs \
+         server.client_ca_file (mutual TLS), or no client certificate is asked for",
+    );
+    // A client CA file with no certificate: `serve` stops before it listens
+    // (after its log lines of opening the token), with one error line.
+    let config = with(&format!("client_ca_file = {bad_ca:?}"), "");
+    let (ok, _, stderr) = support::gateway(&config, &["serve"]);
+    assert!(!ok);
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
+    assert_eq!(
+        errors,
+        [format!(
+            "error: refusing to start: TLS: server.client_ca_file {bad_ca}: holds no PEM CERTIFICATE"
+        )],
+        "{stderr}"
+    );
+    assert!(!stderr.contains("listening"), "{stderr}");
+}
+
+#[test]
 fn conforming_keys_pass_hsm_check() {
     let c = Ceremony::new();
     let kinds = ["cvk", "imk-dcvv", "imk-tdcvv2", "pan-index", "audit-seal"];
@@ -374,6 +418,7 @@ const NO_DEFAULT: &[&str] = &[
     "hsm.pin_file",
     "server.tls_cert_file",
     "server.tls_key_file",
+    "server.client_ca_file",
     "programmes.name",
     "programmes.bin_prefixes",
     "programmes.key_association",
@@ -387,6 +432,8 @@ const NO_DEFAULT: &[&str] = &[
     "clients.secrets",
     "clients.scopes",
     "clients.programmes",
+    "clients.tls_client_subject",
+    "clients.tls_client_spki_sha256",
 ];
 
 /// The tables of a section: the section itself, or each table of an array of tables.

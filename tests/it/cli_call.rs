@@ -16,7 +16,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
-use crate::support::http::{EXPIRY, Options, PAN, TestGateway};
+use crate::support::http::{EXPIRY, Options, PAN, TestGateway, self_signed_tls};
+use crate::support::pki::Ca;
 use crate::support::routes::{KEY_INVENTORY, VALUES, VERIFY};
 
 struct Run {
@@ -153,5 +154,97 @@ async fn call_gets_dynamic_values_and_verifies_one_over_tls() {
     for run in [&values, &verified, &wrong] {
         assert!(!run.stdout.contains(&secret) && !run.stderr.contains(&secret));
     }
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_presents_a_client_certificate_to_a_gateway_that_requires_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, cert_path, key_path) = self_signed_tls(dir.path());
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, server.cert.pem()).unwrap();
+    let clients_ca = Ca::new("Test Issuer Client CA");
+    let gw = TestGateway::start(Options {
+        tls: Some((cert_path, key_path)),
+        client_ca: Some(clients_ca.write(&dir.path().join("clients-ca.pem"))),
+        ..Options::default()
+    })
+    .await;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    gw.clock.set_seconds(now.as_secs());
+    let secret = gw.clients.main.secret.clone();
+    let (cert, key) = clients_ca
+        .client(&[(rcgen::DnType::CommonName, "cms")])
+        .write(dir.path(), "cms");
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+
+    let keys = call(
+        &gw,
+        &ca,
+        &secret,
+        &[
+            "--client-cert",
+            cert,
+            "--client-key",
+            key,
+            "GET",
+            KEY_INVENTORY,
+        ],
+    )
+    .await;
+    assert!(keys.ok, "{}\n{}", keys.stdout, keys.stderr);
+    assert!(
+        keys.stderr.contains("response signature: verified"),
+        "{}",
+        keys.stderr
+    );
+
+    // Without a certificate the handshake fails: no HTTP answer.
+    let refused = call(&gw, &ca, &secret, &["GET", KEY_INVENTORY]).await;
+    assert!(!refused.ok);
+    assert!(refused.stdout.is_empty(), "{}", refused.stdout);
+    assert!(
+        refused.stderr.contains("request failed"),
+        "{}",
+        refused.stderr
+    );
+    // One of the two files alone is refused by the command; a key that is
+    // not PEM is named, its content is not.
+    let alone = call(
+        &gw,
+        &ca,
+        &secret,
+        &["--client-cert", cert, "GET", KEY_INVENTORY],
+    )
+    .await;
+    assert!(
+        !alone.ok && alone.stderr.contains("--client-key"),
+        "{}",
+        alone.stderr
+    );
+    let bad_key = dir.path().join("bad.key");
+    std::fs::write(&bad_key, "sekrit-not-a-key\n").unwrap();
+    let bad = call(
+        &gw,
+        &ca,
+        &secret,
+        &[
+            "--client-cert",
+            cert,
+            "--client-key",
+            bad_key.to_str().unwrap(),
+            "GET",
+            KEY_INVENTORY,
+        ],
+    )
+    .await;
+    assert!(!bad.ok);
+    assert!(
+        bad.stderr
+            .contains("not a PEM certificate and its private key"),
+        "{}",
+        bad.stderr
+    );
+    assert!(!bad.stderr.contains("sekrit"), "{}", bad.stderr);
     gw.stop().await;
 }

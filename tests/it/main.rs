@@ -31,6 +31,7 @@ mod http_ops;
 mod http_signatures;
 mod http_slow_clients;
 mod json_logs;
+mod mtls;
 mod multi_instance;
 mod no_secrets_in_logs;
 mod portal_fields;

@@ -47,6 +47,13 @@ pub(crate) struct CallArgs {
     /// added to the system's roots.
     #[arg(long, value_name = "PEM_FILE")]
     cacert: Option<PathBuf>,
+    /// PEM file of this client's TLS certificate (and any intermediates), for a gateway
+    /// that requires mutual TLS (`server.client_ca_file`); with --client-key.
+    #[arg(long, value_name = "PEM_FILE", requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// PEM file of the private key of --client-cert (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "PEM_FILE", requires = "client_cert")]
+    client_key: Option<PathBuf>,
     /// Request body (JSON), sent byte for byte. Prefer --data-file for card numbers:
     /// command lines end up in shell history and process listings.
     #[arg(long, value_name = "JSON", conflicts_with = "data_file")]
@@ -99,6 +106,14 @@ pub(crate) enum CallError {
     /// The `--cacert` file holds no usable certificate.
     #[error("--cacert {0}: no PEM certificate could be read")]
     CaCert(String),
+    /// `--client-cert` and `--client-key` do not make a TLS client identity.
+    #[error("--client-cert {cert} / --client-key {key}: not a PEM certificate and its private key")]
+    ClientIdentity {
+        /// The certificate file.
+        cert: String,
+        /// The key file.
+        key: String,
+    },
     /// The OS random source failed (request id).
     #[error("cannot draw a random request id: {0}")]
     Random(getrandom::Error),
@@ -388,6 +403,37 @@ pub(crate) fn client_builder(cacert: Option<&Path>) -> Result<reqwest::ClientBui
     Ok(builder)
 }
 
+/// Adds the TLS client certificate of `--client-cert` and `--client-key`
+/// (mutual TLS). The key's bytes live in zeroizing memory here; the message of
+/// a failure names the files only.
+///
+/// # Errors
+/// `File` for an unreadable file, `ClientIdentity` when the two do not make
+/// an identity.
+fn with_client_identity(
+    builder: reqwest::ClientBuilder,
+    cert: &Path,
+    key: &Path,
+) -> Result<reqwest::ClientBuilder, CallError> {
+    let read = |what: &'static str, path: &Path| {
+        std::fs::read(path)
+            .map(zeroize::Zeroizing::new)
+            .map_err(|e| CallError::File {
+                what,
+                path: path.display().to_string(),
+                kind: e.kind(),
+            })
+    };
+    let mut pem = read("--client-cert", cert)?;
+    pem.push(b'\n');
+    pem.extend_from_slice(&read("--client-key", key)?);
+    let identity = reqwest::Identity::from_pem(&pem).map_err(|_| CallError::ClientIdentity {
+        cert: cert.display().to_string(),
+        key: key.display().to_string(),
+    })?;
+    Ok(builder.identity(identity))
+}
+
 fn read_body(data: Option<&str>, file: Option<&Path>) -> Result<Vec<u8>, CallError> {
     match (data, file) {
         (Some(text), _) => Ok(text.as_bytes().to_vec()),
@@ -527,7 +573,11 @@ pub(crate) fn run(args: CallArgs) -> Result<(), CliError> {
         .map_err(|_| CallError::Method)?;
     let target = target(&args.url, &args.path)?;
     let body = read_body(args.data.as_deref(), args.data_file.as_deref())?;
-    let client = client_builder(args.cacert.as_deref())?
+    let mut builder = client_builder(args.cacert.as_deref())?;
+    if let (Some(cert), Some(key)) = (&args.client_cert, &args.client_key) {
+        builder = with_client_identity(builder, cert, key)?;
+    }
+    let client = builder
         .timeout(CALL_TIMEOUT)
         .build()
         .map_err(|e| CallError::Client(error_chain(&e)))?;

@@ -19,8 +19,9 @@ use dcvv_gateway::domain::Tdcvv2Profile;
 use dcvv_gateway::domain::programme::{Programme, Programmes};
 use dcvv_gateway::domain::service::{Clock, ProgrammeAccess, ServiceSettings};
 use dcvv_gateway::hsm::{KeyKind, KeyLabel};
+use dcvv_gateway::http::client_cert::CertificatePins;
 use dcvv_gateway::http::clients::{ClientSettings, OrganizationAccess, Scope, SecretSource};
-use dcvv_gateway::http::settings::{ServerSettings, Transport};
+use dcvv_gateway::http::settings::{ServerSettings, TlsFiles, Transport};
 use dcvv_gateway::http::signature::{ClientSecret, RequestToSign, ResponseToSign};
 use dcvv_gateway::store::StoreSettings;
 use dcvv_gateway::telemetry::LogSettings;
@@ -117,6 +118,10 @@ pub struct Options {
     pub max_in_flight: usize,
     pub body_limit: usize,
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// `[server] client_ca_file` (mutual TLS; only with `tls`).
+    pub client_ca: Option<PathBuf>,
+    /// Certificate pins by apikey (`tls_client_subject`, `tls_client_spki_sha256`).
+    pub pins: Vec<(String, CertificatePins)>,
     /// The audit trail's directory (default: `audit/` in the gateway's temporary directory).
     pub audit_dir: Option<PathBuf>,
     /// The directory of the SQLite file (default: the gateway's temporary directory).
@@ -153,6 +158,8 @@ impl Default for Options {
             max_in_flight: 64,
             body_limit: 16 * 1024,
             tls: None,
+            client_ca: None,
+            pins: Vec::new(),
             audit_dir: None,
             db_dir: None,
             seal_every_records: 1000,
@@ -368,9 +375,18 @@ impl TestGateway {
             },
         };
         let all_scopes = all_scopes();
+        let pins = |apikey: &str| {
+            options
+                .pins
+                .iter()
+                .find(|(k, _)| k == apikey)
+                .map(|(_, p)| p.clone())
+                .unwrap_or_default()
+        };
         let client_settings = vec![
             ClientSettings {
                 apikey: clients.main.apikey.clone(),
+                certificate: pins(&clients.main.apikey),
                 secrets: vec![
                     secret_file("main", &clients.main.secret),
                     secret_file("main-2", &clients.main_second),
@@ -385,6 +401,7 @@ impl TestGateway {
             },
             ClientSettings {
                 apikey: clients.verifier.apikey.clone(),
+                certificate: pins(&clients.verifier.apikey),
                 secrets: vec![secret_file("verifier", &clients.verifier.secret)],
                 scopes: [Scope::Cvv2Verification].into(),
                 access: ProgrammeAccess::All,
@@ -392,6 +409,7 @@ impl TestGateway {
             },
             ClientSettings {
                 apikey: clients.other_programme.apikey.clone(),
+                certificate: pins(&clients.other_programme.apikey),
                 secrets: vec![secret_file("other", &clients.other_programme.secret)],
                 scopes: all_scopes,
                 access: ProgrammeAccess::Only(["other".to_owned()].into()),
@@ -412,10 +430,11 @@ impl TestGateway {
             server: ServerSettings {
                 listen: "127.0.0.1:0".parse().unwrap(),
                 transport: match &options.tls {
-                    Some((cert, key)) => Transport::Tls {
+                    Some((cert, key)) => Transport::Tls(TlsFiles {
                         cert: cert.clone(),
                         key: key.clone(),
-                    },
+                        client_ca: options.client_ca.clone(),
+                    }),
                     None => Transport::InsecureHttp,
                 },
                 request_timeout: Duration::from_secs(10),
@@ -653,6 +672,7 @@ impl TestGateway {
             ClientSettings {
                 apikey: self.clients.main.apikey.clone(),
                 secrets: vec![file("main"), file("main-2")],
+                certificate: CertificatePins::default(),
                 scopes: all_scopes.clone(),
                 access: ProgrammeAccess::Only(["test".to_owned()].into()),
                 organizations: OrganizationAccess::Any,
@@ -660,6 +680,7 @@ impl TestGateway {
             ClientSettings {
                 apikey: self.clients.verifier.apikey.clone(),
                 secrets: vec![file("verifier")],
+                certificate: CertificatePins::default(),
                 scopes: [Scope::Cvv2Verification].into(),
                 access: ProgrammeAccess::All,
                 organizations: OrganizationAccess::Any,
@@ -667,6 +688,7 @@ impl TestGateway {
             ClientSettings {
                 apikey: self.clients.other_programme.apikey.clone(),
                 secrets: vec![file("other")],
+                certificate: CertificatePins::default(),
                 scopes: all_scopes,
                 access: ProgrammeAccess::Only(["other".to_owned()].into()),
                 organizations: OrganizationAccess::Any,

@@ -15,6 +15,7 @@ pub mod faults;
 pub mod http;
 pub mod instances;
 pub mod logs;
+pub mod pki;
 pub mod postgres;
 pub mod reference;
 pub mod routes;
