@@ -20,7 +20,7 @@ use crate::hsm::{self, HsmError, KeyListing, KeyUse, Lack, Needs, Token};
 use crate::http::clients::{ClientError, Clients};
 use crate::http::metrics::Metrics;
 use crate::http::server::{Front, ServeError};
-use crate::http::{self, AppState};
+use crate::http::{self, AppState, Live};
 use crate::store::{Store, StoreError};
 
 /// Why the gateway did not start.
@@ -57,6 +57,137 @@ pub enum StartError {
     /// Binding the address, or starting the runtime, failed.
     #[error(transparent)]
     Io(#[from] std::io::Error),
+}
+
+/// Why a reload was refused; the configuration that serves is unchanged.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The file does not parse or a value is refused.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// A client secret could not be loaded.
+    #[error(transparent)]
+    Clients(#[from] ClientError),
+    /// The new file names no client or no programme.
+    #[error("{0}")]
+    Incomplete(&'static str),
+    /// The new file changes how the server speaks TLS, which needs a restart.
+    #[error(
+        "[server] TLS settings (tls_cert_file, tls_key_file, client_ca_file, allow_insecure_http) changed; they apply at the next restart"
+    )]
+    TransportChanged,
+    /// The token lacks a mechanism a new key needs.
+    #[error("{}", lacks(.0))]
+    TokenLacks(Vec<Lack>),
+    /// A key the new programmes name is missing, of another kind or wider
+    /// than its policy.
+    #[error("a configured key is unusable: {0}")]
+    Keys(DomainError),
+    /// The token could not be asked.
+    #[error(transparent)]
+    Hsm(#[from] HsmError),
+}
+
+/// What a reload applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reloaded {
+    /// Clients now configured.
+    pub clients: usize,
+    /// Programmes now configured.
+    pub programmes: usize,
+}
+
+/// Re-reads `[[clients]]` and `[[programmes]]` from the configuration file
+/// at `path` and, only when the whole new configuration is good (it parses,
+/// every secret loads, the token has the mechanisms and keys the programmes
+/// name, TLS is as running), puts them in place for the requests that begin
+/// from then on; requests already running finish under theirs. Other
+/// sections are not re-read: they apply at the next restart.
+///
+/// # Errors
+/// Any [`ReloadError`]; then nothing changed.
+pub async fn reload(
+    state: &AppState,
+    token: &Arc<Token>,
+    path: &std::path::Path,
+) -> Result<Reloaded, ReloadError> {
+    let settings = Settings::load(path)?;
+    if settings.clients.is_empty() {
+        return Err(ReloadError::Incomplete("the config names no [[clients]]"));
+    }
+    if settings.programmes.iter().next().is_none() {
+        return Err(ReloadError::Incomplete(
+            "the config names no [[programmes]]",
+        ));
+    }
+    if settings.server.transport != state.settings().transport {
+        return Err(ReloadError::TransportChanged);
+    }
+    let clients = Clients::load(&settings.clients)?;
+    let (checked, needs) = (Arc::clone(token), mechanism_needs(&settings));
+    let lacking = hsm::blocking(move || {
+        Ok(check_mechanisms(&checked, &needs)?
+            .into_iter()
+            .filter(Lack::stops_serving)
+            .collect::<Vec<_>>())
+    })
+    .await?;
+    if !lacking.is_empty() {
+        return Err(ReloadError::TokenLacks(lacking));
+    }
+    state
+        .service()
+        .check_keys(&settings.programmes)
+        .await
+        .map_err(ReloadError::Keys)?;
+    log_ended_grace_periods(&settings, state.clock().now_ms());
+    let reloaded = Reloaded {
+        clients: clients.len(),
+        programmes: settings.programmes.iter().count(),
+    };
+    state.replace_live(Live {
+        clients,
+        programmes: settings.programmes,
+    });
+    Ok(reloaded)
+}
+
+/// Reloads on every SIGHUP (Unix) until the task is aborted; logs and counts
+/// each outcome.
+async fn reload_on_hangup(state: AppState, token: Arc<Token>, path: std::path::PathBuf) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; reload needs a restart");
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            match reload(&state, &token, &path).await {
+                Ok(done) => {
+                    state.metrics().reload(true);
+                    tracing::info!(
+                        clients = done.clients,
+                        programmes = done.programmes,
+                        config = %path.display(),
+                        "configuration reloaded: [[clients]] and [[programmes]] replaced for new requests"
+                    );
+                }
+                Err(e) => {
+                    state.metrics().reload(false);
+                    tracing::error!(
+                        error = %e,
+                        config = %path.display(),
+                        "configuration reload refused; the previous configuration keeps serving"
+                    );
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (state, token, path);
+    }
 }
 
 /// An assembled gateway, ready to serve.
@@ -97,16 +228,27 @@ impl Gateway {
             Arc::clone(&token),
             ServiceParts {
                 store,
-                programmes: settings.programmes.clone(),
                 settings: settings.service.clone(),
                 clock,
                 observer: Arc::clone(&metrics) as Arc<dyn crate::domain::service::HsmObserver>,
                 journal: Arc::new(trail.clone()),
             },
         );
-        service.check_keys().await.map_err(StartError::Keys)?;
+        service
+            .check_keys(&settings.programmes)
+            .await
+            .map_err(StartError::Keys)?;
         Ok(Gateway {
-            state: AppState::new(service, clients, metrics, settings.server.clone(), trail),
+            state: AppState::new(
+                service,
+                Live {
+                    clients,
+                    programmes: settings.programmes.clone(),
+                },
+                metrics,
+                settings.server.clone(),
+                trail,
+            ),
             front,
             cleanup_interval: settings.server.cleanup_interval,
             token,
@@ -171,7 +313,7 @@ pub async fn run(
 ///
 /// # Errors
 /// Any [`StartError`].
-pub fn run_blocking(settings: Settings) -> Result<(), StartError> {
+pub fn run_blocking(settings: Settings, config: &std::path::Path) -> Result<(), StartError> {
     let token = Arc::new(Token::open(&settings.hsm)?);
     refuse_lacking_token(&token, &mechanism_needs(&settings))?;
     refuse_wide_keys(&token)?;
@@ -186,9 +328,17 @@ pub fn run_blocking(settings: Settings) -> Result<(), StartError> {
     let served = runtime.block_on({
         let token = Arc::clone(&token);
         async move {
-            let gateway = Gateway::build(&settings, token, Arc::new(SystemClock)).await?;
+            let gateway =
+                Gateway::build(&settings, Arc::clone(&token), Arc::new(SystemClock)).await?;
             let listener = std::net::TcpListener::bind(settings.server.listen)?;
-            gateway.serve(listener, shutdown_signal()).await
+            let reloader = tokio::spawn(reload_on_hangup(
+                gateway.state(),
+                token,
+                config.to_path_buf(),
+            ));
+            let served = gateway.serve(listener, shutdown_signal()).await;
+            reloader.abort();
+            served
         }
     });
     // In-flight blocking token calls finish with the runtime; then the token is ours alone.

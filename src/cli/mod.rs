@@ -247,9 +247,8 @@ fn run(cli: Cli) -> Result<(), CliError> {
     telemetry::init(settings.log.format, matches!(command, Command::Serve));
     match command {
         Command::Config(_) | Command::Clients(_) => Ok(()), // handled above
-        Command::Serve => {
-            crate::gateway::run_blocking(settings).map_err(|e| CliError::Io(e.to_string()))
-        }
+        Command::Serve => crate::gateway::run_blocking(settings, &cli.config)
+            .map_err(|e| CliError::Io(e.to_string())),
         Command::Keys(cmd) => with_token(&settings, |token| keys(token, cmd, &settings.programmes)),
         Command::Hsm(HsmCommand::Check) => with_token(&settings, |token| check(token, &settings)),
         Command::Bench(BenchCommand::Engine { seconds, json }) => {

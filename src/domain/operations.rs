@@ -10,6 +10,7 @@ use crate::hsm::{self, KeyListing, Token};
 pub use crate::hsm::{RecoveryCounts, TokenState};
 
 use super::DomainError;
+use super::programme::Programmes;
 use super::rotation::KeyUsage;
 use super::service::{Caller, CardService};
 
@@ -79,8 +80,8 @@ impl CardService<Arc<Token>> {
         let token = Arc::clone(self.token());
         let listing = hsm::blocking(move || token.list_keys()).await?;
         self.record_request(caller, "key_inventory", None).await?;
-        let in_use = self.keys_in_use();
-        let usages = self.programmes().key_usages();
+        let in_use = self.keys_in_use(caller.programmes);
+        let usages = caller.programmes.key_usages();
         let keys = listing
             .into_iter()
             .map(|key| {
@@ -105,7 +106,7 @@ impl CardService<Arc<Token>> {
 
     /// Readiness: a real token call while ready (while down, the recovery
     /// step if due), then every configured key, then a store write.
-    pub async fn readiness(&self) -> Readiness {
+    pub async fn readiness(&self, programmes: &Programmes) -> Readiness {
         let token = Arc::clone(self.token());
         let hsm = match hsm::blocking(move || Ok(token.maintain())).await {
             Ok(TokenState::Ready) => "ok",
@@ -119,7 +120,7 @@ impl CardService<Arc<Token>> {
             }
         };
         let keys = if hsm == "ok" {
-            match self.check_keys().await {
+            match self.check_keys(programmes).await {
                 Ok(()) => "ok",
                 Err(DomainError::Unavailable(..) | DomainError::Internal(..)) => "unavailable",
                 Err(e) => {

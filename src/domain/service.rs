@@ -109,6 +109,9 @@ pub struct Caller<'a> {
     pub request_id: &'a str,
     /// Programmes the client may touch.
     pub access: &'a ProgrammeAccess,
+    /// The programmes as configured when the request began (a reload
+    /// replaces them for later requests only).
+    pub programmes: &'a Programmes,
 }
 
 /// The card fields common to every card request (DESIGN 4).
@@ -286,7 +289,6 @@ pub struct ServiceSettings {
 pub struct CardService<H> {
     engine: Arc<Engine<H>>,
     store: Store,
-    programmes: Programmes,
     settings: ServiceSettings,
     clock: Arc<dyn Clock>,
     observer: Arc<dyn HsmObserver>,
@@ -298,8 +300,6 @@ pub struct CardService<H> {
 pub struct ServiceParts {
     /// The store.
     pub store: Store,
-    /// The configured programmes.
-    pub programmes: Programmes,
     /// Its settings.
     pub settings: ServiceSettings,
     /// Its clock.
@@ -315,7 +315,6 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
     pub fn new(hsm: H, parts: ServiceParts) -> Self {
         let ServiceParts {
             store,
-            programmes,
             settings,
             clock,
             observer,
@@ -324,7 +323,6 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
         CardService {
             engine: Arc::new(Engine::new(hsm)),
             store,
-            programmes,
             settings,
             clock,
             observer,
@@ -337,11 +335,6 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
         &self.engine
     }
 
-    /// The configured programmes.
-    pub fn programmes(&self) -> &Programmes {
-        &self.programmes
-    }
-
     /// The store.
     pub fn store(&self) -> &Store {
         &self.store
@@ -352,12 +345,13 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
         &self.clock
     }
 
-    /// Labels of every key the service uses now: the PAN-index key, each
-    /// programme's current keys, and previous keys still in their grace period.
-    pub fn keys_in_use(&self) -> HashSet<String> {
+    /// Labels of every key the service uses now under `programmes`: the
+    /// PAN-index key, each programme's current keys, and previous keys still
+    /// in their grace period.
+    pub fn keys_in_use(&self, programmes: &Programmes) -> HashSet<String> {
         let now_ms = self.now_ms();
         let mut labels = HashSet::from([self.settings.pan_index_key.to_string()]);
-        for p in self.programmes.iter() {
+        for p in programmes.iter() {
             labels.extend(p.key_labels().map(ToString::to_string));
             labels.extend(
                 p.previous
@@ -456,10 +450,10 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
     ///
     /// # Errors
     /// The first key's error.
-    pub async fn check_keys(&self) -> Result<(), DomainError> {
+    pub async fn check_keys(&self, programmes: &Programmes) -> Result<(), DomainError> {
         let now_ms = self.now_ms();
         let mut wanted = vec![(self.settings.pan_index_key.clone(), KeyKind::PanIndex)];
-        for p in self.programmes.iter() {
+        for p in programmes.iter() {
             wanted.extend(
                 p.current_keys()
                     .into_iter()
@@ -532,7 +526,7 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
         pan: &Pan,
         key_association: Option<&str>,
     ) -> Result<Programme, DomainError> {
-        let programme = self
+        let programme = caller
             .programmes
             .resolve(pan, key_association)
             .ok_or(DomainError::UnknownProgramme)?;

@@ -154,7 +154,7 @@ pub async fn record(State(state): State<AppState>, mut request: Request, next: N
         .headers()
         .get("apikey")
         .and_then(|v| v.to_str().ok())
-        .filter(|k| state.clients().get(k).is_some())
+        .filter(|k| state.live().clients.get(k).is_some())
         .map(str::to_owned);
     let note = AuditNote::default();
     request.extensions_mut().insert(note.clone());

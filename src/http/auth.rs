@@ -26,6 +26,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use zeroize::Zeroizing;
 
 use super::AppState;
+use super::Live;
 use super::client_cert::ClientCertificate;
 use super::clients::{Client, Scope};
 use super::error::ApiError;
@@ -41,6 +42,8 @@ pub struct Authenticated {
     pub client: Arc<Client>,
     /// Its request id.
     pub request_id: RequestId,
+    /// The clients and programmes it runs under, to its end.
+    pub live: Arc<Live>,
 }
 
 /// Set on a response whose request was authenticated (for the request log).
@@ -103,7 +106,8 @@ pub async fn authenticate(State(state): State<AppState>, request: Request, next:
         body: &body,
     }
     .message();
-    let client = state.clients().get(&headers.apikey).cloned();
+    let live = state.live();
+    let client = live.clients.get(&headers.apikey).cloned();
     let secret = match &client {
         Some(c) => c
             .secrets
@@ -134,6 +138,7 @@ pub async fn authenticate(State(state): State<AppState>, request: Request, next:
     let authenticated = Authenticated {
         client: Arc::clone(&client),
         request_id: headers.request_id.clone(),
+        live,
     };
     let scope = route.and_then(Route::scope);
     let response = match scope {

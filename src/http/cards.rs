@@ -57,6 +57,7 @@ fn caller(auth: &Authenticated) -> Caller<'_> {
         client: &auth.client.apikey,
         request_id: auth.request_id.as_str(),
         access: &auth.client.access,
+        programmes: &auth.live.programmes,
     }
 }
 

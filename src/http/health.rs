@@ -47,7 +47,7 @@ pub async fn healthz() -> Json<Health> {
     responses((status = 200, body = Readiness), (status = 503, body = Readiness))
 )]
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
-    let checks = state.service().readiness().await;
+    let checks = state.service().readiness(&state.live().programmes).await;
     let audit = match state.trail().down_reason() {
         None => "ok".to_owned(),
         Some(reason) => format!("down: {reason}"),

@@ -87,6 +87,7 @@ pub struct Metrics {
     audit_seals: Family<SealLabels, Counter>,
     audit_down: Gauge<i64, std::sync::atomic::AtomicI64>,
     audit_refused: Counter,
+    config_reloads: Family<SealLabels, Counter>,
     hsm_up: Gauge<i64, std::sync::atomic::AtomicI64>,
     hsm_losses: Counter,
     hsm_reinit_attempts: Counter,
@@ -104,6 +105,7 @@ struct RefusalLabels {
     reason: &'static str,
 }
 
+/// An `outcome` label (seals, reloads).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SealLabels {
     outcome: &'static str,
@@ -116,6 +118,15 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// A configuration reload was applied (`true`) or refused (`false`).
+    pub fn reload(&self, applied: bool) {
+        self.config_reloads
+            .get_or_create(&SealLabels {
+                outcome: if applied { "applied" } else { "refused" },
+            })
+            .inc();
+    }
+
     /// A new, registered set.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("dcvv");
@@ -178,6 +189,12 @@ impl Metrics {
         let audit_seals = Family::<SealLabels, Counter>::default();
         let audit_down = Gauge::default();
         let audit_refused = Counter::default();
+        let config_reloads = Family::<SealLabels, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Configuration reloads (SIGHUP) by outcome: applied, or refused (the previous configuration keeps serving)",
+            config_reloads.clone(),
+        );
         registry.register(
             "audit_records",
             "Audit records made durable",
@@ -258,6 +275,7 @@ impl Metrics {
             audit_batch,
             audit_fsync,
             audit_seals,
+            config_reloads,
             audit_down,
             audit_refused,
             requests,

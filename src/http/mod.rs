@@ -50,8 +50,11 @@ use tower_http::request_id::{
 };
 use tower_http::trace::TraceLayer;
 
+use arc_swap::ArcSwap;
+
 use crate::audit::Trail;
 use crate::domain::Service;
+use crate::domain::programme::Programmes;
 use crate::domain::service::Clock;
 
 use clients::Clients;
@@ -68,10 +71,21 @@ pub struct RequestContext {
     pub id: String,
 }
 
+/// What a reload replaces (issue 12): the clients and the card programmes.
+/// A request takes both, whole, when its signature is checked and keeps them
+/// to its end, so a reload never changes a request already running.
+#[derive(Debug)]
+pub struct Live {
+    /// The API clients, with their secrets loaded.
+    pub clients: Clients,
+    /// The card programmes.
+    pub programmes: Programmes,
+}
+
 #[derive(Debug)]
 struct Shared {
     service: Service,
-    clients: Clients,
+    live: ArcSwap<Live>,
     metrics: Arc<Metrics>,
     settings: ServerSettings,
     trail: Trail,
@@ -85,14 +99,14 @@ impl AppState {
     /// State over a built service.
     pub fn new(
         service: Service,
-        clients: Clients,
+        live: Live,
         metrics: Arc<Metrics>,
         settings: ServerSettings,
         trail: Trail,
     ) -> Self {
         AppState(Arc::new(Shared {
             service,
-            clients,
+            live: ArcSwap::from_pointee(live),
             metrics,
             settings,
             trail,
@@ -109,9 +123,15 @@ impl AppState {
         &self.0.service
     }
 
-    /// The clients.
-    pub fn clients(&self) -> &Clients {
-        &self.0.clients
+    /// The clients and programmes now (a request keeps the ones it began with).
+    pub fn live(&self) -> Arc<Live> {
+        self.0.live.load_full()
+    }
+
+    /// Replaces the clients and programmes for every request that begins
+    /// from now on; requests already running keep theirs.
+    pub fn replace_live(&self, live: Live) {
+        self.0.live.store(Arc::new(live));
     }
 
     /// The metrics.

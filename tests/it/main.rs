@@ -38,6 +38,7 @@ mod portal_fields;
 mod postgres_faults;
 mod property;
 mod recovery;
+mod reload;
 mod rotation;
 mod store;
 mod token_faults;
