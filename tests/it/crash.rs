@@ -364,24 +364,38 @@ fn read_trail(dir: &Path) -> (Vec<Value>, bool) {
         .filter_map(|p| Some((parse_file_name(p.file_name()?.to_str()?)?, p)))
         .collect();
     files.sort();
-    let texts: Vec<Vec<u8>> = files
-        .iter()
-        .map(|(_, p)| std::fs::read(p).unwrap())
-        .filter(|t| !t.is_empty())
+    let texts: Vec<(std::path::PathBuf, Vec<u8>)> = files
+        .into_iter()
+        .map(|(_, p)| {
+            let bytes = std::fs::read(&p).unwrap();
+            (p, bytes)
+        })
+        .filter(|(_, t)| !t.is_empty())
         .collect();
     let mut records = Vec::new();
     let mut torn = false;
-    for (i, bytes) in texts.iter().enumerate() {
+    for (i, (path, bytes)) in texts.iter().enumerate() {
         let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
         if complete < bytes.len() {
-            assert_eq!(i + 1, texts.len(), "a partial line before the last file");
+            assert_eq!(
+                i + 1,
+                texts.len(),
+                "{}: a partial line before the last file",
+                path.display()
+            );
             torn = true;
         }
-        for line in bytes[..complete]
-            .split(|&b| b == b'\n')
-            .filter(|l| !l.is_empty())
-        {
-            records.push(serde_json::from_slice(line).unwrap());
+        for (n, line) in bytes[..complete].split(|&b| b == b'\n').enumerate() {
+            if !line.is_empty() {
+                records.push(serde_json::from_slice(line).unwrap_or_else(|e| {
+                    panic!(
+                        "{}:{}: not a JSON record ({e}): {}",
+                        path.display(),
+                        n + 1,
+                        String::from_utf8_lossy(line)
+                    )
+                }));
+            }
         }
     }
     (records, torn)
