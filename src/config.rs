@@ -20,9 +20,10 @@ use crate::domain::programme::{Programme, Programmes};
 use crate::domain::rotation::{self, PreviousKey};
 use crate::domain::service::{ProgrammeAccess, ServiceSettings};
 use crate::hsm::{HsmSettings, KeyLabel, PinSource};
-use crate::http::clients::{ClientSettings, Scope, SecretSource};
+use crate::http::clients::{ClientSettings, Organization, OrganizationAccess, Scope, SecretSource};
 use crate::http::settings::{ServerSettings, Transport};
 use crate::store::{DatabaseUrl, PostgresLocation, StoreSettings};
+use crate::telemetry::LogSettings;
 
 const DEFAULTS: &str = r#"
 [hsm]
@@ -60,6 +61,9 @@ seal_key = "audit-seal-v1"
 seal_every_records = 1000
 seal_interval_seconds = 60
 max_file_bytes = 67108864
+
+[log]
+format = "text"
 "#;
 
 /// The built-in defaults of every section as TOML, for `dcvv-gateway config
@@ -120,6 +124,7 @@ struct RawConfig {
     store: RawStore,
     keys: RawKeys,
     audit: RawAudit,
+    log: RawLog,
     #[serde(default)]
     programmes: Vec<RawProgramme>,
     #[serde(default)]
@@ -183,6 +188,13 @@ struct RawAudit {
     seal_every_records: u64,
     seal_interval_seconds: u64,
     max_file_bytes: u64,
+}
+
+/// `[log]`: the format is checked by name, so a typo names the field.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -254,6 +266,9 @@ struct RawClient {
     scopes: Vec<Scope>,
     /// Programme names, or `["*"]` for all.
     programmes: Vec<String>,
+    /// Organisation numbers it may name (absent: any).
+    #[serde(default)]
+    organizations: Option<Vec<String>>,
 }
 
 /// Everything the gateway needs to start, each layer's part in its own type.
@@ -273,6 +288,8 @@ pub struct Settings {
     pub clients: Vec<ClientSettings>,
     /// The audit trail.
     pub audit: AuditSettings,
+    /// The log's format.
+    pub log: LogSettings,
 }
 
 fn relative_to(base: &Path, path: PathBuf) -> PathBuf {
@@ -332,6 +349,13 @@ impl Settings {
             replay_window_seconds: raw.signatures.replay_window_seconds,
         };
         let audit = audit_settings(raw.audit, base)?;
+        let log = LogSettings {
+            format: raw
+                .log
+                .format
+                .parse()
+                .map_err(|e| err(format!("log.format: {e}")))?,
+        };
         let programmes = raw
             .programmes
             .into_iter()
@@ -353,6 +377,7 @@ impl Settings {
             programmes,
             clients,
             audit,
+            log,
         })
     }
 }
@@ -657,6 +682,27 @@ fn client(
         }
         ProgrammeAccess::Only(c.programmes.iter().cloned().collect())
     };
+    let organizations = match &c.organizations {
+        None => OrganizationAccess::Any,
+        Some(list) if list.is_empty() => {
+            return Err(err(format!(
+                "{}: at least one organisation number (leave the key out for any)",
+                at("organizations")
+            )));
+        }
+        Some(list) => OrganizationAccess::Only(
+            list.iter()
+                .map(|o| {
+                    Organization::parse(o).ok_or_else(|| {
+                        err(format!(
+                            "{}: {o:?} is not 1 to 3 decimal digits",
+                            at("organizations")
+                        ))
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+    };
     Ok(ClientSettings {
         secrets: c
             .secrets
@@ -668,6 +714,7 @@ fn client(
             .collect(),
         scopes: c.scopes.into_iter().collect(),
         access,
+        organizations,
         apikey: c.apikey,
     })
 }
@@ -847,6 +894,21 @@ mod tests {
     }
 
     #[test]
+    fn the_log_is_text_by_default_json_by_choice_and_refused_by_name() {
+        use crate::telemetry::LogFormat;
+        assert_eq!(load(MINIMAL).unwrap().log.format, LogFormat::Text);
+        let json = format!("{MINIMAL}\n[log]\nformat = \"json\"\n");
+        assert_eq!(load(&json).unwrap().log.format, LogFormat::Json);
+        let bad = format!("{MINIMAL}\n[log]\nformat = \"xml\"\n");
+        let e = load(&bad).unwrap_err().to_string();
+        assert!(e.contains("log.format") && e.contains("\"xml\""), "{e}");
+        assert!(e.contains("\"text\" or \"json\""), "{e}");
+        let typo = format!("{MINIMAL}\n[log]\nfromat = \"json\"\n");
+        let e = load(&typo).unwrap_err().to_string();
+        assert!(e.contains("fromat"), "{e}");
+    }
+
+    #[test]
     fn worker_threads_default_to_half_the_cores_and_are_refused_by_name() {
         let s = load(MINIMAL).unwrap();
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -903,6 +965,30 @@ mod tests {
         assert!(s.audit.directory.is_absolute() && s.audit.directory.ends_with("audit"));
         assert_eq!(s.audit.seal_key.as_str(), "audit-seal-v1");
         assert_eq!(s.audit.seal_every_records, 1000);
+    }
+
+    #[test]
+    fn client_organisations_are_any_by_default_and_checked_by_name() {
+        assert_eq!(
+            load(FULL).unwrap().clients[0].organizations,
+            OrganizationAccess::Any
+        );
+        // FULL ends inside its [[clients]] table.
+        let listed = format!("{FULL}\norganizations = [\"1\", \"001\", \"42\"]\n");
+        let OrganizationAccess::Only(own) = &load(&listed).unwrap().clients[0].organizations else {
+            panic!("a list expected")
+        };
+        let names: Vec<String> = own.iter().map(ToString::to_string).collect();
+        assert_eq!(names, ["001", "042"], "1 and 001 are one organisation");
+        for (list, says) in [
+            ("[]", "at least one"),
+            ("[\"1000\"]", "\"1000\" is not 1 to 3 decimal digits"),
+            ("[\"-1\"]", "is not 1 to 3"),
+        ] {
+            let bad = format!("{FULL}\norganizations = {list}\n");
+            let err = load(&bad).unwrap_err().to_string();
+            assert!(err.contains("organizations") && err.contains(says), "{err}");
+        }
     }
 
     #[test]

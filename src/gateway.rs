@@ -15,7 +15,7 @@ use std::time::Duration;
 use crate::audit::{AuditError, AuditObserver, Sealer, TokenSealer, Trail};
 use crate::config::Settings;
 use crate::domain::DomainError;
-use crate::domain::service::{CardService, Clock, SystemClock};
+use crate::domain::service::{CardService, Clock, ServiceParts, SystemClock};
 use crate::hsm::{self, HsmError, KeyListing, KeyUse, Lack, Needs, Token};
 use crate::http::clients::{ClientError, Clients};
 use crate::http::metrics::Metrics;
@@ -88,16 +88,19 @@ impl Gateway {
         let clients = Clients::load(&settings.clients)?;
         let store = Store::open(&settings.store).await?;
         let metrics = Arc::new(Metrics::new());
+        let trail = open_trail(settings, &token, &metrics).await?;
         let service = CardService::new(
             Arc::clone(&token),
-            store,
-            settings.programmes.clone(),
-            settings.service.clone(),
-            clock,
-            Arc::clone(&metrics) as Arc<dyn crate::domain::service::HsmObserver>,
+            ServiceParts {
+                store,
+                programmes: settings.programmes.clone(),
+                settings: settings.service.clone(),
+                clock,
+                observer: Arc::clone(&metrics) as Arc<dyn crate::domain::service::HsmObserver>,
+                journal: Arc::new(trail.clone()),
+            },
         );
         service.check_keys().await.map_err(StartError::Keys)?;
-        let trail = open_trail(settings, &token, &metrics).await?;
         Ok(Gateway {
             state: AppState::new(service, clients, metrics, settings.server.clone(), trail),
             cleanup_interval: settings.server.cleanup_interval,

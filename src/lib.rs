@@ -3,8 +3,9 @@
 //!
 //! Layers, one way: `gateway` (start-up and shutdown) -> `http` -> `domain`
 //! -> {`hsm`, `store`, `audit`}; `config` assembles each layer's settings;
-//! `cli` holds the commands (key ceremony, `serve`, `bench engine`); the client
-//! and the HTTP benchmark are the `dcvv-tools` crate's (`tools/`).
+//! `cli` holds the commands (key ceremony, `serve`, `bench engine`); `telemetry`
+//! installs the log (text or JSON lines on stderr); the client and the HTTP
+//! benchmark are the `dcvv-tools` crate's (`tools/`).
 //!
 //! What a test or an embedder drives: [`app`] (the router over an assembled
 //! state) and [`run`] (everything, on a listener of the caller's).
@@ -17,6 +18,7 @@ pub mod gateway;
 pub mod hsm;
 pub mod http;
 pub mod store;
+pub mod telemetry;
 
 pub use gateway::{Gateway, StartError, run};
 

@@ -62,6 +62,11 @@ pub struct RequestFacts {
     pub programme: Option<String>,
     /// Dynamic values: `I`, `A` or `W` when given.
     pub channel: Option<String>,
+    /// Dynamic values: the `organizationNumber` named, as 3 digits.
+    pub organization: Option<String>,
+    /// What the request did when its operation alone does not say it:
+    /// `unenroll` for dynamic values with `disableDCVV2 = "Y"`.
+    pub action: Option<String>,
     /// The key the result was computed under.
     pub key_label: Option<String>,
     /// Its KCV.

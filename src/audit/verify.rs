@@ -231,7 +231,7 @@ fn verify_file(
             }
         }
         match kind {
-            "request" | "notice" => {
+            "request" | "change" | "notice" => {
                 if summary.unsealed == 0 {
                     summary.first_unsealed_at = Some(format!("{name}:{line}"));
                 }

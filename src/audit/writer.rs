@@ -35,6 +35,7 @@ use super::record::{
     seal_message,
 };
 use super::{AuditError, AuditSettings, Sealer};
+use crate::domain::journal::{ChangeJournal, ChangeRecord, JournalFuture};
 
 /// How often a down trail tries to recover.
 pub const RETRY_INTERVAL: Duration = Duration::from_millis(500);
@@ -71,8 +72,11 @@ impl AuditObserver for NoAuditObserver {
 /// Where a submitter waits for its record's seq.
 type Reply = tokio::sync::oneshot::Sender<Result<u64, AuditError>>;
 
+/// A record to append: its fields and its kind.
+type Entry = (Fields, &'static str);
+
 enum Job {
-    Record(Box<RequestFacts>, Reply),
+    Record(Box<Entry>, Reply),
     Close(tokio::sync::oneshot::Sender<()>),
 }
 
@@ -91,6 +95,18 @@ pub struct Trail {
     health: Arc<Health>,
     observer: Arc<dyn AuditObserver>,
     directory: PathBuf,
+}
+
+/// The service's change records go into the trail's one chain.
+impl ChangeJournal for Trail {
+    fn record(&self, record: ChangeRecord) -> JournalFuture<'_> {
+        Box::pin(async move {
+            self.append_change(&record)
+                .await
+                .map(|_| ())
+                .map_err(|e| Box::new(e) as _)
+        })
+    }
 }
 
 impl std::fmt::Debug for Job {
@@ -190,12 +206,36 @@ impl Trail {
     /// # Errors
     /// `Down` when the trail is down or the write failed; `Timeout`; `Stopped`.
     pub async fn append(&self, facts: RequestFacts) -> Result<u64, AuditError> {
+        self.submit(fields_of(&facts), "request").await
+    }
+
+    /// Appends a change record (made before a store transaction may commit,
+    /// or after one did not) and waits until it is durable; returns its seq.
+    ///
+    /// # Errors
+    /// As [`Trail::append`].
+    pub async fn append_change(&self, change: &ChangeRecord) -> Result<u64, AuditError> {
+        let mut fields = Fields::new();
+        let mut put = |key: &str, value: Value| {
+            fields.insert(key.to_owned(), value);
+        };
+        put("time", Value::from(record::time_text(change.time_ms)));
+        put("request_id", Value::from(change.request_id.as_str()));
+        put("client", Value::from(change.client.as_str()));
+        put("operation", Value::from(change.operation));
+        put("masked_pan", Value::from(change.masked_pan.clone()));
+        put("programme", Value::from(change.programme.clone()));
+        put("phase", Value::from(change.phase.as_str()));
+        self.submit(fields, "change").await
+    }
+
+    async fn submit(&self, fields: Fields, kind: &'static str) -> Result<u64, AuditError> {
         if let Some(reason) = self.down_reason() {
             return Err(AuditError::Down(reason));
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.jobs
-            .try_send(Job::Record(Box::new(facts), tx))
+            .try_send(Job::Record(Box::new((fields, kind)), tx))
             .map_err(|e| match e {
                 mpsc::TrySendError::Full(_) => AuditError::QueueFull,
                 mpsc::TrySendError::Disconnected(_) => AuditError::Stopped,
@@ -380,7 +420,7 @@ impl Writer {
         let _ = reply.send(());
     }
 
-    fn commit(&mut self, batch: Vec<(Box<RequestFacts>, Reply)>) {
+    fn commit(&mut self, batch: Vec<(Box<Entry>, Reply)>) {
         if let Some(reason) = self.down_reason() {
             for (_, reply) in batch {
                 self.health.refused.fetch_add(1, Ordering::SeqCst);
@@ -388,13 +428,13 @@ impl Writer {
             }
             return;
         }
-        let records: Vec<(Fields, &'static str)> = batch
-            .iter()
-            .map(|(facts, _)| (fields_of(facts.as_ref()), "request"))
-            .collect();
+        let (records, replies): (Vec<Entry>, Vec<Reply>) = batch
+            .into_iter()
+            .map(|(entry, reply)| (*entry, reply))
+            .unzip();
         match self.append(records) {
             Ok(first) => {
-                for (i, (_, reply)) in batch.into_iter().enumerate() {
+                for (i, reply) in replies.into_iter().enumerate() {
                     let _ = reply.send(Ok(first + i as u64));
                 }
                 // By count, or by time under steady load (when the queue never
@@ -413,7 +453,7 @@ impl Writer {
                 }
             }
             Err(reason) => {
-                for (_, reply) in batch {
+                for reply in replies {
                     let _ = reply.send(Err(AuditError::Down(reason)));
                 }
             }

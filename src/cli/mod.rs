@@ -32,6 +32,7 @@ use crate::domain::rotation;
 use crate::hsm::{
     Component, CreatedKey, HsmError, Kcv, KeyKind, KeyLabel, KeyListing, OaepHash, Token,
 };
+use crate::telemetry::{self, LogFormat};
 
 /// dcvv-gateway: card security codes computed inside a PKCS#11 HSM.
 #[derive(Debug, Parser)]
@@ -205,46 +206,45 @@ fn also_refused(refused: usize) -> String {
 /// Parses arguments, runs the command, and turns the outcome into an exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(matches!(cli.command, Command::Serve));
+    let serving = matches!(cli.command, Command::Serve);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            // The stderr of `serve` is the service's log: in JSON, its last line is
+            // JSON too. Other commands, and a configuration that could not be read
+            // (the log's format unknown), end with one `error:` line.
+            if serving
+                && telemetry::installed() == Some(LogFormat::Json)
+                && tracing::enabled!(tracing::Level::ERROR)
+            {
+                tracing::error!(error = %e, "dcvv-gateway serve stopped");
+            } else {
+                eprintln!("error: {e}");
+            }
             ExitCode::FAILURE
         }
     }
-}
-
-/// Logs to stderr, at `info` when serving and `warn` otherwise unless `RUST_LOG`
-/// says more; also what `dcvv-tools` logs with (its benchmark opens the token).
-pub fn init_logging(serving: bool) {
-    let default = if serving { "info" } else { "warn" };
-    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    // cryptoki logs an error each time it cannot parse CKA_ALLOWED_MECHANISMS of a
-    // derive-only key, which is expected (see hsm::mechanism::read_allowed_mechanisms).
-    if let Ok(quiet) = "cryptoki::mechanism=off".parse() {
-        filter = filter.add_directive(quiet);
-    }
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
 }
 
 fn run(cli: Cli) -> Result<(), CliError> {
     let command = match cli.command {
         // The built-in defaults are the code's: no configuration file, no token.
         Command::Config(ConfigCommand::Defaults) => {
+            telemetry::init(LogFormat::Text, false);
             print_defaults();
             return Ok(());
         }
         // A new secret needs neither the configuration nor the token.
-        Command::Clients(cmd) => return clients::run(cmd),
+        Command::Clients(cmd) => {
+            telemetry::init(LogFormat::Text, false);
+            return clients::run(cmd);
+        }
         command => command,
     };
+    // The configuration names the log's format, so it is read first; nothing
+    // logs while it loads, and its errors are the `error:` line of `main`.
     let settings = Settings::load(&cli.config)?;
+    telemetry::init(settings.log.format, matches!(command, Command::Serve));
     match command {
         Command::Config(_) | Command::Clients(_) => Ok(()), // handled above
         Command::Serve => {

@@ -8,6 +8,7 @@ pub mod blocks;
 pub mod card;
 pub mod emv;
 pub mod engine;
+pub mod journal;
 pub mod operations;
 pub mod programme;
 pub mod rotation;
@@ -72,6 +73,8 @@ pub enum Dependency {
     HsmSessions,
     /// The store.
     Store,
+    /// The audit trail (a change record could not be made durable first).
+    Audit,
 }
 
 impl std::fmt::Display for Dependency {
@@ -80,6 +83,7 @@ impl std::fmt::Display for Dependency {
             Dependency::Hsm => "HSM",
             Dependency::HsmSessions => "HSM session",
             Dependency::Store => "store",
+            Dependency::Audit => "audit trail",
         })
     }
 }
@@ -93,6 +97,9 @@ pub enum Cause {
     /// From the store.
     #[error(transparent)]
     Store(StoreError),
+    /// From the audit trail.
+    #[error(transparent)]
+    Audit(journal::JournalError),
 }
 
 impl DomainError {

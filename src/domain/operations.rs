@@ -78,7 +78,7 @@ impl CardService<Arc<Token>> {
     pub async fn key_inventory(&self, caller: &Caller<'_>) -> Result<KeyInventory, DomainError> {
         let token = Arc::clone(self.token());
         let listing = hsm::blocking(move || token.list_keys()).await?;
-        self.record_request(caller).await?;
+        self.record_request(caller, "key_inventory", None).await?;
         let in_use = self.keys_in_use();
         let usages = self.programmes().key_usages();
         let keys = listing

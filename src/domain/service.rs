@@ -14,11 +14,17 @@
 //!   a request id is only spent on a request that was carried out. The claim
 //!   of the request id in that transaction is the one replay check: a replay
 //!   costs its token work and then gets 409 with nothing changed.
+//! - **a record first**: before that transaction may commit, a change record
+//!   is durable in the audit trail ([`journal`](super::journal)); when it does
+//!   not commit, a compensating record says so. A trail that cannot take the
+//!   record refuses the change (503 `audit_unavailable`), so the trail never
+//!   misses a change, even when it fails while a request is running.
 //!
 //! No HTTP types here.
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use zeroize::Zeroizing;
@@ -26,12 +32,13 @@ use zeroize::Zeroizing;
 use crate::hsm::{self, CardCrypto, HsmError, Kcv, KeyKind, KeyLabel};
 use crate::store::{CardId, Enrollment, Store, StoreError, StoreTx};
 
-use super::DomainError;
 use super::card::{Atc, CodeLength, Expiry, Pan, Psn, SecurityCode, ServiceCode};
 use super::emv::{self, ArqcInput};
 use super::engine::{Engine, StaticCodeKind, WindowCode};
+use super::journal::{ChangeJournal, ChangePhase, ChangeRecord};
 use super::programme::{Programme, Programmes};
 use super::rotation::{self, KeyRole};
+use super::{Cause, Dependency, DomainError};
 
 /// Domain separation of the PAN-index HMAC input (DESIGN 6: the store keys
 /// cards by a keyed hash of the PAN, never the PAN).
@@ -283,18 +290,37 @@ pub struct CardService<H> {
     settings: ServiceSettings,
     clock: Arc<dyn Clock>,
     observer: Arc<dyn HsmObserver>,
+    journal: Arc<dyn ChangeJournal>,
+}
+
+/// What a [`CardService`] works with besides its token.
+#[derive(Debug, Clone)]
+pub struct ServiceParts {
+    /// The store.
+    pub store: Store,
+    /// The configured programmes.
+    pub programmes: Programmes,
+    /// Its settings.
+    pub settings: ServiceSettings,
+    /// Its clock.
+    pub clock: Arc<dyn Clock>,
+    /// Told about every token call.
+    pub observer: Arc<dyn HsmObserver>,
+    /// Where change records go before a commit (the audit trail).
+    pub journal: Arc<dyn ChangeJournal>,
 }
 
 impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
-    /// A service over an HSM port, a store and the configured programmes.
-    pub fn new(
-        hsm: H,
-        store: Store,
-        programmes: Programmes,
-        settings: ServiceSettings,
-        clock: Arc<dyn Clock>,
-        observer: Arc<dyn HsmObserver>,
-    ) -> Self {
+    /// A service over an HSM port and its parts.
+    pub fn new(hsm: H, parts: ServiceParts) -> Self {
+        let ServiceParts {
+            store,
+            programmes,
+            settings,
+            clock,
+            observer,
+            journal,
+        } = parts;
         CardService {
             engine: Arc::new(Engine::new(hsm)),
             store,
@@ -302,6 +328,7 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
             settings,
             clock,
             observer,
+            journal,
         }
     }
 
@@ -342,15 +369,84 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
         labels
     }
 
-    /// Spends a request id for a request that changes no card state (key inventory).
+    /// Spends a request id for a request that changes no card state (key
+    /// inventory, static codes, the contactless and EMV checks).
     ///
     /// # Errors
-    /// `DuplicateRequest`, `Store`.
-    pub async fn record_request(&self, caller: &Caller<'_>) -> Result<(), DomainError> {
+    /// `DuplicateRequest`, `Unavailable` (store or audit trail).
+    pub async fn record_request(
+        &self,
+        caller: &Caller<'_>,
+        operation: &'static str,
+        card: Option<(&Pan, &Programme)>,
+    ) -> Result<(), DomainError> {
         let claim = self.claim(caller);
-        self.store
-            .transact(move |tx| claim.apply(tx).map_err(DomainError::from))
-            .await
+        self.commit(self.change(caller, operation, card), move |tx| {
+            claim.apply(tx).map_err(DomainError::from)
+        })
+        .await
+    }
+
+    /// The change record of a request about to commit.
+    fn change(
+        &self,
+        caller: &Caller<'_>,
+        operation: &'static str,
+        card: Option<(&Pan, &Programme)>,
+    ) -> ChangeRecord {
+        ChangeRecord {
+            time_ms: self.now_ms(),
+            request_id: caller.request_id.to_owned(),
+            client: caller.client.to_owned(),
+            operation,
+            masked_pan: card.map(|(pan, _)| pan.masked()),
+            programme: card.map(|(_, p)| p.name.clone()),
+            phase: ChangePhase::BeforeCommit,
+        }
+    }
+
+    /// The one way the service changes the store: `change` durable in the
+    /// journal first, then the transaction; when it does not commit, a
+    /// compensating record (`rolled_back`, or `commit_failed` when the work
+    /// was done and the commit itself failed).
+    ///
+    /// # Errors
+    /// `Unavailable(Audit)` before anything ran when the journal cannot take
+    /// the record; otherwise the transaction's own error.
+    async fn commit<T, E, F>(&self, change: ChangeRecord, work: F) -> Result<T, E>
+    where
+        F: FnOnce(&mut StoreTx<'_>) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<StoreError> + From<DomainError> + Send + 'static,
+    {
+        if let Err(e) = self.journal.record(change.clone()).await {
+            return Err(DomainError::Unavailable(Dependency::Audit, Cause::Audit(e)).into());
+        }
+        let worked = Arc::new(AtomicBool::new(false));
+        let done = Arc::clone(&worked);
+        let result = self
+            .store
+            .transact(move |tx| {
+                let result = work(tx);
+                done.store(result.is_ok(), Ordering::Release);
+                result
+            })
+            .await;
+        if result.is_err() {
+            let phase = if worked.load(Ordering::Acquire) {
+                ChangePhase::CommitFailed
+            } else {
+                ChangePhase::RolledBack
+            };
+            let request_id = change.request_id.clone();
+            let compensating = ChangeRecord { phase, ..change };
+            if let Err(e) = self.journal.record(compensating).await {
+                // The trail keeps the `before_commit` record: it over-reports,
+                // never under-reports.
+                tracing::warn!(%request_id, phase = phase.as_str(), error = %e, "compensating audit record not durable");
+            }
+        }
+        result
     }
 
     /// Checks that every key the service uses is present and within its
@@ -544,11 +640,11 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
             masked_pan: card.pan.masked(),
             enrolled_at: claim.now,
         };
+        let change = self.change(caller, "dynamic_values", Some((&card.pan, &programme)));
         let newly_enrolled = self
-            .store
-            .transact(move |tx| {
+            .commit(change, move |tx| {
                 claim.apply(tx)?;
-                enroll(tx, &card_id, &enrollment)
+                Ok::<_, DomainError>(enroll(tx, &card_id, &enrollment)?)
             })
             .await?;
         Ok(GeneratedValues {
@@ -581,9 +677,10 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
             masked_pan: card.pan.masked(),
             enrolled_at: claim.now,
         };
+        let operation = if enrol { "enrollment" } else { "unenrollment" };
+        let change = self.change(caller, operation, Some((&card.pan, &programme)));
         let (changed, enrolled_at) = self
-            .store
-            .transact(move |tx| {
+            .commit(change, move |tx| {
                 claim.apply(tx)?;
                 let changed = if enrol {
                     enroll(tx, &card_id, &enrollment)?
@@ -591,7 +688,7 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
                     tx.unenroll(&card_id)?
                 };
                 let enrolled_at = tx.enrollment(&card_id)?.map(|e| e.enrolled_at);
-                Ok::<_, StoreError>((changed, enrolled_at))
+                Ok::<_, DomainError>((changed, enrolled_at))
             })
             .await?;
         Ok(EnrollmentStatus {
@@ -614,11 +711,11 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
         let programme = self.admit(caller, card, false)?;
         let card_id = self.card_id(&card.pan).await?;
         let claim = self.claim(caller);
+        let change = self.change(caller, "enquiry", Some((&card.pan, &programme)));
         let enrollment = self
-            .store
-            .transact(move |tx| {
+            .commit(change, move |tx| {
                 claim.apply(tx)?;
-                tx.enrollment(&card_id)
+                Ok::<_, DomainError>(tx.enrollment(&card_id)?)
             })
             .await?;
         Ok(EnrollmentStatus {
@@ -668,9 +765,9 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
             let (enrolled, matched, is_static) =
                 (checked.enrolled, checked.matched, checked.is_static);
             let strict = attempt < STALE_ATTEMPTS;
+            let change = self.change(caller, "cvv2_verification", Some((&card.pan, &programme)));
             let outcome = self
-                .store
-                .transact(move |tx| {
+                .commit(change, move |tx| {
                     claim.apply(tx)?;
                     let now_enrolled = tx.enrollment(&card_id)?.is_some();
                     if now_enrolled != enrolled && strict {
@@ -803,7 +900,8 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
                 engine.static_code(&cvk, &pan, expiry, kind, digits)
             })
             .await?;
-        self.record_request(caller).await?;
+        self.record_request(caller, "security_code", Some((&card.pan, &programme)))
+            .await?;
         Ok(StaticCode {
             card: Self::context(card, &programme),
             code: issued.code,
@@ -838,7 +936,8 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
                 })
             })
             .await?;
-        self.record_request(caller).await?;
+        self.record_request(caller, "dcvv_verification", Some((&card.pan, &programme)))
+            .await?;
         let (verification, _) = self.verdict(
             &programme,
             Self::context(card, &programme),
@@ -879,7 +978,8 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
                 })
             })
             .await?;
-        self.record_request(caller).await?;
+        self.record_request(caller, "cvc3_verification", Some((&card.pan, &programme)))
+            .await?;
         let (verification, _) = self.verdict(
             &programme,
             Self::context(card, &programme),
@@ -915,7 +1015,8 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
                 })
             })
             .await?;
-        self.record_request(caller).await?;
+        self.record_request(caller, "arqc_verification", Some((&card.pan, &programme)))
+            .await?;
         let context = CardContext {
             masked_pan: card.pan.masked(),
             programme: programme.name.clone(),
@@ -1036,6 +1137,12 @@ enum TxError {
 impl From<StoreError> for TxError {
     fn from(e: StoreError) -> Self {
         TxError::Domain(e.into())
+    }
+}
+
+impl From<DomainError> for TxError {
+    fn from(e: DomainError) -> Self {
+        TxError::Domain(e)
     }
 }
 

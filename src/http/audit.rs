@@ -31,6 +31,7 @@ use crate::domain::card::Pan;
 use crate::domain::service::{CardContext, KeyUse, Reason};
 
 use super::auth::ClientId;
+use super::clients::Organization;
 use super::error::{ApiError, ErrorCode};
 use super::routes::Route;
 use super::{AppState, RequestContext};
@@ -41,6 +42,8 @@ struct Notes {
     masked_pan: Option<String>,
     programme: Option<String>,
     channel: Option<String>,
+    organization: Option<String>,
+    action: Option<&'static str>,
     key: Option<(String, String)>,
     result: Option<(bool, &'static str)>,
 }
@@ -67,6 +70,17 @@ impl AuditNote {
             n.masked_pan = Some(card.masked_pan.clone());
             n.programme = Some(card.programme.clone());
         });
+    }
+
+    /// The organisation a dynamic-values request named.
+    pub fn organization(&self, organization: Organization) {
+        self.with(|n| n.organization = Some(organization.to_string()));
+    }
+
+    /// What a request did when its route alone does not say it
+    /// (`unenroll` for dynamic values with `disableDCVV2 = "Y"`).
+    pub fn action(&self, action: &'static str) {
+        self.with(|n| n.action = Some(action));
     }
 
     /// The channel letter of a dynamic-values request.
@@ -172,6 +186,8 @@ pub async fn record(State(state): State<AppState>, mut request: Request, next: N
         masked_pan: notes.masked_pan,
         programme: notes.programme,
         channel: notes.channel,
+        organization: notes.organization,
+        action: notes.action.map(str::to_owned),
         key_label,
         key_kcv,
         outcome: outcome.to_owned(),

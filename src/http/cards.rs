@@ -16,9 +16,10 @@ use super::audit::AuditNote;
 use super::auth::Authenticated;
 use super::dto::{
     ArqcVerificationRequest, ArqcVerificationResponse, CardRequest, Cvc3VerificationRequest,
-    Cvv2VerificationRequest, DcvvVerificationRequest, DynamicValue, DynamicValuesRequest,
-    DynamicValuesResponse, EnrollmentResponse, KeyEntry, KeyUsedBy, KeysResponse,
-    SecurityCodeRequest, SecurityCodeResponse, VerificationResponse, rfc3339, rfc3339_ms,
+    Cvv2VerificationRequest, DcvvVerificationRequest, DynamicValue, DynamicValuesCall,
+    DynamicValuesRequest, DynamicValuesResponse, EnrollmentResponse, KeyEntry, KeyUsedBy,
+    KeysResponse, SecurityCodeRequest, SecurityCodeResponse, VerificationResponse, rfc3339,
+    rfc3339_ms,
 };
 use super::error::{ApiError, ErrorBody};
 use super::routes::Route;
@@ -98,10 +99,42 @@ impl<T: DeserializeOwned> FromRequest<AppState> for Signed<T> {
 pub async fn dynamic_values(
     call: Signed<DynamicValuesRequest>,
 ) -> ApiResult<DynamicValuesResponse> {
-    let (card, count, channel) = call.request.parse()?;
+    let DynamicValuesCall {
+        card,
+        count,
+        channel,
+        organization,
+        disable,
+    } = call.request.parse()?;
     call.note.pan(&card.pan);
     if let Some(channel) = channel {
         call.note.channel(channel.letter());
+    }
+    if let Some(organization) = organization {
+        call.note.organization(organization);
+    }
+    if !call.auth.client.organizations.allows(organization) {
+        return Err(ApiError::forbidden_organization());
+    }
+    if disable {
+        call.note.action("unenroll");
+        let status = call
+            .state
+            .service()
+            .set_enrollment(&call.caller(), &card, false)
+            .await?;
+        call.note.card(&status.card);
+        return Ok(Json(DynamicValuesResponse {
+            card_number: status.card.masked_pan.clone(),
+            dcvv2: None,
+            dcvv2_generation_time: None,
+            dcvv2_expiry_minutes: None,
+            values: Vec::new(),
+            enrollment: "not_enrolled",
+            changed: Some(status.changed),
+            programme: status.card.programme.clone(),
+            key_check_value: None,
+        }));
     }
     let generated = call
         .state
@@ -125,15 +158,18 @@ pub async fn dynamic_values(
         .map_or(0, |v| v.valid_until.saturating_mul(1000));
     Ok(Json(DynamicValuesResponse {
         card_number: generated.card.masked_pan.clone(),
-        dcvv2: values.first().map(|v| v.dcvv2.clone()).unwrap_or_default(),
-        dcvv2_generation_time: rfc3339_ms(generated.generated_at_ms).unwrap_or_default(),
-        dcvv2_expiry_minutes: first_until_ms
-            .saturating_sub(generated.generated_at_ms)
-            .div_ceil(60_000),
+        dcvv2: Some(values.first().map(|v| v.dcvv2.clone()).unwrap_or_default()),
+        dcvv2_generation_time: Some(rfc3339_ms(generated.generated_at_ms).unwrap_or_default()),
+        dcvv2_expiry_minutes: Some(
+            first_until_ms
+                .saturating_sub(generated.generated_at_ms)
+                .div_ceil(60_000),
+        ),
         values,
         enrollment: "enrolled",
+        changed: None,
         programme: generated.card.programme.clone(),
-        key_check_value: generated.key.kcv.to_string(),
+        key_check_value: Some(generated.key.kcv.to_string()),
     }))
 }
 

@@ -54,6 +54,48 @@ impl Scope {
     }
 }
 
+/// An issuer organisation number as the portal's `organizationNumber` carries
+/// it: 1 to 3 decimal digits; `1`, `01` and `001` are the same organisation,
+/// written `001` in the audit trail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Organization(u16);
+
+impl Organization {
+    /// Parses 1 to 3 decimal digits.
+    pub fn parse(text: &str) -> Option<Organization> {
+        ((1..=3).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| text.parse().ok().map(Organization))
+            .flatten()
+    }
+}
+
+impl std::fmt::Display for Organization {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:03}", self.0)
+    }
+}
+
+/// The organisations a client may name in `organizationNumber`.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum OrganizationAccess {
+    /// Any, or none named (no `organizations` key in its config).
+    #[default]
+    Any,
+    /// Only these; a request must name one of them.
+    Only(std::collections::BTreeSet<Organization>),
+}
+
+impl OrganizationAccess {
+    /// Whether a request naming `organization` (or none) may go on.
+    pub fn allows(&self, organization: Option<Organization>) -> bool {
+        match (self, organization) {
+            (OrganizationAccess::Any, _) => true,
+            (OrganizationAccess::Only(allowed), Some(o)) => allowed.contains(&o),
+            (OrganizationAccess::Only(_), None) => false,
+        }
+    }
+}
+
 /// Where one client secret comes from.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
@@ -75,6 +117,8 @@ pub struct ClientSettings {
     pub scopes: HashSet<Scope>,
     /// Programmes it may touch.
     pub access: ProgrammeAccess,
+    /// Organisations it may name on dynamic-values requests.
+    pub organizations: OrganizationAccess,
 }
 
 /// A client, with its secrets loaded.
@@ -88,6 +132,8 @@ pub struct Client {
     pub scopes: HashSet<Scope>,
     /// Its programmes.
     pub access: ProgrammeAccess,
+    /// Its organisations.
+    pub organizations: OrganizationAccess,
 }
 
 /// A client secret that could not be loaded; names the source, never the value.
@@ -146,6 +192,7 @@ impl Clients {
                 secrets,
                 scopes: c.scopes.clone(),
                 access: c.access.clone(),
+                organizations: c.organizations.clone(),
             };
             if clients.insert(c.apikey.clone(), Arc::new(client)).is_some() {
                 return Err(ClientError::Duplicate(c.apikey.clone()));
@@ -206,6 +253,7 @@ mod tests {
             secrets: vec![SecretSource::File(path)],
             scopes: HashSet::from([Scope::Keys]),
             access: ProgrammeAccess::All,
+            organizations: OrganizationAccess::Any,
         };
         let clients = Clients::load(&[settings(good.clone())]).unwrap();
         assert_eq!(clients.get("cms").unwrap().secrets.len(), 1);

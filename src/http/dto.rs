@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use zeroize::Zeroizing;
 
+use super::clients::Organization;
 use crate::domain::service::{
     ArqcVerification, CardData, Cvc3Input, EmvCard, EnrollmentStatus, Method, Reason, ValueCount,
     Verification,
@@ -171,8 +172,44 @@ card_request!(
         /// `I` IVR, `A` ATM, `W` web; recorded in the audit.
         #[serde(default)]
         channel: Option<String>,
+        /// The portal's switch: `Y` resets the card to its static CVV2
+        /// (unenrols it) and returns no values; `N` or absent generates.
+        #[serde(default, rename = "disableDCVV2")]
+        #[schema(example = "N")]
+        disable_dcvv2: Option<String>,
+        /// The issuer organisation, 1 to 3 digits (a string, or a number as
+        /// some portal integrations send it); recorded in the audit. A client
+        /// restricted to organisations must name one of its own.
+        #[serde(default)]
+        #[schema(value_type = Option<String>, example = "001")]
+        organization_number: Option<Digits>,
     }
 );
+
+/// A field of digits sent as a JSON string or as a JSON number.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Digits {
+    /// `"001"`.
+    Text(String),
+    /// `1`.
+    Number(u64),
+}
+
+/// A dynamic-values request, parsed.
+#[derive(Debug)]
+pub struct DynamicValuesCall {
+    /// The card.
+    pub card: CardData,
+    /// How many values.
+    pub count: ValueCount,
+    /// Where the request came from, when said.
+    pub channel: Option<Channel>,
+    /// The organisation, when named.
+    pub organization: Option<Organization>,
+    /// `disableDCVV2 = "Y"`: unenrol instead of generating.
+    pub disable: bool,
+}
 
 /// Where a dynamic-value request came from (DESIGN 4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,7 +238,7 @@ impl DynamicValuesRequest {
     ///
     /// # Errors
     /// `Invalid` naming the first bad field.
-    pub fn parse(&self) -> Result<(CardData, ValueCount, Option<Channel>), DomainError> {
+    pub fn parse(&self) -> Result<DynamicValuesCall, DomainError> {
         let card = self.card()?;
         let count = ValueCount::try_from(self.number_of_values.unwrap_or(1))?;
         let channel = match self.channel.as_deref() {
@@ -211,7 +248,28 @@ impl DynamicValuesRequest {
             Some("W") => Some(Channel::Web),
             Some(_) => return Err(invalid("channel", "must be I, A or W")),
         };
-        Ok((card, count, channel))
+        let disable = match self.disable_dcvv2.as_deref() {
+            None | Some("N") => false,
+            Some("Y") => true,
+            Some(_) => return Err(invalid("disableDCVV2", "must be Y or N")),
+        };
+        const DIGITS: &str = "must be 1 to 3 decimal digits";
+        let organization = match &self.organization_number {
+            None => None,
+            Some(Digits::Text(text)) => {
+                Some(Organization::parse(text).ok_or(invalid("organizationNumber", DIGITS))?)
+            }
+            Some(Digits::Number(n)) => Some(
+                Organization::parse(&n.to_string()).ok_or(invalid("organizationNumber", DIGITS))?,
+            ),
+        };
+        Ok(DynamicValuesCall {
+            card,
+            count,
+            channel,
+            organization,
+            disable,
+        })
     }
 }
 
@@ -562,20 +620,28 @@ pub struct DynamicValue {
 pub struct DynamicValuesResponse {
     /// Masked PAN (first 6, last 4).
     pub card_number: String,
-    /// The current value (the first of `values`).
-    pub dcvv2: String,
-    /// When the values were computed, RFC 3339 UTC.
-    pub dcvv2_generation_time: String,
-    /// Whole minutes, rounded up, until the first value's `validUntil`.
-    pub dcvv2_expiry_minutes: u64,
-    /// The values, current window first.
+    /// The current value (the first of `values`); absent with `disableDCVV2 = "Y"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dcvv2: Option<String>,
+    /// When the values were computed, RFC 3339 UTC; absent with `disableDCVV2 = "Y"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dcvv2_generation_time: Option<String>,
+    /// Whole minutes, rounded up, until the first value's `validUntil`;
+    /// absent with `disableDCVV2 = "Y"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dcvv2_expiry_minutes: Option<u64>,
+    /// The values, current window first; empty with `disableDCVV2 = "Y"`.
     pub values: Vec<DynamicValue>,
-    /// Always `enrolled` after a generation.
+    /// `enrolled` after a generation, `not_enrolled` after `disableDCVV2 = "Y"`.
     pub enrollment: &'static str,
+    /// With `disableDCVV2 = "Y"`: whether the card was enrolled until this request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub changed: Option<bool>,
     /// The card programme.
     pub programme: String,
-    /// KCV of the IMK-TDCVV2 used.
-    pub key_check_value: String,
+    /// KCV of the IMK-TDCVV2 used; absent with `disableDCVV2 = "Y"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_check_value: Option<String>,
 }
 
 /// Answer of enrolment, unenrolment and enquiry.
@@ -787,9 +853,57 @@ mod tests {
             r#"{"cardNumber":"4123450000000001","expiryDate":"3012","numberOfValues":24,"channel":"W"}"#,
         )
         .unwrap();
-        let (_, count, channel) = r.parse().unwrap();
-        assert_eq!(count, ValueCount::try_from(24).unwrap());
-        assert_eq!(channel, Some(Channel::Web));
+        let call = r.parse().unwrap();
+        assert_eq!(call.count, ValueCount::try_from(24).unwrap());
+        assert_eq!(call.channel, Some(Channel::Web));
+        assert_eq!((call.organization, call.disable), (None, false));
+        for (fields, organization, disable) in [
+            (r#""disableDCVV2":"Y""#, None, true),
+            (
+                r#""disableDCVV2":"N","organizationNumber":"7""#,
+                Organization::parse("007"),
+                false,
+            ),
+            (
+                r#""organizationNumber":"001""#,
+                Organization::parse("1"),
+                false,
+            ),
+            (
+                r#""organizationNumber":999"#,
+                Organization::parse("999"),
+                false,
+            ),
+        ] {
+            let r: DynamicValuesRequest = parse(&format!(
+                r#"{{"cardNumber":"4123450000000001","expiryDate":"3012",{fields}}}"#
+            ))
+            .unwrap();
+            let call = r.parse().unwrap();
+            assert_eq!(
+                (call.organization, call.disable),
+                (organization, disable),
+                "{fields}"
+            );
+        }
+        for (fields, field) in [
+            (r#""disableDCVV2":"y""#, "disableDCVV2"),
+            (r#""disableDCVV2":"""#, "disableDCVV2"),
+            (r#""organizationNumber":"""#, "organizationNumber"),
+            (r#""organizationNumber":"1000""#, "organizationNumber"),
+            (r#""organizationNumber":"12a""#, "organizationNumber"),
+            (r#""organizationNumber":" 12""#, "organizationNumber"),
+            (r#""organizationNumber":1000"#, "organizationNumber"),
+        ] {
+            let r: DynamicValuesRequest = parse(&format!(
+                r#"{{"cardNumber":"4123450000000001","expiryDate":"3012",{fields}}}"#
+            ))
+            .unwrap();
+            assert!(
+                matches!(r.parse().unwrap_err(), DomainError::Invalid { field: f, .. } if f == field),
+                "{fields}"
+            );
+        }
         let r: DynamicValuesRequest =
             parse(r#"{"cardNumber":"4123450000000001","expiryDate":"3012","numberOfValues":25}"#)
                 .unwrap();

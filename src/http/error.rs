@@ -122,6 +122,15 @@ impl ApiError {
         )
     }
 
+    /// 403: the client may not name this organisation (or must name one of its own).
+    pub fn forbidden_organization() -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "forbidden_organization",
+            "this client must name one of its organisations in organizationNumber",
+        )
+    }
+
     /// 401: unknown client or wrong signature; one body for both (DESIGN 5).
     pub fn bad_signature() -> Self {
         Self::new(
@@ -216,6 +225,8 @@ fn invalid_field_code(field: &str) -> &'static str {
         "digits" => "invalid_digits",
         "kind" => "invalid_kind",
         "channel" => "invalid_channel",
+        "disableDCVV2" => "invalid_disable_dcvv2",
+        "organizationNumber" => "invalid_organization_number",
         "atc" => "invalid_atc",
         "cvv2" => "invalid_cvv2",
         "dcvv" => "invalid_dcvv",
@@ -286,6 +297,9 @@ impl From<&DomainError> for ApiError {
             }
             DomainError::Unavailable(Dependency::Store, _) => {
                 ApiError::unavailable("store_unavailable")
+            }
+            DomainError::Unavailable(Dependency::Audit, _) => {
+                ApiError::unavailable("audit_unavailable")
             }
             DomainError::Internal(_) => ApiError::internal(),
         }

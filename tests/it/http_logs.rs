@@ -2,13 +2,15 @@
 //! from every crate (axum, tower-http, sqlx, cryptoki, the gateway), is captured
 //! while every endpoint runs — successes, declines, refusals and faults — and
 //! searched for the PAN (and its middle digits), every code value the gateway
-//! returned or was sent, every client secret and every signature.
+//! returned or was sent, every client secret and every signature: once in the
+//! text format, once in JSON lines (`[log] format = "json"`), where every line
+//! must also be a JSON object.
 
 use serde_json::{Value, json};
 
 use crate::support;
 use crate::support::http::{Options, PAN, TestGateway, card};
-use crate::support::logs::Capture;
+use crate::support::logs::{Capture, NUMERIC_FIELDS, json_lines, json_words};
 use crate::support::routes::{CODES, DCVV, ENQUIRY, METRICS, UNENROL, VALUES, VERIFY};
 
 /// Whole words of the log, after removing fields whose numbers are legitimate
@@ -56,6 +58,13 @@ fn regex_lite(log: &str) -> String {
         .join(" ")
 }
 
+/// What the traffic of [`run_every_endpoint`] must never leave in a log.
+struct Secrets {
+    codes: Vec<String>,
+    secrets: Vec<String>,
+    signatures: Vec<String>,
+}
+
 #[test]
 fn no_pan_code_secret_or_signature_reaches_a_log_line() {
     // It installs the process-wide log subscriber, which only one test of a
@@ -64,12 +73,39 @@ fn no_pan_code_secret_or_signature_reaches_a_log_line() {
         return;
     }
     let capture = Capture::install(false);
+    let secrets = run_every_endpoint();
+    let log = capture.text();
+    assert_nothing_secret(&log, &secrets, &words(&log));
+}
+
+#[test]
+fn no_pan_code_secret_or_signature_reaches_a_json_log_line() {
+    if !support::in_own_process(
+        "http_logs::no_pan_code_secret_or_signature_reaches_a_json_log_line",
+    ) {
+        return;
+    }
+    let capture = Capture::install_json();
+    let secrets = run_every_endpoint();
+    let log = capture.text();
+    let lines = json_lines(&log);
+    assert!(
+        lines.iter().any(|l| l["target"] == "sqlx::query"),
+        "every crate's events are JSON lines too"
+    );
+    let words = json_words(&lines, NUMERIC_FIELDS);
+    assert_nothing_secret(&log, &secrets, &words);
+}
+
+/// Every endpoint once or more, successes, declines and refusals, on a gateway
+/// of this process; what it must not log.
+fn run_every_endpoint() -> Secrets {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    let (codes, secrets, signatures) = runtime.block_on(async {
+    runtime.block_on(async {
         let gw = TestGateway::start(Options {
             failure_limit: 2,
             ..Options::default()
@@ -144,10 +180,22 @@ fn no_pan_code_secret_or_signature_reaches_a_log_line() {
             gw.clients.other_programme.secret.clone(),
         ];
         gw.stop().await;
-        (codes, secrets, signatures)
-    });
+        Secrets {
+            codes,
+            secrets,
+            signatures,
+        }
+    })
+}
 
-    let log = capture.text();
+/// No PAN (but masked ones), client secret or signature in `log`, and no code
+/// among its `logged` words.
+fn assert_nothing_secret(log: &str, found: &Secrets, logged: &[String]) {
+    let Secrets {
+        codes,
+        secrets,
+        signatures,
+    } = found;
     assert!(log.contains("request"), "the request log ran: {log}");
     assert!(
         log.contains("412345******2349") || !log.contains("412345"),
@@ -159,17 +207,16 @@ fn no_pan_code_secret_or_signature_reaches_a_log_line() {
             "a PAN or its middle digits appear in the log"
         );
     }
-    for secret in &secrets {
+    for secret in secrets {
         assert!(
             !log.contains(secret.as_str()),
             "a client secret appears in the log"
         );
     }
-    for sig in &signatures {
+    for sig in signatures {
         assert!(!log.contains(&sig[..20]), "a signature appears in the log");
     }
-    let logged = words(&log);
-    for code in &codes {
+    for code in codes {
         if let Some(line) = logged.iter().position(|w| w == code) {
             let context = &logged[line.saturating_sub(8)..(line + 8).min(logged.len())];
             panic!("a code value appears in the log, near: {context:?}");

@@ -1,6 +1,7 @@
 //! DESIGN 7.1: no key, component, PAN, PIN or code value in any log line. Every
 //! log event of a full key ceremony and of every engine operation (including
-//! failures) is captured at TRACE level, cryptoki's own included, and searched.
+//! failures) is captured at TRACE level, cryptoki's own included, and searched:
+//! in the text format, and in JSON lines (`[log] format = "json"`).
 
 use dcvv_gateway::domain::{
     CardKeyMethod, CodeLength, Engine, Pan, Psn, SecurityCode, StaticCodeKind, Tdcvv2Profile,
@@ -8,7 +9,7 @@ use dcvv_gateway::domain::{
 use dcvv_gateway::hsm::{Component, KeyKind};
 
 use crate::support;
-use crate::support::logs::Capture;
+use crate::support::logs::{Capture, json_lines, json_words};
 
 const K: &str = "0123456789ABCDEFFEDCBA9876543210";
 const C1: &str = "5A5A5A5A5A5A5A5AA5A5A5A5A5A5A5A5";
@@ -29,7 +30,29 @@ fn nothing_secret_reaches_a_log_line() {
         return;
     }
     let capture = Capture::install(false);
+    let (c2, codes) = ceremony_and_every_operation();
+    let log = capture.text();
+    assert_nothing_secret(&log, &c2, &codes, &words(&log));
+}
 
+#[test]
+fn nothing_secret_reaches_a_json_log_line() {
+    if !support::in_own_process("no_secrets_in_logs::nothing_secret_reaches_a_json_log_line") {
+        return;
+    }
+    let capture = Capture::install_json();
+    let (c2, codes) = ceremony_and_every_operation();
+    let log = capture.text();
+    let lines = json_lines(&log);
+    let words = json_words(&lines, &[]);
+    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    assert_nothing_secret(&log, &c2, &codes, &words);
+}
+
+/// Imports keys from components (a refused import too) and runs every engine
+/// operation on two PANs, failures included: the second component and every
+/// code computed.
+fn ceremony_and_every_operation() -> (String, Vec<SecurityCode>) {
     let c2: String = hex::encode_upper(
         hex::decode(K)
             .unwrap()
@@ -123,8 +146,11 @@ fn nothing_secret_reaches_a_log_line() {
         let wrong = SecurityCode::parse("cvv2", "000").unwrap();
         let _ = engine.tdcvv2_verify(&imk, &pan, expiry, profile, 1_767_225_600, &wrong);
     }
+    (c2, codes)
+}
 
-    let log = capture.text();
+/// No key, component, PAN or PIN in `log`, and no code among its `logged` words.
+fn assert_nothing_secret(log: &str, c2: &str, codes: &[SecurityCode], logged: &[&str]) {
     assert!(
         log.contains("key imported from components"),
         "the capture works: {log}"
@@ -135,7 +161,7 @@ fn nothing_secret_reaches_a_log_line() {
     for secret in [
         K,
         C1,
-        &c2,
+        c2,
         &K[..16],
         &K[16..],
         PAN,
@@ -148,8 +174,7 @@ fn nothing_secret_reaches_a_log_line() {
             "{secret} appears in the log"
         );
     }
-    let logged = words(&log);
-    for code in &codes {
+    for code in codes {
         // 5-digit CVVs and every dCVV2: no whole word of the log equals one.
         assert!(
             !logged.contains(&code.expose()),

@@ -20,6 +20,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use dcvv_gateway::cli::CliError;
 use dcvv_gateway::config::Settings;
+use dcvv_gateway::telemetry::{self, LogFormat};
 
 /// dcvv-tools: a signed client and an end-to-end benchmark for a running dcvv-gateway.
 #[derive(Debug, Parser)]
@@ -52,7 +53,7 @@ enum BenchCommand {
 /// Parses arguments, runs the command, and turns the outcome into an exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    dcvv_gateway::cli::init_logging(false);
+    telemetry::init(LogFormat::Text, false);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -19,10 +19,11 @@ use dcvv_gateway::domain::Tdcvv2Profile;
 use dcvv_gateway::domain::programme::{Programme, Programmes};
 use dcvv_gateway::domain::service::{Clock, ProgrammeAccess, ServiceSettings};
 use dcvv_gateway::hsm::{KeyKind, KeyLabel};
-use dcvv_gateway::http::clients::{ClientSettings, Scope, SecretSource};
+use dcvv_gateway::http::clients::{ClientSettings, OrganizationAccess, Scope, SecretSource};
 use dcvv_gateway::http::settings::{ServerSettings, Transport};
 use dcvv_gateway::http::signature::{ClientSecret, RequestToSign, ResponseToSign};
 use dcvv_gateway::store::StoreSettings;
+use dcvv_gateway::telemetry::LogSettings;
 use serde_json::Value;
 use zeroize::Zeroizing;
 
@@ -137,6 +138,8 @@ pub struct Options {
     /// jPOS IMK as IMK-AC and IMK-CVC3), both allowed to the main client; and
     /// pyemv's IMK-CVC3 in programme `other` (BIN 5).
     pub emv: bool,
+    /// The organisations the main client may name (default: any).
+    pub main_organizations: OrganizationAccess,
 }
 
 impl Default for Options {
@@ -161,6 +164,7 @@ impl Default for Options {
             max_connections: 1024,
             max_connections_per_peer: 1024,
             emv: false,
+            main_organizations: OrganizationAccess::Any,
         }
     }
 }
@@ -377,18 +381,21 @@ impl TestGateway {
                 } else {
                     ["test".to_owned()].into()
                 }),
+                organizations: options.main_organizations.clone(),
             },
             ClientSettings {
                 apikey: clients.verifier.apikey.clone(),
                 secrets: vec![secret_file("verifier", &clients.verifier.secret)],
                 scopes: [Scope::Cvv2Verification].into(),
                 access: ProgrammeAccess::All,
+                organizations: OrganizationAccess::Any,
             },
             ClientSettings {
                 apikey: clients.other_programme.apikey.clone(),
                 secrets: vec![secret_file("other", &clients.other_programme.secret)],
                 scopes: all_scopes,
                 access: ProgrammeAccess::Only(["other".to_owned()].into()),
+                organizations: OrganizationAccess::Any,
             },
         ];
         let db = options
@@ -438,6 +445,7 @@ impl TestGateway {
                 seal_interval: options.seal_interval,
                 max_file_bytes: options.max_file_bytes,
             },
+            log: LogSettings::default(),
         };
         let clock = Arc::new(TestClock(AtomicU64::new(T0 * 1000)));
         let gateway = Gateway::build(
@@ -647,18 +655,21 @@ impl TestGateway {
                 secrets: vec![file("main"), file("main-2")],
                 scopes: all_scopes.clone(),
                 access: ProgrammeAccess::Only(["test".to_owned()].into()),
+                organizations: OrganizationAccess::Any,
             },
             ClientSettings {
                 apikey: self.clients.verifier.apikey.clone(),
                 secrets: vec![file("verifier")],
                 scopes: [Scope::Cvv2Verification].into(),
                 access: ProgrammeAccess::All,
+                organizations: OrganizationAccess::Any,
             },
             ClientSettings {
                 apikey: self.clients.other_programme.apikey.clone(),
                 secrets: vec![file("other")],
                 scopes: all_scopes,
                 access: ProgrammeAccess::Only(["other".to_owned()].into()),
+                organizations: OrganizationAccess::Any,
             },
         ];
         let defaults = Options::default();
@@ -695,6 +706,7 @@ impl TestGateway {
                 seal_interval: defaults.seal_interval,
                 max_file_bytes: defaults.max_file_bytes,
             },
+            log: LogSettings::default(),
         };
         let gateway = Gateway::build(
             &settings,
