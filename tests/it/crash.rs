@@ -13,7 +13,9 @@
 //!   of every 2xx with its status and outcome; `audit verify` passes, except on
 //!   a torn last line (a write cut short), where it must fail naming the
 //!   incomplete line. Some kills get a torn line added by the test, as a crash
-//!   in the middle of a write leaves one;
+//!   in the middle of a write leaves one. And every change the store holds
+//!   (spent request ids, enrolments, spent windows) has its `before_commit`
+//!   change record, also for the requests the kill cut off after their commit;
 //! - after each restart, before any request: the gateway truncated a torn line
 //!   and opened the trail with a `trail_opened` notice, and `audit verify`
 //!   passes;
@@ -514,6 +516,74 @@ fn check_trail_after_restart(fleet: &Fleet, starts: usize, context: &str) {
     assert!(ok, "{context}: audit verify after the restart: {out}");
 }
 
+/// With the process gone: every change the store holds has a `before_commit`
+/// change record in the trail (docs/security/audit-trail.md, change records):
+/// each spent request id, each enrolled card, and as many CVV2 verifications of
+/// a card as it has spent windows. Returns how many spent request ids have a
+/// `before_commit` record and no `request` record: requests the kill cut off
+/// after their commit.
+async fn check_changes_recorded(fleet: &Fleet, context: &str) -> usize {
+    let (records, _) = read_trail(&fleet.audit_dir(NAME));
+    let before_commit: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["kind"] == "change" && r["phase"] == "before_commit")
+        .collect();
+    let ids: BTreeSet<&str> = before_commit
+        .iter()
+        .filter_map(|r| r["request_id"].as_str())
+        .collect();
+    let answered: BTreeSet<&str> = records
+        .iter()
+        .filter(|r| r["kind"] == "request")
+        .filter_map(|r| r["request_id"].as_str())
+        .collect();
+    let changes_of = |pan: &str, operations: &[&str]| {
+        before_commit
+            .iter()
+            .filter(|r| r["masked_pan"] == pan && operations.iter().any(|o| r["operation"] == *o))
+            .count()
+    };
+
+    let spent = fleet.strings("SELECT request_id FROM seen_requests").await;
+    let unrecorded: Vec<&String> = spent
+        .iter()
+        .filter(|id| !ids.contains(id.as_str()))
+        .collect();
+    assert!(
+        unrecorded.is_empty(),
+        "{context}: request ids spent in the store without a before_commit record: {unrecorded:?}"
+    );
+    let enrolled = fleet.strings("SELECT masked_pan FROM enrollments").await;
+    let unrecorded: Vec<&String> = enrolled
+        .iter()
+        .filter(|pan| changes_of(pan, &["dynamic_values", "enrollment"]) == 0)
+        .collect();
+    assert!(
+        unrecorded.is_empty(),
+        "{context}: cards enrolled in the store without a before_commit record: {unrecorded:?}"
+    );
+    let mut windows: BTreeMap<String, usize> = BTreeMap::new();
+    for pan in fleet
+        .strings(
+            "SELECT e.masked_pan FROM used_windows u JOIN enrollments e ON e.card_id = u.card_id",
+        )
+        .await
+    {
+        *windows.entry(pan).or_default() += 1;
+    }
+    for (pan, spent) in &windows {
+        let verifications = changes_of(pan, &["cvv2_verification"]);
+        assert!(
+            verifications >= *spent,
+            "{context}: {pan} has {spent} spent windows and {verifications} before_commit records of verifications"
+        );
+    }
+    spent
+        .iter()
+        .filter(|id| !answered.contains(id.as_str()))
+        .count()
+}
+
 /// What the store must show after a restart, asked through the gateway.
 #[derive(Debug, Clone)]
 enum Check {
@@ -683,6 +753,7 @@ async fn sigkill_under_load(mut fleet: Fleet, backend: &str) {
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let mut torn_by_kill = 0;
     let mut torn_by_test = 0;
+    let mut cut_off_after_commit = 0;
     let mut last = None;
     for run in 0..=kills {
         let instance = Arc::new(fleet.start(NAME).await);
@@ -733,6 +804,7 @@ async fn sigkill_under_load(mut fleet: Fleet, backend: &str) {
 
         let context = format!("{backend}, seed {seed}, after kill {}", run + 1);
         let torn = check_trail_after_kill(&fleet, &ledger.lock().unwrap(), &context);
+        cut_off_after_commit = check_changes_recorded(&fleet, &context).await;
         if torn {
             torn_by_kill += 1;
         } else if rng.below(2) == 0 {
@@ -746,39 +818,9 @@ async fn sigkill_under_load(mut fleet: Fleet, backend: &str) {
         }
     }
 
-    // Not asserted (the order of the store commit and the audit record is
-    // issue 12, item 6): what the kills left in the store without a record of
-    // it in the trail, i.e. requests cut off after their commit.
     if let Some(instance) = last {
         instance.kill();
     }
-    let (records, _) = read_trail(&fleet.audit_dir(NAME));
-    let recorded: BTreeSet<&str> = records
-        .iter()
-        .filter(|r| r["kind"] == "request")
-        .filter_map(|r| r["request_id"].as_str())
-        .collect();
-    let spent = fleet.strings("SELECT request_id FROM seen_requests").await;
-    let unrecorded = spent
-        .iter()
-        .filter(|id| !recorded.contains(id.as_str()))
-        .count();
-    let used_windows = fleet
-        .strings(
-            "SELECT masked_pan FROM used_windows u JOIN enrollments e ON e.card_id = u.card_id",
-        )
-        .await
-        .len();
-    let approved_records = records
-        .iter()
-        .filter(|r| r["outcome"] == "approved")
-        .count();
-    eprintln!(
-        "{backend}: {} request ids spent in the store, {unrecorded} of them with no record in the trail; \
-         {used_windows} windows spent, {approved_records} approvals recorded",
-        spent.len()
-    );
-
     let ledger = ledger.lock().unwrap();
     let approvals = ledger
         .answered
@@ -788,7 +830,8 @@ async fn sigkill_under_load(mut fleet: Fleet, backend: &str) {
     eprintln!(
         "{backend}: {kills} kills; {} answered 2xx ({approvals} approvals), {} cut off, \
          {} replays refused during the load; torn last lines: {torn_by_kill} by a kill, \
-         {torn_by_test} by the test; answers: {:?}",
+         {torn_by_test} by the test; {cut_off_after_commit} request ids spent with a \
+         before_commit record and no request record (cut off after their commit); answers: {:?}",
         ledger.answered.len(),
         ledger.unanswered,
         ledger.replays_refused,
