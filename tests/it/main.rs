@@ -19,6 +19,7 @@ mod audit;
 mod card_keys;
 mod cli;
 mod cli_call;
+mod crash;
 mod docs_links;
 mod emv;
 mod emv_http;

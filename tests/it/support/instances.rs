@@ -1,17 +1,22 @@
 //! Test harness: real `dcvv-gateway serve` processes (the binary cargo built for
-//! this test) on this process's SoftHSM token and one PostgreSQL database of the
-//! throwaway cluster (`postgres.rs`), each on its own local port over plain HTTP.
+//! this test) on this process's SoftHSM token and one store, each on its own
+//! local port over plain HTTP. The store is one PostgreSQL database of the
+//! throwaway cluster (`postgres.rs`, [`Fleet::new`]: several instances) or one
+//! SQLite file ([`Fleet::sqlite`]: one instance at a time). Starting an instance
+//! again under the same name (after [`Instance::kill`]) restarts it on the same
+//! store and the same audit trail directory.
 //!
 //! Every instance gets the same configuration apart from its port: the test keys
 //! (imported here from the vectors' clear values, so the software reference can
 //! compute codes), one client with every scope, the `test` programme (BIN 412345,
-//! 300 s windows, G = 1, single use, failure limit 5) and the database password
-//! from a file. Instances use the system clock, as in production. A process is
+//! 300 s windows, G = 1, single use, failure limit 5) and, on PostgreSQL, the
+//! database password from a file. Instances use the system clock, as in production. A process is
 //! killed when its handle drops, so a failed test leaves none behind; its stderr
 //! (the gateway's log) is kept in a file and shown when it does not start.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use dcvv_gateway::http::signature::ClientSecret;
@@ -22,22 +27,54 @@ use super::postgres::PG;
 use super::routes::READYZ;
 use super::{TOKEN, module};
 
-/// What every instance of a fleet shares: the config pieces and the database.
+/// What every instance of a fleet shares: the config pieces and the store.
 pub struct Fleet {
     pub dir: tempfile::TempDir,
-    pub database: String,
+    pub store: FleetStore,
     pub apikey: String,
     secret: String,
     secret_file: PathBuf,
-    password_file: PathBuf,
     pub acquire_timeout_ms: u64,
+    /// The `[audit]` settings besides the directory and the key.
+    pub trail: TrailSettings,
+}
+
+/// Where a fleet keeps its state.
+pub enum FleetStore {
+    /// One database of the throwaway PostgreSQL cluster, its password in a file.
+    Postgres {
+        database: String,
+        password_file: PathBuf,
+    },
+    /// One SQLite file.
+    Sqlite(PathBuf),
+}
+
+/// `[audit]` seal and rotation settings (the built-in defaults unless a test
+/// changes them before starting an instance).
+#[derive(Debug, Clone, Copy)]
+pub struct TrailSettings {
+    pub seal_every_records: u64,
+    pub seal_interval_seconds: u64,
+    pub max_file_bytes: u64,
+}
+
+impl Default for TrailSettings {
+    fn default() -> Self {
+        TrailSettings {
+            seal_every_records: 1000,
+            seal_interval_seconds: 60,
+            max_file_bytes: 64 << 20,
+        }
+    }
 }
 
 /// A running `dcvv-gateway serve`.
 pub struct Instance {
     pub name: String,
     pub url: String,
-    child: Child,
+    /// Behind a lock so a test can kill an instance its clients still hold.
+    child: Mutex<Child>,
     log: PathBuf,
     apikey: String,
     secret: String,
@@ -66,24 +103,38 @@ fn free_port() -> u16 {
 }
 
 impl Fleet {
-    /// A new database and the shared config pieces.
+    /// A new PostgreSQL database and the shared config pieces.
     pub async fn new(acquire_timeout_ms: u64) -> Fleet {
         let dir = tempfile::tempdir().unwrap();
-        let database = PG.fresh_database().await;
+        let store = FleetStore::Postgres {
+            database: PG.fresh_database().await,
+            password_file: PG.password_file(dir.path()),
+        };
+        Self::with_store(dir, store, acquire_timeout_ms)
+    }
+
+    /// A new SQLite file (`gateway.db` in the fleet's directory) and the shared
+    /// config pieces: one instance at a time.
+    pub fn sqlite(acquire_timeout_ms: u64) -> Fleet {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FleetStore::Sqlite(dir.path().join("gateway.db"));
+        Self::with_store(dir, store, acquire_timeout_ms)
+    }
+
+    fn with_store(dir: tempfile::TempDir, store: FleetStore, acquire_timeout_ms: u64) -> Fleet {
         let secret = ClientSecret::generate().unwrap().expose().to_owned();
         let secret_file = dir.path().join("cms.secret");
         std::fs::write(&secret_file, &secret).unwrap();
-        let password_file = PG.password_file(dir.path());
         // Keys exist in the token before any instance opens it.
         let _ = &*KEYS;
         Fleet {
             dir,
-            database,
+            store,
             apikey: "cms".into(),
             secret,
             secret_file,
-            password_file,
             acquire_timeout_ms,
+            trail: TrailSettings::default(),
         }
     }
 
@@ -117,6 +168,23 @@ impl Fleet {
         self.dir.path().join(format!("audit-{name}"))
     }
 
+    /// The `[store]` section.
+    fn store_config(&self) -> String {
+        match &self.store {
+            FleetStore::Postgres {
+                database,
+                password_file,
+            } => format!(
+                "database_url = {url:?}\ndatabase_password_file = {password:?}\nmax_connections = 8\n",
+                url = PG.url(database),
+                password = password_file.display().to_string(),
+            ),
+            FleetStore::Sqlite(path) => {
+                format!("sqlite_path = {:?}\n", path.display().to_string())
+            }
+        }
+    }
+
     fn config(&self, name: &str, port: u16) -> PathBuf {
         let text = format!(
             r#"
@@ -134,10 +202,7 @@ request_timeout_ms = 20000
 shutdown_grace_seconds = 5
 
 [store]
-database_url = {url:?}
-database_password_file = {password:?}
-acquire_timeout_ms = {acquire}
-max_connections = 8
+{store}acquire_timeout_ms = {acquire}
 
 [keys]
 pan_index = {pan_index:?}
@@ -146,6 +211,9 @@ pan_index = {pan_index:?}
 [audit]
 directory = {audit:?}
 seal_key = {audit_seal:?}
+seal_every_records = {seal_every}
+seal_interval_seconds = {seal_interval}
+max_file_bytes = {max_file_bytes}
 
 [[programmes]]
 name = "test"
@@ -168,12 +236,14 @@ programmes = ["*"]
             module = module().display().to_string(),
             token = TOKEN.label,
             pin = TOKEN.pin_file.display().to_string(),
-            url = PG.url(&self.database),
-            password = self.password_file.display().to_string(),
+            store = self.store_config(),
             acquire = self.acquire_timeout_ms,
             pan_index = KEYS.pan_index.to_string(),
             audit = self.audit_dir(name).display().to_string(),
             audit_seal = KEYS.audit_seal.to_string(),
+            seal_every = self.trail.seal_every_records,
+            seal_interval = self.trail.seal_interval_seconds,
+            max_file_bytes = self.trail.max_file_bytes,
             cvk = KEYS.cvk.to_string(),
             imk_dcvv = KEYS.imk_dcvv.to_string(),
             imk_tdcvv2 = KEYS.imk_tdcvv2.to_string(),
@@ -200,10 +270,10 @@ programmes = ["*"]
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        let mut instance = Instance {
+        let instance = Instance {
             name: name.into(),
             url: format!("http://127.0.0.1:{port}"),
-            child,
+            child: Mutex::new(child),
             log,
             apikey: self.apikey.clone(),
             secret: self.secret.clone(),
@@ -214,7 +284,8 @@ programmes = ["*"]
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok(Some(status)) = instance.child.try_wait() {
+            let exited = instance.child.lock().unwrap().try_wait();
+            if let Ok(Some(status)) = exited {
                 panic!(
                     "{name} exited ({status}) before it was ready:\n{}",
                     instance.log_text()
@@ -232,9 +303,30 @@ programmes = ["*"]
         }
     }
 
-    /// A raw connection to the fleet's database.
+    /// The first column of `sql`'s rows, as text, read straight from the
+    /// store (SQLite read-only, beside a running gateway).
+    pub async fn strings(&self, sql: &str) -> Vec<String> {
+        match &self.store {
+            FleetStore::Postgres { .. } => sqlx::query_scalar(sql)
+                .fetch_all(&mut self.db().await)
+                .await
+                .unwrap(),
+            FleetStore::Sqlite(path) => {
+                let url = format!("sqlite://{}?mode=ro", path.display());
+                let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
+                    .await
+                    .unwrap();
+                sqlx::query_scalar(sql).fetch_all(&mut conn).await.unwrap()
+            }
+        }
+    }
+
+    /// A raw connection to the fleet's PostgreSQL database.
     pub async fn db(&self) -> sqlx::PgConnection {
-        PG.connect(&self.database).await
+        match &self.store {
+            FleetStore::Postgres { database, .. } => PG.connect(database).await,
+            FleetStore::Sqlite(_) => panic!("this fleet's store is a SQLite file"),
+        }
     }
 }
 
@@ -273,11 +365,30 @@ impl Instance {
 
     /// Sends exactly these headers and body.
     pub async fn send(&self, path: &str, headers: &[(String, String)], body: Vec<u8>) -> Answer {
+        self.try_send(path, headers, body).await.unwrap()
+    }
+
+    /// As [`Instance::send`], with the transport error when no whole answer
+    /// came back (the process was killed, say).
+    pub async fn try_send(
+        &self,
+        path: &str,
+        headers: &[(String, String)],
+        body: Vec<u8>,
+    ) -> Result<Answer, reqwest::Error> {
         let mut request = self.http.post(format!("{}{path}", self.url)).body(body);
         for (k, v) in headers {
             request = request.header(k.as_str(), v.as_str());
         }
-        Answer::of(request.send().await.unwrap()).await
+        let response = request.send().await?;
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response.bytes().await?.to_vec();
+        Ok(Answer {
+            status,
+            headers,
+            body,
+        })
     }
 
     /// A signed POST with a fresh request id.
@@ -287,10 +398,11 @@ impl Instance {
         self.send(path, &headers, bytes).await
     }
 
-    /// SIGKILL and reap (also on drop).
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    /// SIGKILL (`Child::kill` on Unix) and reap (also on drop).
+    pub fn kill(&self) {
+        let mut child = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
