@@ -650,13 +650,20 @@ async fn concurrent_requests_share_fsyncs_and_every_record_is_chained() {
     }
     let metrics = gw.send_raw("GET", METRICS, &[], vec![]).await;
     let text = String::from_utf8(metrics.body).unwrap();
-    let batches: f64 = text
-        .lines()
-        .find(|l| l.starts_with("dcvv_audit_batch_records_count"))
-        .and_then(|l| l.split_whitespace().last())
-        .unwrap()
-        .parse()
-        .unwrap();
+    let metric = |name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().last())
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    // Each request writes two records: its change record before its commit
+    // and its request record after it (plus the notice of the start).
+    let (batches, written) = (
+        metric("dcvv_audit_batch_records_count"),
+        metric("dcvv_audit_records_total"),
+    );
     let gw = std::sync::Arc::into_inner(gw).unwrap();
     let dir = gw.audit_dir.clone();
     gw.stop().await;
@@ -672,9 +679,15 @@ async fn concurrent_requests_share_fsyncs_and_every_record_is_chained() {
             "{id}"
         );
     }
+    let changes = all_records(&dir)
+        .into_iter()
+        .filter(|r| r["kind"] == "change")
+        .count();
+    assert_eq!(changes, 200, "one change record per request");
+    assert!(written >= 400.0, "{written} records written");
     assert!(
-        batches < 200.0,
-        "group commit: {batches} batches for 200 records"
+        batches < written,
+        "group commit: {batches} batches for {written} records"
     );
     let (ok, stdout, stderr) = verify(&[&dir], &["--require-sealed"]);
     assert!(ok, "{stdout}{stderr}");
