@@ -97,11 +97,28 @@ pub struct Trail {
     directory: PathBuf,
 }
 
-/// The service's change records go into the trail's one chain.
+/// A record the writer has in its queue.
+#[derive(Debug)]
+pub struct Queued(tokio::sync::oneshot::Receiver<Result<u64, AuditError>>);
+
+/// Waits until a queued record is durable; returns its seq.
+///
+/// # Errors
+/// `Down` when the write failed; `Timeout`; `Stopped`.
+pub async fn durable(queued: Queued) -> Result<u64, AuditError> {
+    match tokio::time::timeout(WRITE_TIMEOUT, queued.0).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(_)) => Err(AuditError::Stopped),
+        Err(_) => Err(AuditError::Timeout(WRITE_TIMEOUT)),
+    }
+}
+
+/// The service's change records go into the trail's one chain, queued at once.
 impl ChangeJournal for Trail {
-    fn record(&self, record: ChangeRecord) -> JournalFuture<'_> {
+    fn record(&self, record: ChangeRecord) -> JournalFuture {
+        let queued = self.enqueue_change(&record);
         Box::pin(async move {
-            self.append_change(&record)
+            durable(queued?)
                 .await
                 .map(|_| ())
                 .map_err(|e| Box::new(e) as _)
@@ -206,7 +223,8 @@ impl Trail {
     /// # Errors
     /// `Down` when the trail is down or the write failed; `Timeout`; `Stopped`.
     pub async fn append(&self, facts: RequestFacts) -> Result<u64, AuditError> {
-        self.submit(fields_of(&facts), "request").await
+        let queued = self.enqueue(fields_of(&facts), "request")?;
+        durable(queued).await
     }
 
     /// Appends a change record (made before a store transaction may commit,
@@ -214,7 +232,12 @@ impl Trail {
     ///
     /// # Errors
     /// As [`Trail::append`].
-    pub async fn append_change(&self, change: &ChangeRecord) -> Result<u64, AuditError> {
+    /// Queues a change record (made before a store transaction may commit, or
+    /// after one did not) for the writer at once; wait for it with [`durable`].
+    ///
+    /// # Errors
+    /// `Down` when the trail is down; `QueueFull`; `Stopped`.
+    pub fn enqueue_change(&self, change: &ChangeRecord) -> Result<Queued, AuditError> {
         let mut fields = Fields::new();
         let mut put = |key: &str, value: Value| {
             fields.insert(key.to_owned(), value);
@@ -226,10 +249,10 @@ impl Trail {
         put("masked_pan", Value::from(change.masked_pan.clone()));
         put("programme", Value::from(change.programme.clone()));
         put("phase", Value::from(change.phase.as_str()));
-        self.submit(fields, "change").await
+        self.enqueue(fields, "change")
     }
 
-    async fn submit(&self, fields: Fields, kind: &'static str) -> Result<u64, AuditError> {
+    fn enqueue(&self, fields: Fields, kind: &'static str) -> Result<Queued, AuditError> {
         if let Some(reason) = self.down_reason() {
             return Err(AuditError::Down(reason));
         }
@@ -240,11 +263,7 @@ impl Trail {
                 mpsc::TrySendError::Full(_) => AuditError::QueueFull,
                 mpsc::TrySendError::Disconnected(_) => AuditError::Stopped,
             })?;
-        match tokio::time::timeout(WRITE_TIMEOUT, rx).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(AuditError::Stopped),
-            Err(_) => Err(AuditError::Timeout(WRITE_TIMEOUT)),
-        }
+        Ok(Queued(rx))
     }
 
     /// Seals what is unsealed and stops the writer (after the drain).

@@ -58,13 +58,15 @@ pub struct ChangeRecord {
 /// without card data).
 pub type JournalError = Box<dyn std::error::Error + Send + Sync>;
 
-/// A future of the journal.
-pub type JournalFuture<'a> = Pin<Box<dyn Future<Output = Result<(), JournalError>> + Send + 'a>>;
+/// Resolves once a record is durable.
+pub type JournalFuture = Pin<Box<dyn Future<Output = Result<(), JournalError>> + Send>>;
 
 /// Makes change records durable.
 pub trait ChangeJournal: Send + Sync + std::fmt::Debug {
-    /// Appends `record` and resolves once it is durable.
-    fn record(&self, record: ChangeRecord) -> JournalFuture<'_>;
+    /// Submits `record` at once (the call does not wait) and returns a
+    /// future that resolves when it is durable, so the wait can overlap other
+    /// work. Dropping the future does not withdraw the record.
+    fn record(&self, record: ChangeRecord) -> JournalFuture;
 }
 
 /// A journal that keeps nothing, for services without an audit trail (unit
@@ -73,7 +75,7 @@ pub trait ChangeJournal: Send + Sync + std::fmt::Debug {
 pub struct NoJournal;
 
 impl ChangeJournal for NoJournal {
-    fn record(&self, _: ChangeRecord) -> JournalFuture<'_> {
+    fn record(&self, _: ChangeRecord) -> JournalFuture {
         Box::pin(std::future::ready(Ok(())))
     }
 }

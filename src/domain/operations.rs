@@ -77,9 +77,10 @@ impl CardService<Arc<Token>> {
     /// # Errors
     /// `Unavailable` when the token or the store fails; `DuplicateRequest`.
     pub async fn key_inventory(&self, caller: &Caller<'_>) -> Result<KeyInventory, DomainError> {
+        let announced = self.announce(caller, "key_inventory", None);
         let token = Arc::clone(self.token());
         let listing = hsm::blocking(move || token.list_keys()).await?;
-        self.record_request(caller, "key_inventory", None).await?;
+        self.record_request(caller, announced).await?;
         let in_use = self.keys_in_use(caller.programmes);
         let usages = caller.programmes.key_usages();
         let keys = listing

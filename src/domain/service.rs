@@ -15,8 +15,9 @@
 //!   of the request id in that transaction is the one replay check: a replay
 //!   costs its token work and then gets 409 with nothing changed.
 //! - **a record first**: before that transaction may commit, a change record
-//!   is durable in the audit trail ([`journal`](super::journal)); when it does
-//!   not commit, a compensating record says so. A trail that cannot take the
+//!   is durable in the audit trail ([`journal`](super::journal)); it is sent
+//!   before the token work, so its fsync overlaps that work; when the
+//!   transaction does not commit (or never runs), a compensating record says so. A trail that cannot take the
 //!   record refuses the change (503 `audit_unavailable`), so the trail never
 //!   misses a change, even when it fails while a request is running.
 //!
@@ -364,31 +365,33 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
     }
 
     /// Spends a request id for a request that changes no card state (key
-    /// inventory, static codes, the contactless and EMV checks).
+    /// inventory, static codes, the contactless and EMV checks), under the
+    /// change record `announced` before its token work.
     ///
     /// # Errors
     /// `DuplicateRequest`, `Unavailable` (store or audit trail).
     pub async fn record_request(
         &self,
         caller: &Caller<'_>,
-        operation: &'static str,
-        card: Option<(&Pan, &Programme)>,
+        announced: Announced,
     ) -> Result<(), DomainError> {
         let claim = self.claim(caller);
-        self.commit(self.change(caller, operation, card), move |tx| {
+        self.commit(announced, move |tx| {
             claim.apply(tx).map_err(DomainError::from)
         })
         .await
     }
 
-    /// The change record of a request about to commit.
-    fn change(
+    /// Sends the `before_commit` record of a request that is going to
+    /// change the store, before its token work, so that the record's fsync
+    /// overlaps that work; [`CardService::commit`] waits for it.
+    pub fn announce(
         &self,
         caller: &Caller<'_>,
         operation: &'static str,
         card: Option<(&Pan, &Programme)>,
-    ) -> ChangeRecord {
-        ChangeRecord {
+    ) -> Announced {
+        let change = ChangeRecord {
             time_ms: self.now_ms(),
             request_id: caller.request_id.to_owned(),
             client: caller.client.to_owned(),
@@ -396,24 +399,32 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
             masked_pan: card.map(|(pan, _)| pan.masked()),
             programme: card.map(|(_, p)| p.name.clone()),
             phase: ChangePhase::BeforeCommit,
+        };
+        Announced {
+            durable: Some(self.journal.record(change.clone())),
+            change,
+            journal: Arc::clone(&self.journal),
         }
     }
 
-    /// The one way the service changes the store: `change` durable in the
-    /// journal first, then the transaction; when it does not commit, a
+    /// The one way the service changes the store: the `announced` record
+    /// durable first, then the transaction; when it does not commit, a
     /// compensating record (`rolled_back`, or `commit_failed` when the work
     /// was done and the commit itself failed).
     ///
     /// # Errors
     /// `Unavailable(Audit)` before anything ran when the journal cannot take
     /// the record; otherwise the transaction's own error.
-    async fn commit<T, E, F>(&self, change: ChangeRecord, work: F) -> Result<T, E>
+    async fn commit<T, E, F>(&self, mut announced: Announced, work: F) -> Result<T, E>
     where
         F: FnOnce(&mut StoreTx<'_>) -> Result<T, E> + Send + 'static,
         T: Send + 'static,
         E: From<StoreError> + From<DomainError> + Send + 'static,
     {
-        if let Err(e) = self.journal.record(change.clone()).await {
+        let change = announced.change.clone();
+        if let Some(durable) = announced.durable.take()
+            && let Err(e) = durable.await
+        {
             return Err(DomainError::Unavailable(Dependency::Audit, Cause::Audit(e)).into());
         }
         let worked = Arc::new(AtomicBool::new(false));
@@ -612,6 +623,7 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
         count: ValueCount,
     ) -> Result<GeneratedValues, DomainError> {
         let programme = self.admit(caller, card, true)?;
+        let announced = self.announce(caller, "dynamic_values", Some((&card.pan, &programme)));
         let now_ms = self.now_ms();
         let (index_key, imk, pan, expiry, profile) = (
             self.settings.pan_index_key.clone(),
@@ -634,9 +646,8 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
             masked_pan: card.pan.masked(),
             enrolled_at: claim.now,
         };
-        let change = self.change(caller, "dynamic_values", Some((&card.pan, &programme)));
         let newly_enrolled = self
-            .commit(change, move |tx| {
+            .commit(announced, move |tx| {
                 claim.apply(tx)?;
                 Ok::<_, DomainError>(enroll(tx, &card_id, &enrollment)?)
             })
@@ -664,6 +675,8 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
         enrol: bool,
     ) -> Result<EnrollmentStatus, DomainError> {
         let programme = self.admit(caller, card, enrol)?;
+        let operation = if enrol { "enrollment" } else { "unenrollment" };
+        let announced = self.announce(caller, operation, Some((&card.pan, &programme)));
         let card_id = self.card_id(&card.pan).await?;
         let claim = self.claim(caller);
         let enrollment = Enrollment {
@@ -671,10 +684,8 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
             masked_pan: card.pan.masked(),
             enrolled_at: claim.now,
         };
-        let operation = if enrol { "enrollment" } else { "unenrollment" };
-        let change = self.change(caller, operation, Some((&card.pan, &programme)));
         let (changed, enrolled_at) = self
-            .commit(change, move |tx| {
+            .commit(announced, move |tx| {
                 claim.apply(tx)?;
                 let changed = if enrol {
                     enroll(tx, &card_id, &enrollment)?
@@ -703,11 +714,11 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
         card: &CardData,
     ) -> Result<EnrollmentStatus, DomainError> {
         let programme = self.admit(caller, card, false)?;
+        let announced = self.announce(caller, "enquiry", Some((&card.pan, &programme)));
         let card_id = self.card_id(&card.pan).await?;
         let claim = self.claim(caller);
-        let change = self.change(caller, "enquiry", Some((&card.pan, &programme)));
         let enrollment = self
-            .commit(change, move |tx| {
+            .commit(announced, move |tx| {
                 claim.apply(tx)?;
                 Ok::<_, DomainError>(tx.enrollment(&card_id)?)
             })
@@ -753,15 +764,16 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
         let rules = CardRules::of(&programme);
         let mut attempt = 1;
         loop {
+            let announced =
+                self.announce(caller, "cvv2_verification", Some((&card.pan, &programme)));
             let checked = self.check_cvv2(&programme, card, &cvv2).await?;
             let claim = self.claim(caller);
             let card_id = checked.card_id;
             let (enrolled, matched, is_static) =
                 (checked.enrolled, checked.matched, checked.is_static);
             let strict = attempt < STALE_ATTEMPTS;
-            let change = self.change(caller, "cvv2_verification", Some((&card.pan, &programme)));
             let outcome = self
-                .commit(change, move |tx| {
+                .commit(announced, move |tx| {
                     claim.apply(tx)?;
                     let now_enrolled = tx.enrollment(&card_id)?.is_some();
                     if now_enrolled != enrolled && strict {
@@ -888,14 +900,14 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
         digits: CodeLength,
     ) -> Result<StaticCode, DomainError> {
         let programme = self.admit(caller, card, true)?;
+        let announced = self.announce(caller, "security_code", Some((&card.pan, &programme)));
         let (cvk, pan, expiry) = (programme.cvk.clone(), card.pan.clone(), card.expiry);
         let issued = self
             .on_token("static_code", move |engine| {
                 engine.static_code(&cvk, &pan, expiry, kind, digits)
             })
             .await?;
-        self.record_request(caller, "security_code", Some((&card.pan, &programme)))
-            .await?;
+        self.record_request(caller, announced).await?;
         Ok(StaticCode {
             card: Self::context(card, &programme),
             code: issued.code,
@@ -921,6 +933,7 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
     ) -> Result<Verification, DomainError> {
         let programme = self.admit(caller, card, true)?;
         let imks = self.verification_keys(&programme, KeyKind::ImkDcvv)?;
+        let announced = self.announce(caller, "dcvv_verification", Some((&card.pan, &programme)));
         let (pan, expiry) = (card.pan.clone(), card.expiry);
         let tried = self
             .on_token("dcvv_verify", move |engine| {
@@ -930,8 +943,7 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
                 })
             })
             .await?;
-        self.record_request(caller, "dcvv_verification", Some((&card.pan, &programme)))
-            .await?;
+        self.record_request(caller, announced).await?;
         let (verification, _) = self.verdict(
             &programme,
             Self::context(card, &programme),
@@ -955,6 +967,7 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
     ) -> Result<Verification, DomainError> {
         let programme = self.admit(caller, card, true)?;
         let imks = self.verification_keys(&programme, KeyKind::ImkCvc3)?;
+        let announced = self.announce(caller, "cvc3_verification", Some((&card.pan, &programme)));
         let (pan, psn) = (card.pan.clone(), card.psn);
         let tried = self
             .on_token("cvc3_verify", move |engine| {
@@ -972,8 +985,7 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
                 })
             })
             .await?;
-        self.record_request(caller, "cvc3_verification", Some((&card.pan, &programme)))
-            .await?;
+        self.record_request(caller, announced).await?;
         let (verification, _) = self.verdict(
             &programme,
             Self::context(card, &programme),
@@ -1000,6 +1012,7 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
         input.check()?;
         let programme = self.programme_of(caller, &card.pan, card.key_association.as_deref())?;
         let imks = self.verification_keys(&programme, KeyKind::ImkAc)?;
+        let announced = self.announce(caller, "arqc_verification", Some((&card.pan, &programme)));
         let (pan, psn) = (card.pan.clone(), card.psn);
         let tried = self
             .on_token("arqc_verify", move |engine| {
@@ -1009,8 +1022,7 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
                 })
             })
             .await?;
-        self.record_request(caller, "arqc_verification", Some((&card.pan, &programme)))
-            .await?;
+        self.record_request(caller, announced).await?;
         let context = CardContext {
             masked_pan: card.pan.masked(),
             programme: programme.name.clone(),
@@ -1058,6 +1070,38 @@ impl std::fmt::Debug for Cvc3Input {
 /// How many times a CVV2 check is made when an enrolment change lands between
 /// its token work and its transaction (the last attempt is never refused).
 const STALE_ATTEMPTS: u32 = 3;
+
+/// A `before_commit` change record on its way to the journal
+/// ([`CardService::announce`]). Dropped before its transaction ran (the token
+/// work failed, or the request was refused), it sends the compensating
+/// `rolled_back` record, without waiting: the trail may over-report a change,
+/// never miss one.
+pub struct Announced {
+    change: ChangeRecord,
+    durable: Option<super::journal::JournalFuture>,
+    journal: Arc<dyn ChangeJournal>,
+}
+
+impl std::fmt::Debug for Announced {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Announced")
+            .field("change", &self.change)
+            .field("waited", &self.durable.is_none())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Announced {
+    fn drop(&mut self) {
+        if self.durable.take().is_some() {
+            let compensating = ChangeRecord {
+                phase: ChangePhase::RolledBack,
+                ..self.change.clone()
+            };
+            drop(self.journal.record(compensating));
+        }
+    }
+}
 
 /// The request-id claim of a request (DESIGN 5: replay), made in the request's
 /// one transaction.

@@ -283,6 +283,63 @@ async fn the_token_goes_away_requests_fail_fast_and_it_comes_back_without_restar
         )),
         "{text}"
     );
+    let dir = gw.audit_dir.clone();
+
+    // The trail: each request refused for the token after it was admitted
+    // has its change record and the compensating `rolled_back` one; every
+    // other change record belongs to a request answered 2xx.
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .collect();
+    files.sort();
+    let records: Vec<Value> = files
+        .iter()
+        .flat_map(|f| {
+            std::fs::read_to_string(f)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect::<Vec<Value>>()
+        })
+        .collect();
+    let of = |kind: &str, phase: Option<&str>| -> Vec<&Value> {
+        records
+            .iter()
+            .filter(|r| r["kind"] == kind && phase.is_none_or(|p| r["phase"] == p))
+            .collect()
+    };
+    let refused: Vec<&str> = of("request", None)
+        .into_iter()
+        .filter(|r| r["error_code"] == "hsm_unavailable")
+        .map(|r| r["request_id"].as_str().unwrap())
+        .collect();
+    let rolled_back: Vec<&str> = of("change", Some("rolled_back"))
+        .into_iter()
+        .map(|r| r["request_id"].as_str().unwrap())
+        .collect();
+    assert!(!refused.is_empty());
+    for change in of("change", Some("before_commit")) {
+        let id = change["request_id"].as_str().unwrap();
+        let served = of("request", None)
+            .into_iter()
+            .any(|r| r["request_id"] == id && r["status"].as_u64().is_some_and(|s| s < 300));
+        assert!(
+            served != rolled_back.contains(&id),
+            "{id}: either served or rolled back"
+        );
+        if refused.contains(&id) {
+            assert!(
+                rolled_back.contains(&id),
+                "{id} refused without a rolled_back record"
+            );
+        }
+    }
+    assert!(
+        refused.iter().any(|id| rolled_back.contains(id)),
+        "some request was refused after its change record was sent"
+    );
     gw.stop().await;
 }
 
