@@ -317,7 +317,8 @@ async fn observe(State(state): State<AppState>, mut request: Request, next: Next
         .extensions()
         .get::<auth::ClientId>()
         .map_or("-", |c| c.0.as_str());
-    let latency_ms = elapsed.as_secs_f64() * 1000.0;
+    // Whole microseconds, so the log shows 1.431 rather than 1.4312140000000002.
+    let latency_ms = elapsed.as_micros() as f64 / 1000.0;
     if let Some(ErrorDetail(detail)) = response.extensions().get::<ErrorDetail>() {
         tracing::error!(%method, route, status = status.as_u16(), code, client, latency_ms, request_id = %id, cause = %detail, "request failed");
     } else if status.is_server_error() {
