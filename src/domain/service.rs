@@ -384,7 +384,7 @@ impl<H: CardCrypto + Send + Sync + 'static> CardService<H> {
 
     /// Sends the `before_commit` record of a request that is going to
     /// change the store, before its token work, so that the record's fsync
-    /// overlaps that work; [`CardService::commit`] waits for it.
+    /// overlaps that work; the transaction waits for it.
     pub fn announce(
         &self,
         caller: &Caller<'_>,
