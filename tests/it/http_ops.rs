@@ -98,24 +98,10 @@ async fn join_all<F: std::future::Future + Unpin>(mut futures: Vec<F>) -> Vec<F:
     results.into_iter().map(Option::unwrap).collect()
 }
 
-/// A second connection to the gateway's SQLite store holding its write lock
-/// (`BEGIN IMMEDIATE`) until it is dropped or rolled back.
-async fn lock_store(gw: &TestGateway) -> sqlx::SqliteConnection {
-    use sqlx::Connection;
-    let mut locker = sqlx::SqliteConnection::connect(&format!("sqlite://{}", gw.db.display()))
-        .await
-        .unwrap();
-    sqlx::query("BEGIN IMMEDIATE")
-        .execute(&mut locker)
-        .await
-        .unwrap();
-    locker
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_locked_store_fails_fast_with_503_and_recovers() {
     let gw = TestGateway::start(Options::default()).await;
-    let mut locker = lock_store(&gw).await;
+    let mut locker = crate::support::lock_sqlite(&gw.db).await;
 
     let started = Instant::now();
     let answer = gw.call("POST", ENROL, &card(json!({}))).await;
@@ -156,7 +142,7 @@ async fn a_locked_store_fails_fast_with_503_and_recovers() {
 async fn shutdown_drains_in_flight_requests() {
     let gw = TestGateway::start(Options::default()).await;
     // Hold the store so a request stays in flight, then ask the server to stop.
-    let mut locker = lock_store(&gw).await;
+    let mut locker = crate::support::lock_sqlite(&gw.db).await;
     let url = gw.url.clone();
     let in_flight = tokio::spawn({
         let url = url.clone();

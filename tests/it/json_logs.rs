@@ -342,19 +342,6 @@ impl Expected {
     }
 }
 
-/// A second connection holding the SQLite store's write lock until dropped.
-async fn lock_store(db: &std::path::Path) -> sqlx::SqliteConnection {
-    use sqlx::Connection;
-    let mut locker = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
-        .await
-        .unwrap();
-    sqlx::query("BEGIN IMMEDIATE")
-        .execute(&mut locker)
-        .await
-        .unwrap();
-    locker
-}
-
 /// The HTTP suite's kinds of traffic: what each request must leave in the
 /// log, the codes the gateway returned and the signatures it sent.
 async fn traffic(gw: &Served) -> Traffic {
@@ -470,7 +457,7 @@ async fn traffic(gw: &Served) -> Traffic {
     );
 
     // 503: the store is locked.
-    let locker = lock_store(&gw.db).await;
+    let locker = crate::support::lock_sqlite(&gw.db).await;
     sent.push(gw.signed(main, "POST", ENROL, card(json!({}))).await);
     drop(locker);
 

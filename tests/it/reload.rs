@@ -463,3 +463,63 @@ programmes = ["other"]
             .await
     );
 }
+
+/// A request already authenticated when its client is removed finishes under
+/// the clients and programmes it began with (and its response is signed with
+/// its secret); the next request of that client is refused. In process: the
+/// request is held in the store by a second connection's write lock while the
+/// gateway's clients are replaced, as a reload replaces them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_in_flight_finishes_under_the_configuration_it_began_with() {
+    use crate::support::http::{Options, TestGateway, card, verify_response};
+    use dcvv_gateway::domain::service::Clock;
+    use dcvv_gateway::http::Live;
+    use dcvv_gateway::http::clients::Clients;
+
+    let gw = Arc::new(TestGateway::start(Options::default()).await);
+    let main = gw.clients.main.clone();
+    let locker = crate::support::lock_sqlite(&gw.db).await;
+    let id = fresh_id();
+    let body = serde_json::to_vec(&card(json!({}))).unwrap();
+    let headers = signed_headers(&main, &id, gw.clock.now_ms(), "POST", ENQUIRY, &body);
+    let in_flight = tokio::spawn({
+        let gw = Arc::clone(&gw);
+        async move { gw.send_raw("POST", ENQUIRY, &headers, body).await }
+    });
+    // Authenticated and waiting for the store: it holds an in-flight slot.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = gw.send_raw("GET", METRICS, &[], Vec::new()).await;
+        if String::from_utf8(metrics.body)
+            .unwrap()
+            .contains("dcvv_http_in_flight 1")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the request never got in flight");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let programmes = gw.state.live().programmes.clone();
+    gw.state.replace_live(Live {
+        clients: Clients::default(),
+        programmes,
+    });
+    drop(locker);
+    let answer = in_flight.await.unwrap();
+    assert_eq!(
+        answer.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    assert!(
+        verify_response(&main, &id, &answer),
+        "signed with its secret"
+    );
+    let after = gw.call("POST", ENQUIRY, &card(json!({}))).await;
+    assert_eq!(
+        (after.status, after.code()),
+        (401, "invalid_signature".into())
+    );
+    Arc::into_inner(gw).unwrap().stop().await;
+}

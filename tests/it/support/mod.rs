@@ -386,3 +386,18 @@ pub fn plant_cvk(label: &KeyLabel, widen: &[cryptoki::object::Attribute]) {
         session.create_object(&template).unwrap();
     }
 }
+
+/// A second connection to a SQLite store holding its write lock (`BEGIN
+/// IMMEDIATE`) until it is dropped or rolled back: the gateway's next write
+/// waits for it, up to its `acquire_timeout_ms`, then answers 503.
+pub async fn lock_sqlite(db: &Path) -> sqlx::SqliteConnection {
+    use sqlx::Connection;
+    let mut locker = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    locker
+}
