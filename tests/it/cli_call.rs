@@ -248,3 +248,80 @@ async fn call_presents_a_client_certificate_to_a_gateway_that_requires_one() {
     assert!(!bad.stderr.contains("sekrit"), "{}", bad.stderr);
     gw.stop().await;
 }
+
+/// `dcvv-tools bench http` with `--client-cert/--client-key` against a gateway
+/// that requires mutual TLS: every phase gets only 2xx, signed answers, in its
+/// JSON output; without the certificate every request fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_http_runs_against_a_gateway_that_requires_a_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, cert_path, key_path) = self_signed_tls(dir.path());
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, server.cert.pem()).unwrap();
+    let clients_ca = Ca::new("Test Issuer Client CA");
+    let gw = TestGateway::start(Options {
+        tls: Some((cert_path, key_path)),
+        client_ca: Some(clients_ca.write(&dir.path().join("clients-ca.pem"))),
+        ..Options::default()
+    })
+    .await;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    gw.clock.set_seconds(now.as_secs());
+    let (cert, key) = clients_ca
+        .client(&[(rcgen::DnType::CommonName, "cms")])
+        .write(dir.path(), "cms");
+    let config = crate::support::config_file(dir.path());
+    let bench = |identity: Option<(&Path, &Path)>| {
+        let mut command = std::process::Command::new(tools_binary());
+        command
+            .arg("--config")
+            .arg(&config)
+            .args(["bench", "http", "--url", &gw.url, "--apikey"])
+            .arg(&gw.clients.main.apikey)
+            .args(["--secret-env", "DCVV_TEST_SECRET", "--cacert"])
+            .arg(&ca)
+            .args(["--seconds", "1", "--concurrency", "2", "--json"])
+            .env("DCVV_TEST_SECRET", &gw.clients.main.secret);
+        if let Some((cert, key)) = identity {
+            command
+                .arg("--client-cert")
+                .arg(cert)
+                .arg("--client-key")
+                .arg(key);
+        }
+        command
+    };
+    let mut with = bench(Some((&cert, &key)));
+    let out = tokio::task::spawn_blocking(move || with.output().unwrap())
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    let operations = report["operations"].as_array().unwrap();
+    assert_eq!(operations.len(), 3, "{report}");
+    for op in operations {
+        let http = &op["http"];
+        let requests = http["requests"].as_u64().unwrap();
+        assert!(requests > 0, "{op}");
+        assert_eq!(http["statuses"]["200"].as_u64(), Some(requests), "{op}");
+        assert_eq!(http["error_count"], 0, "{op}");
+        assert_eq!(http["unsigned_responses"], 0, "{op}");
+    }
+
+    let mut without = bench(None);
+    let out = tokio::task::spawn_blocking(move || without.output().unwrap())
+        .await
+        .unwrap();
+    let combined = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.status.success(),
+        "no certificate, no benchmark: {combined}"
+    );
+    gw.stop().await;
+}

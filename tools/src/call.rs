@@ -410,7 +410,7 @@ pub(crate) fn client_builder(cacert: Option<&Path>) -> Result<reqwest::ClientBui
 /// # Errors
 /// `File` for an unreadable file, `ClientIdentity` when the two do not make
 /// an identity.
-fn with_client_identity(
+pub fn with_client_identity(
     builder: reqwest::ClientBuilder,
     cert: &Path,
     key: &Path,
