@@ -84,10 +84,10 @@ pub struct Metrics {
     audit_records: Counter,
     audit_batch: Histogram,
     audit_fsync: Histogram,
-    audit_seals: Family<SealLabels, Counter>,
+    audit_seals: Family<OutcomeLabels, Counter>,
     audit_down: Gauge<i64, std::sync::atomic::AtomicI64>,
     audit_refused: Counter,
-    config_reloads: Family<SealLabels, Counter>,
+    config_reloads: Family<OutcomeLabels, Counter>,
     hsm_up: Gauge<i64, std::sync::atomic::AtomicI64>,
     hsm_losses: Counter,
     hsm_reinit_attempts: Counter,
@@ -107,7 +107,7 @@ struct RefusalLabels {
 
 /// An `outcome` label (seals, reloads).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct SealLabels {
+struct OutcomeLabels {
     outcome: &'static str,
 }
 
@@ -121,7 +121,7 @@ impl Metrics {
     /// A configuration reload was applied (`true`) or refused (`false`).
     pub fn reload(&self, applied: bool) {
         self.config_reloads
-            .get_or_create(&SealLabels {
+            .get_or_create(&OutcomeLabels {
                 outcome: if applied { "applied" } else { "refused" },
             })
             .inc();
@@ -186,10 +186,10 @@ impl Metrics {
             1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
         ]);
         let audit_fsync = Histogram::new(latency_buckets());
-        let audit_seals = Family::<SealLabels, Counter>::default();
+        let audit_seals = Family::<OutcomeLabels, Counter>::default();
         let audit_down = Gauge::default();
         let audit_refused = Counter::default();
-        let config_reloads = Family::<SealLabels, Counter>::default();
+        let config_reloads = Family::<OutcomeLabels, Counter>::default();
         registry.register(
             "config_reloads",
             "Configuration reloads (SIGHUP) by outcome: applied, or refused (the previous configuration keeps serving)",
@@ -375,7 +375,7 @@ impl AuditObserver for Metrics {
 
     fn seal(&self, ok: bool) {
         self.audit_seals
-            .get_or_create(&SealLabels {
+            .get_or_create(&OutcomeLabels {
                 outcome: if ok { "ok" } else { "error" },
             })
             .inc();
