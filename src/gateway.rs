@@ -343,8 +343,12 @@ pub fn run_blocking(settings: Settings, config: &std::path::Path) -> Result<(), 
     });
     // In-flight blocking token calls finish with the runtime; then the token is ours alone.
     drop(runtime);
-    if let Ok(token) = Arc::try_unwrap(token) {
-        token.finalize()?;
+    match Arc::try_unwrap(token) {
+        Ok(token) => token.finalize()?,
+        Err(shared) => tracing::warn!(
+            holders = Arc::strong_count(&shared),
+            "the token is still shared at exit; not finalized"
+        ),
     }
     served
 }

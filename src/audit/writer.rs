@@ -95,6 +95,8 @@ pub struct Trail {
     health: Arc<Health>,
     observer: Arc<dyn AuditObserver>,
     directory: PathBuf,
+    /// The writer thread, joined by [`Trail::close`].
+    thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
 /// A record the writer has in its queue.
@@ -186,7 +188,7 @@ impl Trail {
             _lock: lock,
         };
         writer.notice("trail_opened", Fields::new());
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || writer.run(&queue))
             .map_err(io(&dir))?;
@@ -195,6 +197,7 @@ impl Trail {
             health,
             observer,
             directory: dir,
+            thread: Arc::new(Mutex::new(Some(thread))),
         })
     }
 
@@ -267,10 +270,25 @@ impl Trail {
     }
 
     /// Seals what is unsealed and stops the writer (after the drain).
+    ///
+    /// Once the writer has answered, its thread is joined: it holds the seal
+    /// key's token handle, which must be gone before the token is finalized
+    /// (a thread still releasing it while the process exits crashed SoftHSM).
     pub async fn close(&self) {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        if self.jobs.send(Job::Close(tx)).is_ok() {
-            let _ = tokio::time::timeout(WRITE_TIMEOUT, rx).await;
+        if self.jobs.send(Job::Close(tx)).is_err() {
+            return;
+        }
+        if !matches!(tokio::time::timeout(WRITE_TIMEOUT, rx).await, Ok(Ok(()))) {
+            return; // a writer stuck in a write is not waited for
+        }
+        let thread = self
+            .thread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(thread) = thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
     }
 }
