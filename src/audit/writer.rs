@@ -282,11 +282,7 @@ impl Trail {
         if !matches!(tokio::time::timeout(WRITE_TIMEOUT, rx).await, Ok(Ok(()))) {
             return; // a writer stuck in a write is not waited for
         }
-        let thread = self
-            .thread
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(thread) = thread {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
