@@ -10,8 +10,7 @@
 //! client sent and got; and no PAN, code, secret or signature is in any value.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use dcvv_gateway::http::signature::ClientSecret;
 use serde_json::{Map, Value, json};
@@ -19,18 +18,16 @@ use serde_json::{Map, Value, json};
 use crate::support::http::{Answer, EXPIRY, KEYS, PAN, TestClient, fresh_id, signed_headers};
 use crate::support::instances::now_ms;
 use crate::support::logs::{NUMERIC_FIELDS, json_lines, json_words};
-use crate::support::routes::{CODES, ENQUIRY, ENROL, KEY_INVENTORY, READYZ, VALUES, VERIFY};
+use crate::support::routes::{CODES, ENQUIRY, ENROL, KEY_INVENTORY, VALUES, VERIFY};
+use crate::support::serve::{self, ServeProcess, free_port};
 use crate::support::{TOKEN, module};
 
 /// A `dcvv-gateway serve` process on a SQLite file, its stderr in a file.
 struct Served {
-    child: Child,
-    url: String,
-    log: PathBuf,
+    process: ServeProcess,
     db: PathBuf,
     main: TestClient,
     verifier: TestClient,
-    http: reqwest::Client,
     _dir: tempfile::TempDir,
 }
 
@@ -52,14 +49,6 @@ struct Expected {
     method: &'static str,
     route: &'static str,
     answer: Answer,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn client(apikey: &str) -> TestClient {
@@ -141,53 +130,21 @@ programmes = ["*"]
             ),
         )
         .unwrap();
-        let log = dir.path().join("gateway.log");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_dcvv-gateway"));
+        let mut command = serve::command(&config);
         command
-            .arg("--config")
-            .arg(&config)
-            .arg("serve")
             .env("RUST_LOG", choice.level)
-            .env_remove("DCVV_GATEWAY__LOG__FORMAT")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
+            .env_remove("DCVV_GATEWAY__LOG__FORMAT");
         if let Some(format) = choice.env {
             command.env("DCVV_GATEWAY__LOG__FORMAT", format);
         }
-        let mut served = Served {
-            child: command.spawn().unwrap(),
-            url: format!("http://127.0.0.1:{port}"),
-            log,
+        let process = ServeProcess::start(command, port, dir.path().join("gateway.log")).await;
+        Served {
+            process,
             db,
             main,
             verifier,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .build()
-                .unwrap(),
             _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(Some(status)) = served.child.try_wait() {
-                panic!("serve exited ({status}):\n{}", served.log_text());
-            }
-            let ready = served.send("GET", READYZ, &[], Vec::new()).await;
-            if ready.is_some_and(|a| a.status == 200) {
-                return served;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "not ready within 60 s:\n{}",
-                served.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// Exactly these headers and body; `None` while nothing answers.
@@ -198,14 +155,7 @@ programmes = ["*"]
         headers: &[(String, String)],
         body: Vec<u8>,
     ) -> Option<Answer> {
-        let mut request = self
-            .http
-            .request(method.parse().unwrap(), format!("{}{path}", self.url))
-            .body(body);
-        for (k, v) in headers {
-            request = request.header(k.as_str(), v.as_str());
-        }
-        Some(Answer::of(request.send().await.ok()?).await)
+        self.process.send(method, path, headers, body).await
     }
 
     /// A request signed by `client` with a fresh id, now: what the log must say of it.
@@ -249,30 +199,10 @@ programmes = ["*"]
     }
 
     /// SIGTERM, the drain, a clean exit; the whole log.
-    async fn stop(mut self) -> String {
-        let killed = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(killed.success());
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break status;
-            }
-            assert!(Instant::now() < deadline, "no exit within 30 s of SIGTERM");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        let log = self.log_text();
+    async fn stop(self) -> String {
+        let (status, log) = self.process.stop().await;
         assert!(status.success(), "{status} after SIGTERM:\n{log}");
         log
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

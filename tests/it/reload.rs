@@ -8,7 +8,6 @@
 //! changes a programme's window for the requests after it.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -18,16 +17,9 @@ use serde_json::{Value, json};
 
 use crate::support::http::{Answer, EXPIRY, KEYS, PAN, TestClient, fresh_id, signed_headers};
 use crate::support::instances::now_ms;
-use crate::support::routes::{ENQUIRY, METRICS, READYZ, VALUES};
+use crate::support::routes::{ENQUIRY, METRICS, VALUES};
+use crate::support::serve::{self, ServeProcess, free_port};
 use crate::support::{TOKEN, module};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn secret() -> String {
     ClientSecret::generate().unwrap().expose().to_owned()
@@ -46,13 +38,10 @@ struct Version {
 
 /// A `dcvv-gateway serve` process whose config file the test rewrites.
 struct Served {
-    child: Child,
-    url: String,
+    process: ServeProcess,
     config: PathBuf,
-    log: PathBuf,
     port: u16,
-    http: reqwest::Client,
-    dir: tempfile::TempDir,
+    _dir: tempfile::TempDir,
 }
 
 impl Served {
@@ -64,62 +53,36 @@ impl Served {
         }
         let port = free_port();
         let config = dir.path().join("gateway.toml");
-        let log = dir.path().join("gateway.log");
-        let served = Served {
-            child: Command::new("true").spawn().unwrap(),
-            url: format!("http://127.0.0.1:{port}"),
+        write_config(&config, port, version);
+        let mut command = serve::command(&config);
+        command.env("RUST_LOG", "info");
+        let process = ServeProcess::start(command, port, dir.path().join("gateway.log")).await;
+        Served {
+            process,
             config,
-            log,
             port,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .build()
-                .unwrap(),
-            dir,
-        };
-        served.write(version);
-        let mut served = served;
-        served.child = Command::new(env!("CARGO_BIN_EXE_dcvv-gateway"))
-            .arg("--config")
-            .arg(&served.config)
-            .arg("serve")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&served.log).unwrap())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(Some(status)) = served.child.try_wait() {
-                panic!("serve exited ({status}):\n{}", served.log_text());
-            }
-            let ready = served.send("GET", READYZ, &[], Vec::new()).await;
-            if ready.is_some_and(|a| a.status == 200) {
-                return served;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "not ready:\n{}",
-                served.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            _dir: dir,
         }
     }
 
-    fn dir(&self) -> &Path {
-        self.dir.path()
+    /// Rewrites the config file with `version`.
+    fn write(&self, version: &Version) {
+        write_config(&self.config, self.port, version);
     }
 
-    /// Writes the config file of `version` (atomically: a reader never sees half).
-    fn write(&self, version: &Version) {
-        let secrets: Vec<String> = version
-            .cms_secrets
-            .iter()
-            .map(|f| format!("{{ file = {f:?} }}"))
-            .collect();
-        let text = format!(
-            r#"
+    fn log_text(&self) -> String {
+        self.process.log_text()
+    }
+}
+/// Writes the config file of `version` (atomically: a reader never sees half).
+fn write_config(config: &Path, port: u16, version: &Version) {
+    let secrets: Vec<String> = version
+        .cms_secrets
+        .iter()
+        .map(|f| format!("{{ file = {f:?} }}"))
+        .collect();
+    let text = format!(
+        r#"
 [hsm]
 module = {module:?}
 token_label = {token:?}
@@ -155,38 +118,31 @@ scopes = ["dynamic_values", "enrollment", "cvv2_verification"]
 programmes = ["*"]
 {more}
 "#,
-            module = module().display().to_string(),
-            token = TOKEN.label,
-            pin = TOKEN.pin_file.display().to_string(),
-            port = self.port,
-            pan_index = KEYS.pan_index.to_string(),
-            audit_seal = KEYS.audit_seal.to_string(),
-            cvk = KEYS.cvk.to_string(),
-            imk_dcvv = KEYS.imk_dcvv.to_string(),
-            imk_tdcvv2 = KEYS.imk_tdcvv2.to_string(),
-            window = version.window_seconds,
-            secrets = secrets.join(", "),
-            more = version.more,
-        );
-        let next = self.dir().join("gateway.toml.next");
-        std::fs::write(&next, text).unwrap();
-        std::fs::rename(&next, &self.config).unwrap();
-    }
+        module = module().display().to_string(),
+        token = TOKEN.label,
+        pin = TOKEN.pin_file.display().to_string(),
+        port = port,
+        pan_index = KEYS.pan_index.to_string(),
+        audit_seal = KEYS.audit_seal.to_string(),
+        cvk = KEYS.cvk.to_string(),
+        imk_dcvv = KEYS.imk_dcvv.to_string(),
+        imk_tdcvv2 = KEYS.imk_tdcvv2.to_string(),
+        window = version.window_seconds,
+        secrets = secrets.join(", "),
+        more = version.more,
+    );
+    let next = config.with_extension("toml.next");
+    std::fs::write(&next, text).unwrap();
+    std::fs::rename(&next, config).unwrap();
+}
 
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
+impl Served {
     /// Rewrites the file, sends SIGHUP and waits for the gateway's verdict:
     /// `true` when it logged a reload, `false` when it logged a refusal.
     async fn reload(&self, version: &Version) -> bool {
         let (applied, refused) = self.verdicts();
         self.write(version);
-        let hup = Command::new("kill")
-            .args(["-HUP", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(hup.success());
+        self.process.signal("HUP");
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let now = self.verdicts();
@@ -223,14 +179,7 @@ programmes = ["*"]
         headers: &[(String, String)],
         body: Vec<u8>,
     ) -> Option<Answer> {
-        let mut request = self
-            .http
-            .request(method.parse().unwrap(), format!("{}{path}", self.url))
-            .body(body);
-        for (k, v) in headers {
-            request = request.header(k.as_str(), v.as_str());
-        }
-        Some(Answer::of(request.send().await.ok()?).await)
+        self.process.send(method, path, headers, body).await
     }
 
     async fn call(&self, client: &TestClient, path: &str, body: &Value) -> Answer {
@@ -242,13 +191,6 @@ programmes = ["*"]
     async fn metric(&self, line: &str) -> bool {
         let metrics = self.send("GET", METRICS, &[], Vec::new()).await.unwrap();
         String::from_utf8(metrics.body).unwrap().contains(line)
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

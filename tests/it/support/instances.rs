@@ -25,6 +25,7 @@ use serde_json::Value;
 use super::http::{Answer, KEYS, TestClient, signed_headers};
 use super::postgres::PG;
 use super::routes::READYZ;
+use super::serve::free_port;
 use super::{TOKEN, module};
 
 /// What every instance of a fleet shares: the config pieces and the store.
@@ -92,14 +93,6 @@ pub fn now_ms() -> u64 {
             .as_millis(),
     )
     .unwrap()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl Fleet {

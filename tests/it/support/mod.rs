@@ -19,6 +19,7 @@ pub mod pki;
 pub mod postgres;
 pub mod reference;
 pub mod routes;
+pub mod serve;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};

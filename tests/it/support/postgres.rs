@@ -84,13 +84,7 @@ fn uid_of(user: &str) -> Option<(u32, u32)> {
 }
 
 use super::random_hex;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free local port")
-}
+use super::serve::free_port;
 
 impl PgCluster {
     fn start() -> PgCluster {
