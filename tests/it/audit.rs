@@ -44,7 +44,7 @@ fn trail(dir: &Path) -> Vec<(PathBuf, Vec<Fields>)> {
 }
 
 fn all_records(dir: &Path) -> Vec<Fields> {
-    trail(dir).into_iter().flat_map(|(_, r)| r).collect()
+    support::trail::records(dir)
 }
 
 fn requests(dir: &Path) -> Vec<Fields> {

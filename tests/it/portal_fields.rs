@@ -9,7 +9,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use dcvv_gateway::audit::record::{Fields, parse_file_name};
+use dcvv_gateway::audit::record::Fields;
 use dcvv_gateway::domain::service::Clock;
 use dcvv_gateway::http::clients::{Organization, OrganizationAccess};
 use serde_json::{Value, json};
@@ -17,8 +17,8 @@ use serde_json::{Value, json};
 use crate::support::http::{
     Answer, EXPIRY, K, Options, PAN, TestGateway, approved, card, declined, fresh_id, key,
 };
-use crate::support::reference;
 use crate::support::routes::{ENQUIRY, VALUES, VERIFY};
+use crate::support::{reference, trail};
 
 fn static_cvv2() -> String {
     reference::cvv(&key(K), PAN, EXPIRY, "000", 3).1
@@ -44,21 +44,8 @@ async fn values(gw: &TestGateway, fields: Value) -> (String, Answer) {
 
 /// The request record of `request_id` (records are durable before the response).
 fn record_of(dir: &Path, request_id: &str) -> Fields {
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| parse_file_name(p.file_name().unwrap().to_str().unwrap()).is_some())
-        .collect();
-    files.sort();
-    let mine: Vec<Fields> = files
-        .iter()
-        .flat_map(|f| {
-            std::fs::read_to_string(f)
-                .unwrap()
-                .lines()
-                .map(|l| serde_json::from_str::<Fields>(l).unwrap())
-                .collect::<Vec<_>>()
-        })
+    let mine: Vec<Fields> = trail::records(dir)
+        .into_iter()
         .filter(|r| r["kind"] == "request" && r["request_id"] == request_id)
         .collect();
     assert_eq!(mine.len(), 1, "one record for {request_id}");

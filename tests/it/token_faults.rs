@@ -288,21 +288,9 @@ async fn the_token_goes_away_requests_fail_fast_and_it_comes_back_without_restar
     // The trail: each request refused for the token after it was admitted
     // has its change record and the compensating `rolled_back` one; every
     // other change record belongs to a request answered 2xx.
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
-        .collect();
-    files.sort();
-    let records: Vec<Value> = files
-        .iter()
-        .flat_map(|f| {
-            std::fs::read_to_string(f)
-                .unwrap()
-                .lines()
-                .map(|l| serde_json::from_str(l).unwrap())
-                .collect::<Vec<Value>>()
-        })
+    let records: Vec<Value> = crate::support::trail::records(&dir)
+        .into_iter()
+        .map(|r| Value::Object(r.into_iter().collect()))
         .collect();
     let of = |kind: &str, phase: Option<&str>| -> Vec<&Value> {
         records

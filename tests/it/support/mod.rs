@@ -20,6 +20,7 @@ pub mod postgres;
 pub mod reference;
 pub mod routes;
 pub mod serve;
+pub mod trail;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
